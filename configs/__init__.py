@@ -1,0 +1,1 @@
+"""Method presets (YAML), shipped inside the erase wheel."""

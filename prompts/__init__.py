@@ -1,0 +1,1 @@
+"""Prompt catalogs (YAML), shipped inside the erase wheel."""
