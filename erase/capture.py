@@ -1,0 +1,202 @@
+"""Activation capture: statistics of the inputs of target Linears over the first T UNet calls.
+
+The denoising loop is our own and stops after T UNet calls: the statistics need no more, and a full generation
+would spend most of its time on steps that are thrown away. Every prompt starts from the same initial noise,
+both CFG halves are captured, and statistics stream over prompts (mean and M2 in fp32), so memory does
+not grow with the number of prompts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import check_positive_int
+from .errors import EraseError
+
+
+@dataclass
+class CaptureSettings:
+    """How prompts are run through the UNet to collect statistics (shared by the masking methods)."""
+
+    steps: int = 50
+    """Scheduler steps of the (never completed) generation; the captured timesteps are its first ones."""
+    saliency_steps: int = 10
+    """T: UNet calls captured per prompt; the loop stops after them."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the denoising loop (both halves of the CFG batch are captured)."""
+    batch_size: int = 8
+    """Prompts per UNet batch (each prompt gives a conditional and an unconditional row)."""
+    resolution: int | None = None
+    """Image side in pixels; None uses the model's default."""
+    seed: int = 1244
+    """Seed of the initial noise, identical for every prompt."""
+
+    def validate(self) -> None:
+        for name in ("steps", "saliency_steps", "batch_size"):
+            check_positive_int(name, getattr(self, name))
+        if self.saliency_steps > self.steps:
+            raise EraseError(f"saliency_steps={self.saliency_steps} exceeds steps={self.steps}: lower saliency_steps")
+        if self.resolution is not None:
+            check_positive_int("resolution", self.resolution)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise EraseError(f"seed={self.seed!r} must be a whole number")
+
+
+def find_target_layers(unet: nn.Module, pattern: str) -> dict[str, nn.Linear]:
+    """The Linear modules whose name matches the glob `pattern`, in module order."""
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, nn.Linear) and fnmatch.fnmatch(name, pattern)}
+    if not layers:
+        raise EraseError(f"no Linear layer of the UNet matches target {pattern!r}: use a glob over module names "
+                         "such as '*ff.net.2' or '*attn2.to_v'")
+    return layers
+
+
+class ColumnStats:
+    """Streaming mean/std over prompts of one statistic per (layer, captured step).
+
+    Batches merge with Chan's parallel update of (mean, M2): stable where E[v²] − E[v]² would cancel.
+    `count` is the number of prompts merged so far; capture() advances it after each batch.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._mean: dict[str, torch.Tensor] = {}
+        self._m2: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, step: int, steps: int, values: torch.Tensor) -> None:
+        """values: [prompts of this batch, ...] for one layer at one step."""
+        if name not in self._mean:
+            shape = (steps, *values.shape[1:])
+            self._mean[name] = torch.zeros(shape, dtype=torch.float32, device=values.device)
+            self._m2[name] = torch.zeros(shape, dtype=torch.float32, device=values.device)
+        n_a, n_b = self.count, values.shape[0]
+        batch_mean = values.mean(0)
+        delta = batch_mean - self._mean[name][step]
+        self._mean[name][step] += delta * (n_b / (n_a + n_b))
+        self._m2[name][step] += (values - batch_mean).square().sum(0) + delta.square() * (n_a * n_b / (n_a + n_b))
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self._mean[name]
+
+    def std(self, name: str) -> torch.Tensor:
+        """Population standard deviation over prompts."""
+        return (self._m2[name] / self.count).sqrt()
+
+    def rms(self, name: str) -> torch.Tensor:
+        """The statistic pooled over prompts: sqrt(mean of squares)."""
+        return (self._mean[name].square() + self._m2[name] / self.count).sqrt()
+
+
+def column_norms(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per prompt, the column norms of the row-normalised input: v_j = ||X̃_{:,j}|| over its tokens and CFG halves.
+
+    x: [2·batch, tokens, C_in] (unconditional rows first, as in the CFG batch) → [batch, C_in] in fp32.
+    """
+    x = x.float().flatten(1, -2) if x.dim() > 2 else x.float()[:, None]
+    squared = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).square().sum(1)
+    return (squared[:batch] + squared[batch:]).sqrt()
+
+
+def cosine_scores(x: torch.Tensor, weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per prompt, U_ij = |W_ij| · ||X̃_j|| · |cos(X̃_j, Y_i)| with Y = X̃ Wᵀ (the paper's Eq. 1) → [batch, C_out, C_in]."""
+    x = x.float().flatten(1, -2) if x.dim() > 2 else x.float()[:, None]
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    x = torch.cat([x[:batch], x[batch:]], dim=1)  # a prompt's rows: both CFG halves
+    w = weight.float()
+    y = x @ w.T
+    inner = torch.einsum("bnj,bni->bij", x, y).abs()
+    return w.abs() * inner / y.norm(dim=1).clamp_min(1e-12)[:, :, None]
+
+
+class Recorder:
+    """Forward pre-hooks on the target layers that feed one ColumnStats at the current step."""
+
+    def __init__(self, layers: dict[str, nn.Linear], steps: int, faithful_cosine: bool = False) -> None:
+        self.layers, self.steps, self.faithful_cosine = layers, steps, faithful_cosine
+        self.stats: ColumnStats | None = None
+        self.step = 0
+        self.batch = 0
+        self._handles = []
+
+    def __enter__(self) -> "Recorder":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Linear, args):
+            x = args[0]
+            values = (cosine_scores(x, module.weight, self.batch) if self.faithful_cosine
+                      else column_norms(x, self.batch))
+            self.stats.add(name, self.step, self.steps, values)
+        return hook
+
+
+def conditioning(pipe, prompts: list[str]) -> dict:
+    """UNet keyword arguments of the CFG batch [unconditional; conditional] for these prompts."""
+    if hasattr(pipe, "text_encoder_2"):
+        raise EraseError("SDXL pipelines are not supported yet: use an SD1.x or SD2.x pipeline")
+    device = pipe.unet.device
+    cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[""] * len(prompts))
+    return {"encoder_hidden_states": torch.cat([uncond, cond]).to(pipe.unet.dtype)}
+
+
+@torch.no_grad()
+def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_call=None) -> list[int]:
+    """Run the CFG denoising loop for `prompts` from one shared initial noise, stopping after T UNet calls.
+
+    on_call(i) runs before UNet call i. Returns the timesteps of the calls made.
+    """
+    unet = pipe.unet
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # fresh state; the user's stays untouched
+    scheduler.set_timesteps(settings.steps, device=unet.device)
+    timesteps = scheduler.timesteps[: settings.saliency_steps]
+    if len(timesteps) < settings.saliency_steps:
+        raise EraseError(f"saliency_steps={settings.saliency_steps} exceeds the {len(scheduler.timesteps)} UNet calls "
+                         f"of a {settings.steps}-step generation: lower saliency_steps or raise steps")
+    kwargs = conditioning(pipe, prompts)
+    latents = initial_noise(pipe, settings).expand(len(prompts), -1, -1, -1) * scheduler.init_noise_sigma
+    for i, t in enumerate(timesteps):
+        if on_call is not None:
+            on_call(i)
+        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        uncond, cond = unet(x, t, **kwargs).sample.chunk(2)
+        if i + 1 < len(timesteps):  # the last call's step would only feed statistics we no longer take
+            latents = scheduler.step(uncond + settings.guidance_scale * (cond - uncond), t, latents).prev_sample
+    return [int(t) for t in timesteps]
+
+
+def initial_noise(pipe, settings: CaptureSettings) -> torch.Tensor:
+    """One latent of noise from the seed, drawn on the CPU so that it is the same on every device."""
+    unet = pipe.unet
+    side = (settings.resolution or unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    noise = torch.randn((1, unet.config.in_channels, side, side), generator=generator)
+    return noise.to(unet.device, unet.dtype)
+
+
+def capture(pipe, prompts: list[str], layers: dict[str, nn.Linear], settings: CaptureSettings,
+            faithful_cosine: bool = False, desc: str = "capture", progress: bool = True) -> tuple[ColumnStats, list[int]]:
+    """Statistics of the target layers' inputs over `prompts`, batched; returns (stats, timesteps used)."""
+    stats = ColumnStats()
+    timesteps: list[int] = []
+    with Recorder(layers, settings.saliency_steps, faithful_cosine) as recorder, \
+            tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
+        recorder.stats = stats
+        for start in range(0, len(prompts), settings.batch_size):
+            batch = prompts[start : start + settings.batch_size]
+            recorder.batch = len(batch)
+            timesteps = denoise_first_calls(pipe, batch, settings, on_call=lambda i: setattr(recorder, "step", i))
+            stats.count += len(batch)
+            bar.update(len(batch))
+    return stats, timesteps

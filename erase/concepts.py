@@ -1,0 +1,123 @@
+"""Concepts and their prompts, from the YAML catalogs in prompts/.
+
+A catalog defines kinds (how prompt pairs are built) and known concepts (name -> kind, anchor, text).
+User syntax: ``kind:name`` picks the kind, ``name=>anchor`` sets the anchor; unknown names are objects.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import EraseError
+
+DEFAULT_KIND = "object"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How the prompt pairs of one kind of concept are built (see prompts/catalog.yaml)."""
+
+    name: str
+    slot: str
+    concept_templates: tuple[str, ...]
+    base_templates: tuple[str, ...]
+    fillers: tuple[str, ...]
+    eval_templates: tuple[str, ...] = ()
+    eval_fillers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept to erase: its name, kind, anchor (superclass) and the text put into the templates."""
+
+    name: str
+    kind: str
+    anchor: str
+    text: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "anchor": self.anchor, "text": self.text}
+
+
+@dataclass
+class Catalog:
+    name: str
+    kinds: dict[str, Kind]
+    concepts: dict[str, dict] = field(default_factory=dict)
+
+    def prompt_pairs(self, concept: Concept, limit: int | None = None) -> list[tuple[str, str]]:
+        """(concept prompt, base prompt) pairs that share their context; `limit` keeps the first ones."""
+        kind = self.kinds[concept.kind]
+        fillers = kind.fillers[:limit] if limit else kind.fillers
+        return [(_fill(kind.concept_templates[i % len(kind.concept_templates)], kind.slot, filler, concept.text),
+                 _fill(kind.base_templates[i % len(kind.base_templates)], kind.slot, filler, concept.text))
+                for i, filler in enumerate(fillers)]
+
+
+def _fill(template: str, slot: str, filler: str, text: str) -> str:
+    return template.format(**{"concept": text, slot: filler})
+
+
+@functools.lru_cache(maxsize=8)
+def _read_catalog(source: str) -> dict:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise EraseError(f"catalog file {path} does not exist: check the --catalog path")
+        text = path.read_text()
+    else:
+        try:
+            text = resources.files("erase.prompts").joinpath(f"{source}.yaml").read_text()
+        except FileNotFoundError:
+            raise EraseError(f"unknown catalog {source!r}: pass a YAML file or one of 'catalog', 'mini'") from None
+    return yaml.safe_load(text)
+
+
+def load_catalog(source: str = "catalog", extra: str | Path | None = None) -> Catalog:
+    """A shipped catalog by name ('catalog', 'mini') or a YAML file; `extra` (a YAML file) adds kinds/concepts."""
+    kinds, concepts = {}, {}
+    for data in [_read_catalog(str(source))] + ([_read_catalog(str(extra))] if extra is not None else []):
+        kinds.update({name: _kind(name, spec) for name, spec in (data.get("kinds") or {}).items()})
+        concepts.update(data.get("concepts") or {})
+    return Catalog(name=str(source), kinds=kinds, concepts={k.lower(): v for k, v in concepts.items()})
+
+
+def _kind(name: str, spec: dict) -> Kind:
+    try:
+        return Kind(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+    except TypeError as exc:
+        raise EraseError(f"catalog kind {name!r} is malformed ({exc}): see prompts/catalog.yaml for the format") from None
+
+
+def parse_concepts(spec: str | list, catalog: Catalog) -> list[Concept]:
+    """Parse "kind:name=>anchor, ..." (or a list of such strings / Concept objects) into concepts."""
+    items = [s for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    concepts = [item if isinstance(item, Concept) else _parse_one(item, catalog) for item in items]
+    if not concepts or any(not c.name for c in concepts):
+        raise EraseError("empty concept in the list: pass names separated by commas, e.g. --concepts \"van gogh,nudity\"")
+    names = [c.name for c in concepts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise EraseError(f"concept {duplicates[0]!r} is listed twice: list each concept once")
+    for concept in concepts:
+        if concept.kind not in catalog.kinds:
+            raise EraseError(f"concept {concept.name!r} has kind {concept.kind!r}, which catalog {catalog.name!r} does "
+                             f"not define: use one of {', '.join(catalog.kinds)} or add the kind with --catalog")
+    return concepts
+
+
+def _parse_one(item: str, catalog: Catalog) -> Concept:
+    text = " ".join(str(item).split())
+    name, _, anchor = (part.strip() for part in text.partition("=>"))
+    kind = None
+    if ":" in name:
+        kind, _, name = (part.strip() for part in name.partition(":"))
+    name = name.lower()
+    known = catalog.concepts.get(name, {})
+    kind = kind or known.get("kind", DEFAULT_KIND)
+    return Concept(name=name, kind=kind, anchor=anchor or known.get("anchor", ""), text=known.get("text", name))

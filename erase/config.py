@@ -1,0 +1,71 @@
+"""Method configs: dataclass defaults are the source of truth; YAML presets and key=value settings override them."""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import EraseError
+
+
+def read_preset(preset: str | Path) -> dict:
+    """A YAML preset: a file path, or the name of one shipped in configs/ (e.g. 'fia-style')."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise EraseError(f"config file {path} does not exist: check the --config path")
+        text = path.read_text()
+    else:
+        try:
+            text = resources.files("erase.configs").joinpath(f"{preset}.yaml").read_text()
+        except FileNotFoundError:
+            names = sorted(p.name[:-5] for p in resources.files("erase.configs").iterdir() if p.name.endswith(".yaml"))
+            raise EraseError(f"unknown config preset {preset!r}: pass a YAML file or one of {', '.join(names)}") from None
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise EraseError(f"config {preset} must be a YAML mapping of setting: value")
+    return data
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """['r2=0.03', 'overrides.van gogh.r2=0.03'] → nested dict; values are parsed as YAML scalars."""
+    settings: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise EraseError(f"--set {pair!r} is not key=value: write e.g. --set r2=0.03")
+        *parents, leaf = [part.strip() for part in key.split(".")]
+        node = settings
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return settings
+
+
+def build_config(cls: type, settings: dict) -> Any:
+    """The dataclass `cls` with `settings` applied over its defaults, validated."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise EraseError(f"unknown setting {unknown[0]!r} for {cls.__name__}: valid settings are {', '.join(fields)}")
+    config = cls(**settings)
+    config.validate()
+    return config
+
+
+def check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise EraseError(f"{name}={value!r} is out of range: it must lie in (0, 1], e.g. --set {name.split('.')[-1]}=0.05")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EraseError(f"{name}={value!r} is out of range: it must be a whole number ≥ 1")
+
+
+def as_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,87 @@
+"""Boolean weight masks: top-k selections, multi-concept fusion by votes, and bit packing for patches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import EraseError
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of `values` (k ≥ 1)."""
+    flat = values.flatten()
+    return torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat, flat.numel() - k + 1).values.to(values.device)
+
+
+def row_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k largest entries of every row."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(1, scores.topk(k, dim=1).indices, True)
+
+
+def layer_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k largest entries of the whole tensor."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    return mask.scatter_(0, scores.flatten().topk(k).indices, True).view_as(scores)
+
+
+def count(ratio: float, total: int) -> int:
+    """max(1, int(ratio · total)): how many entries a ratio selects (METHODS.md)."""
+    return max(1, int(ratio * total))
+
+
+class Votes:
+    """Streaming vote counts of per-concept masks: memory stays one counter tensor per layer, whatever C is."""
+
+    def __init__(self) -> None:
+        self.concepts = 0
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, masks: dict[str, torch.Tensor]) -> None:
+        for name, mask in masks.items():
+            if name not in self.counts:
+                self.counts[name] = torch.zeros(mask.shape, dtype=torch.int32, device=mask.device)
+            self.counts[name] += mask
+        self.concepts += 1
+
+    def threshold(self, alpha: float | None) -> int:
+        """τ = ceil(α · C); None means a plain union (τ = 1)."""
+        if alpha is None:
+            return 1
+        return math.ceil(round(alpha * self.concepts, 9))  # round: 0.07 · 100 must give 7, not 8
+
+    def fuse(self, alpha: float | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(prune, keep) masks: prune where 0 < s < τ, keep (concept-agnostic) where s ≥ τ.
+
+        When τ ≤ 1 — a single concept, or a plain union — the whole union is pruned: otherwise one concept would
+        prune nothing (the reference implementation's bug).
+        """
+        tau = self.threshold(alpha)
+        prune, keep = {}, {}
+        for name, s in self.counts.items():
+            if tau <= 1:
+                prune[name], keep[name] = s > 0, torch.zeros_like(s, dtype=torch.bool)
+            else:
+                prune[name], keep[name] = (s > 0) & (s < tau), s >= tau
+        return prune, keep
+
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 bytes, 8 entries a byte (little-endian bit order), flattened and zero-padded."""
+    flat = mask.flatten().to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
+    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != math.ceil(numel / 8):
+        raise EraseError(f"packed mask has {packed.numel()} bytes for shape {list(shape)}: the patch is corrupt, "
+                         "export it again")
+    bits = (packed[:, None] & _BIT_WEIGHTS.to(packed.device)) > 0
+    return bits.flatten()[:numel].view(shape)

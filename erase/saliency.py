@@ -1,0 +1,129 @@
+"""Per-concept masks from captured statistics: FIA's contrastive saliency and ConceptPrune's skilled neurons.
+
+Both work one layer at a time. With column statistics, the saliency S_t = |W| · c_t is a rank-1 broadcast:
+only one step's S of one layer exists at a time, and nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import CaptureSettings, ColumnStats, capture, find_target_layers
+from .concepts import Catalog, Concept
+from .config import check_positive_int
+from .edits import MaskEdit
+from .masks import Votes, count, kth_largest, layer_topk_mask, row_topk_mask
+
+
+def contrastive_margin(concept: ColumnStats, base: ColumnStats, name: str) -> torch.Tensor:
+    """c = max(0, mean_concept − mean_base − std_base), per captured step: [T, C_in] (or [T, C_out, C_in])."""
+    return (concept.mean(name) - base.mean(name) - base.std(name)).clamp_min(0)
+
+
+def time_integrated_sensitivity(weight: torch.Tensor, margin: torch.Tensor, r1: float) -> torch.Tensor:
+    """A = ½ · norm(mean_t S_t) + ½ · mean_t 1[S_t > τ_t], τ_t the k-th largest S_t with k = max(1, int(r1 · numel)).
+
+    margin [T, C_in] gives S_t = |W| · c_t (rank-1 broadcast); margin [T, C_out, C_in] is S_t itself (cosine scores
+    already carry |W|).
+    """
+    abs_w = weight.detach().abs().float()
+    steps = margin.shape[0]
+    rank1 = margin.dim() == 2
+    k = count(r1, abs_w.numel())
+    frequency = torch.zeros_like(abs_w)
+    for t in range(steps):
+        s_t = abs_w * margin[t] if rank1 else margin[t]
+        frequency += s_t > kth_largest(s_t, k)
+    mean_s = abs_w * margin.mean(0) if rank1 else margin.mean(0)
+    peak = mean_s.max()
+    strength = mean_s / peak if peak > 0 else mean_s
+    return 0.5 * strength + 0.5 * frequency / steps
+
+
+def fia_concept_mask(layers: dict[str, nn.Linear], concept: ColumnStats, base: ColumnStats,
+                     r1: float, r2: float) -> dict[str, torch.Tensor]:
+    """Concept-sensitive weights per layer: in their row's top-k and the layer's top-K of A (k, K from r2).
+
+    Entries with A = 0 never enter: a weight the concept does not excite more than its base serves no concept,
+    even in a layer where fewer than K entries are salient.
+    """
+    masks = {}
+    for name, layer in layers.items():
+        a = time_integrated_sensitivity(layer.weight, contrastive_margin(concept, base, name), r1)
+        masks[name] = row_topk_mask(a, count(r2, a.shape[1])) & layer_topk_mask(a, count(r2, a.numel())) & (a > 0)
+    return masks
+
+
+def conceptprune_concept_mask(layers: dict[str, nn.Linear], concept: ColumnStats, base: ColumnStats,
+                              skill_ratio: float) -> dict[str, torch.Tensor]:
+    """Skilled weights: at some captured step, in the row's top-(skill_ratio · C_in) of |W_ij| · ||X_j|| for the
+    concept prompts, and scoring higher for the concept than for the base prompts (norms pooled over prompts)."""
+    masks = {}
+    for name, layer in layers.items():
+        abs_w = layer.weight.detach().abs().float()
+        concept_norm, base_norm = concept.rms(name), base.rms(name)
+        k = count(skill_ratio, abs_w.shape[1])
+        skilled = torch.zeros_like(abs_w, dtype=torch.bool)
+        for t in range(concept_norm.shape[0]):
+            score = abs_w * concept_norm[t]
+            skilled |= row_topk_mask(score, k) & (score > abs_w * base_norm[t])
+        masks[name] = skilled
+    return masks
+
+
+@dataclass
+class MaskingConfig(CaptureSettings):
+    """Settings shared by the training-free masking methods."""
+
+    target: str = "*ff.net.2"
+    """Glob over UNet module names selecting the Linear layers to score and mask (default: the second
+    feed-forward Linear of every transformer block)."""
+    prompts_per_concept: int | None = None
+    """Prompt pairs per concept (the first fillers of its kind); None uses every filler."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.prompts_per_concept is not None:
+            check_positive_int("prompts_per_concept", self.prompts_per_concept)
+
+
+ConceptMask = Callable[[dict[str, nn.Linear], ColumnStats, ColumnStats, Concept], dict[str, torch.Tensor]]
+
+
+def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: MaskingConfig, concept_mask: ConceptMask,
+                     alpha: float | None, faithful_cosine: bool = False, progress: bool = True) -> tuple[MaskEdit, dict]:
+    """capture → per-concept mask → votes → fused prune mask, one concept at a time (memory flat in C).
+
+    Base prompts are shared by every concept of a kind, so their statistics are captured once per prompt set.
+    """
+    layers = find_target_layers(pipe.unet, config.target)
+    votes, base_stats = Votes(), {}
+    record: dict = {"prompts": {}, "concept_masks": {}, "timesteps": []}
+    timings = {"capture_s": 0.0, "scoring_s": 0.0}
+    for concept in tqdm(concepts, desc="concepts", unit="concept", disable=not progress or len(concepts) == 1):
+        pairs = catalog.prompt_pairs(concept, config.prompts_per_concept)
+        concept_prompts, base_prompts = [p for p, _ in pairs], [b for _, b in pairs]
+        started = time.perf_counter()
+        if tuple(base_prompts) not in base_stats:
+            base_stats[tuple(base_prompts)] = capture(pipe, base_prompts, layers, config, faithful_cosine,
+                                                      desc=f"base prompts ({concept.kind})", progress=progress)[0]
+        stats, record["timesteps"] = capture(pipe, concept_prompts, layers, config, faithful_cosine,
+                                             desc=concept.name, progress=progress)
+        scored = time.perf_counter()
+        masks = concept_mask(layers, stats, base_stats[tuple(base_prompts)], concept)
+        votes.add(masks)
+        timings["capture_s"] += scored - started
+        timings["scoring_s"] += time.perf_counter() - scored
+        record["prompts"][concept.name] = [list(pair) for pair in pairs]
+        record["concept_masks"][concept.name] = {name: int(m.sum()) for name, m in masks.items()}
+    prune, keep = votes.fuse(alpha)
+    record["fusion"] = {"concepts": votes.concepts, "tau": votes.threshold(alpha),
+                        "kept_agnostic": {name: int(k.sum()) for name, k in keep.items()}}
+    record["timings"] = timings
+    return MaskEdit({f"{name}.weight": mask for name, mask in prune.items()}), record
