@@ -1,0 +1,179 @@
+"""The Python API: erase(pipe, concepts, ...) → EraseResult, which applies, restores and saves the edit."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .concepts import Catalog, Concept, load_catalog, parse_concepts
+from .config import as_dict, build_config, read_preset
+from .edits import MaskEdit, fingerprint
+from .errors import EraseError
+from .export import PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, save_patch, write_json
+from .methods import get_method
+from .models import MINI_PIPELINE_DIR
+
+
+@dataclass
+class EraseResult:
+    """What erase() returns: the pipeline it was computed on (left unchanged), the edit, and the record."""
+
+    pipe: object
+    edit: MaskEdit
+    method: str
+    config: object
+    concepts: list[Concept]
+    record: dict = field(default_factory=dict)
+
+    @contextmanager
+    def applied(self):
+        """The pipeline with the edit applied inside the with-block, restored bit-exactly after it."""
+        with self.edit.applied_to(self.pipe.unet):
+            yield self.pipe
+
+    def layer_table(self) -> list[dict]:
+        kept = self.record.get("fusion", {}).get("kept_agnostic", {})
+        return [{"layer": name.removesuffix(".weight"), "weights": s["numel"], "pruned": s["pruned"],
+                 "kept_agnostic": kept.get(name.removesuffix(".weight"), 0)}
+                for name, s in self.edit.stats().items()]
+
+    def summary(self) -> str:
+        """A plain-text table: pruned weights per layer, totals, time and peak memory."""
+        rows = self.layer_table()
+        width = max(len(r["layer"]) for r in rows)
+        lines = [f"{'layer':<{width}}  {'weights':>10}  {'pruned':>8}  {'%':>6}  {'kept':>6}"]
+        for r in rows:
+            lines.append(f"{r['layer']:<{width}}  {r['weights']:>10}  {r['pruned']:>8}  "
+                         f"{100 * r['pruned'] / r['weights']:>6.3f}  {r['kept_agnostic']:>6}")
+        total = self.record["totals"]
+        lines.append(f"{'total':<{width}}  {total['target_weights']:>10}  {total['pruned']:>8}  "
+                     f"{100 * total['pruned_of_targets']:>6.3f}")
+        lines.append(f"{self.method}: {len(self.concepts)} concept(s) in {self.record['timings']['total_s']:.1f} s, "
+                     f"peak memory {self.record['peak_memory_mb']:.0f} MB ({self.record['peak_memory_kind']})")
+        return "\n".join(lines)
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write unet/ (diffusers), patch.safetensors and erase.json to `out`, atomically."""
+        out = check_output_dir(out, overwrite)
+        started = time.perf_counter()
+        with atomic_dir(out) as tmp:
+            with self.applied() as pipe:
+                pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+                erased = fingerprint(pipe.unet)
+            record = dict(self.record, erased_fingerprint=erased)
+            save_patch(tmp / PATCH_NAME, self.edit, {
+                "base_fingerprint": record["base_fingerprint"], "erased_fingerprint": erased,
+                "method": self.method, "concepts": [c.as_dict() for c in self.concepts],
+                "erase_version": record["versions"]["erase"]})
+            record["timings"] = dict(record["timings"], export_s=round(time.perf_counter() - started, 3))
+            write_json(tmp / RECORD_NAME, record)
+        self.record = record
+        return out
+
+
+def default_catalog(pipe) -> str:
+    """The mini world's catalog for the shipped mini pipeline, the real one for everything else."""
+    source = getattr(pipe, "name_or_path", None) or ""
+    return "mini" if source and Path(source).resolve() == MINI_PIPELINE_DIR.resolve() else "catalog"
+
+
+def resolve_config(method: str, config=None, **overrides):
+    """A method's config from a dataclass instance, a preset (file or shipped name) or a dict, plus overrides."""
+    spec = get_method(method)
+    if isinstance(config, spec.config_class):
+        settings = as_dict(config)
+    elif config is None or isinstance(config, dict):
+        settings = dict(config or {})
+    else:
+        settings = read_preset(config)
+    preset_method = settings.pop("method", method)
+    if preset_method != method:
+        raise EraseError(f"config is a preset for method {preset_method!r}, not {method!r}: "
+                         f"pass --method {preset_method} or another config")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            value = _merge(settings[key], value)
+        settings[key] = value
+    return build_config(spec.config_class, settings)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catalog | None = None,
+          progress: bool = True, **overrides) -> EraseResult:
+    """Compute the edit that erases `concepts` from `pipe`'s UNet. The pipeline itself is left unchanged.
+
+    concepts: "van gogh,nudity", or a list of names ("kind:name", "name=>anchor") or Concept objects.
+    config: a preset name or YAML path, a dict or a config dataclass; keyword overrides win (e.g. r2=0.02).
+    """
+    spec = get_method(method)
+    cfg = resolve_config(method, config, **overrides)
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog or default_catalog(pipe))
+    concept_list = parse_concepts(concepts, catalog)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    base = fingerprint(pipe.unet)
+    fingerprint_s = time.perf_counter() - started
+    edit, run_record = spec.run(pipe, concept_list, catalog, cfg, progress=progress)
+    total = time.perf_counter() - started
+    record = _record(pipe, spec.name, cfg, concept_list, catalog, edit, run_record, base)
+    record["timings"] = dict(run_record.get("timings", {}), fingerprint_s=round(fingerprint_s, 3),
+                             total_s=round(total, 3))
+    record["peak_memory_mb"], record["peak_memory_kind"] = peak_memory_mb(pipe.unet.device)
+    return EraseResult(pipe, edit, spec.name, cfg, concept_list, record)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
+
+
+def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> dict:
+    unet_weights = sum(p.numel() for p in pipe.unet.parameters())
+    stats = edit.stats()
+    targets = sum(s["numel"] for s in stats.values())
+    pruned = sum(s["pruned"] for s in stats.values())
+    return {
+        "erase_version": _versions()["erase"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": str(getattr(pipe, "name_or_path", "") or "in-memory pipeline"),
+                  "pipeline": type(pipe).__name__, "dtype": str(pipe.unet.dtype), "device": str(pipe.unet.device)},
+        "base_fingerprint": base,
+        "method": method,
+        "config": as_dict(config),
+        "seed": config.seed,
+        "catalog": catalog.name,
+        "concepts": [c.as_dict() for c in concepts],
+        **{k: v for k, v in run_record.items() if k != "timings"},
+        "layers": {name.removesuffix(".weight"): s for name, s in stats.items()},
+        "totals": {"target_weights": targets, "pruned": pruned, "pruned_of_targets": pruned / max(targets, 1),
+                   "unet_weights": unet_weights, "pruned_of_unet": pruned / unet_weights},
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    from . import __version__
+
+    return {"erase": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": sys.version.split()[0],
+            "platform": platform.platform()}

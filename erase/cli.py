@@ -1,0 +1,95 @@
+"""erase-concepts: the command line, a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from .errors import EraseError
+
+EPILOG = """examples:
+  erase-concepts --concepts "van gogh,nudity"                       # the embedded miniature model, offline
+  erase-concepts --concepts "style:van gogh,explicit:nudity" --model ./sd15 --config fia-style --set r2=0.03
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    p = argparse.ArgumentParser(prog="erase-concepts", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Erase concepts from a Stable Diffusion UNet and write the erased checkpoint.")
+    p.add_argument("--concepts", required=True,
+                   help='comma-separated concepts; "kind:name" sets the kind, "name=>anchor" the anchor')
+    p.add_argument("--model", default="mini",
+                   help="'mini' (embedded), a hub id in the local cache, a diffusers folder or a .safetensors file")
+    p.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
+    p.add_argument("--method", default="fia", help=f"one of: {', '.join(sorted(METHODS))} (default fia)")
+    p.add_argument("--config", help="method preset: a YAML file or a shipped name such as fia-style")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set r2=0.03 or --set 'overrides.van gogh.r2=0.03' (repeatable)")
+    p.add_argument("--catalog", help="extra YAML catalog with kinds and concepts (format of prompts/catalog.yaml)")
+    p.add_argument("--out", help="output folder (default runs/<method>-<concepts>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--seed", type=int, help="seed of the initial noise (overrides the config)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: as the model is stored)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def default_out(method: str, concepts: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", concepts.lower()).strip("-")[:60] or "concepts"
+    return Path("runs") / f"{method}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(args: argparse.Namespace) -> Path:
+    from .api import erase, resolve_config
+    from .concepts import load_catalog, parse_concepts
+    from .config import parse_settings
+    from .export import check_output_dir
+    from .models import load_pipeline, resolve_dtype
+
+    if args.quiet:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    settings = parse_settings(args.settings)
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    config = resolve_config(args.method, args.config, **settings)
+    catalog = load_catalog("mini" if args.model == "mini" else "catalog", extra=args.catalog)
+    concepts = parse_concepts(args.concepts, catalog)  # fail on bad input before loading any model
+    resolve_dtype(args.dtype)
+    if args.out is None:
+        args.out = default_out(args.method, args.concepts)
+        args.out.parent.mkdir(exist_ok=True)
+    out = check_output_dir(args.out, args.overwrite)
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
+    result = erase(pipe, concepts, method=args.method, config=config, catalog=catalog, progress=not args.quiet)
+    result.save(out, overwrite=args.overwrite)
+    print(result.summary())
+    print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except EraseError as exc:
+        print(f"erase-concepts: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("erase-concepts: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
