@@ -1,0 +1,106 @@
+"""The command line: a full run on a saved tiny pipeline, and every bad input as a one-line error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erase.cli import main
+from tiny import tiny_pipeline
+
+FAST = ["--set", "prompts_per_concept=2", "--set", "saliency_steps=2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    tiny_pipeline().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_full_run_writes_the_checkpoint(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--concepts", "style:van gogh, church=>building", "--model", str(model_dir), "--out", str(out),
+                 "--config", "fia-style", "--set", "r2=0.03", "--seed", "5", *FAST])
+    assert code == 0
+    record = json.loads((out / "erase.json").read_text())
+    assert record["seed"] == 5 and record["config"]["r2"] == 0.03 and record["config"]["alpha"] == 0.8
+    assert record["config"]["overrides"] == {"van gogh": {"r2": 0.03}}  # from the preset
+    assert record["concepts"][1] == {"name": "church", "kind": "object", "anchor": "building", "text": "church"}
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "total" in printed and f"wrote {out}" in printed
+
+
+def bad(args: list[str], capsys, tmp_path, match: str) -> None:
+    out = tmp_path / "out"
+    code = main([*FAST, *args, "--out", str(out)])  # the case's own --set comes last and wins
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("erase-concepts: error:"), err
+    assert match in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--concepts", ""], "empty concept"),
+    (["--concepts", "church, ,dog"], "empty concept"),
+    (["--concepts", "church,Church"], "listed twice"),
+    (["--concepts", "weird:church"], "kind 'weird'"),
+    (["--concepts", "church", "--method", "nope"], "unknown method 'nope'"),
+    (["--concepts", "church", "--set", "bogus=1"], "unknown setting 'bogus'"),
+    (["--concepts", "church", "--set", "r2=0"], "r2=0 is out of range"),
+    (["--concepts", "church", "--set", "r1=1.5"], "r1=1.5 is out of range"),
+    (["--concepts", "church", "--set", "alpha=-0.1"], "alpha=-0.1 is out of range"),
+    (["--concepts", "church", "--set", "saliency_steps=0"], "saliency_steps=0 is out of range"),
+    (["--concepts", "church", "--set", "overrides.church.r2=2"], "overrides.church.r2=2 is out of range"),
+    (["--concepts", "church", "--config", "fia-nothing"], "unknown config preset"),
+    (["--concepts", "church", "--model", "/no/such/model"], "does not exist"),
+    (["--concepts", "church", "--model", "someone/not-cached-model"], "not in the local Hugging Face cache"),
+    (["--concepts", "church", "--dtype", "float8"], "unknown dtype"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(args, match, capsys, tmp_path, model_dir):
+    if "--model" not in args:
+        args = [*args, "--model", str(model_dir)]
+    bad(args, capsys, tmp_path, match)
+
+
+def test_model_folder_that_is_not_a_pipeline(capsys, tmp_path):
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    bad(["--concepts", "church", "--model", str(folder)], capsys, tmp_path, "not a diffusers pipeline folder")
+
+
+def test_model_that_is_not_stable_diffusion(capsys, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    folder = tmp_path / "ddpm"
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
+    bad(["--concepts", "church", "--model", str(folder)], capsys, tmp_path, "is not a Stable Diffusion model")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":", b"not a safetensors file at all"])
+def test_corrupt_or_truncated_checkpoint(content, capsys, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    bad(["--concepts", "church", "--model", str(path)], capsys, tmp_path, "corrupt or truncated")
+
+
+def test_non_empty_out_needs_overwrite(model_dir, capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(["--concepts", "church", "--model", str(model_dir), "--out", str(out), *FAST])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_console_script_is_installed(tmp_path):
+    script = Path(sys.executable).parent / "erase-concepts"
+    done = subprocess.run([str(script), "--concepts", "a,a"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "listed twice" in done.stderr
+    assert list(tmp_path.iterdir()) == []
