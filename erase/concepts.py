@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from .config import read_yaml
 from .errors import EraseError
 
 DEFAULT_KIND = "object"
@@ -65,17 +63,7 @@ def _fill(template: str, slot: str, filler: str, text: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _read_catalog(source: str) -> dict:
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise EraseError(f"catalog file {path} does not exist: check the --catalog path")
-        text = path.read_text()
-    else:
-        try:
-            text = resources.files("erase.prompts").joinpath(f"{source}.yaml").read_text()
-        except FileNotFoundError:
-            raise EraseError(f"unknown catalog {source!r}: pass a YAML file or one of 'catalog', 'mini'") from None
-    return yaml.safe_load(text)
+    return read_yaml(source, "erase.prompts", "--catalog")
 
 
 def load_catalog(source: str = "catalog", extra: str | Path | None = None) -> Catalog:

@@ -12,23 +12,28 @@ import yaml
 from .errors import EraseError
 
 
-def read_preset(preset: str | Path) -> dict:
-    """A YAML preset: a file path, or the name of one shipped in configs/ (e.g. 'fia-style')."""
-    path = Path(preset)
+def read_yaml(ref: str | Path, package: str, option: str) -> dict:
+    """A YAML mapping from a file path, or from a file shipped in `package` named by `ref` (e.g. 'fia-style')."""
+    path = Path(ref)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise EraseError(f"config file {path} does not exist: check the --config path")
+            raise EraseError(f"{option} file {path} does not exist: check the {option} path")
         text = path.read_text()
     else:
-        try:
-            text = resources.files("erase.configs").joinpath(f"{preset}.yaml").read_text()
-        except FileNotFoundError:
-            names = sorted(p.name[:-5] for p in resources.files("erase.configs").iterdir() if p.name.endswith(".yaml"))
-            raise EraseError(f"unknown config preset {preset!r}: pass a YAML file or one of {', '.join(names)}") from None
+        shipped = resources.files(package)
+        if not shipped.joinpath(f"{ref}.yaml").is_file():
+            names = sorted(p.name[:-5] for p in shipped.iterdir() if p.name.endswith(".yaml"))
+            raise EraseError(f"unknown {option} {ref!r}: pass a YAML file or one of {', '.join(names)}")
+        text = shipped.joinpath(f"{ref}.yaml").read_text()
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
-        raise EraseError(f"config {preset} must be a YAML mapping of setting: value")
+        raise EraseError(f"{option} {ref} must be a YAML mapping")
     return data
+
+
+def read_preset(preset: str | Path) -> dict:
+    """A method preset: a YAML file, or the name of one shipped in configs/."""
+    return read_yaml(preset, "erase.configs", "--config")
 
 
 def parse_settings(pairs: list[str]) -> dict:

@@ -15,8 +15,8 @@ SD_FFN2_SHAPES = [(320, 1280)] * 2 + [(640, 2560)] * 2 + [(1280, 5120)] * 2 + [(
 def test_real_architectures_have_sixteen_ffn2_layers(arch):
     layers = find_target_layers(real_unet_on_meta(arch), "*ff.net.2")
     assert len(layers) == 16
-    assert sorted(tuple(l.weight.shape) for l in layers.values()) == sorted(SD_FFN2_SHAPES)
-    assert sum(l.weight.numel() for l in layers.values()) == 49_561_600
+    assert sorted(tuple(layer.weight.shape) for layer in layers.values()) == sorted(SD_FFN2_SHAPES)
+    assert sum(layer.weight.numel() for layer in layers.values()) == 49_561_600
 
 
 def test_unknown_target_pattern_is_refused(pipe):

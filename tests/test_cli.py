@@ -56,7 +56,7 @@ def bad(args: list[str], capsys, tmp_path, match: str) -> None:
     (["--concepts", "church", "--set", "alpha=-0.1"], "alpha=-0.1 is out of range"),
     (["--concepts", "church", "--set", "saliency_steps=0"], "saliency_steps=0 is out of range"),
     (["--concepts", "church", "--set", "overrides.church.r2=2"], "overrides.church.r2=2 is out of range"),
-    (["--concepts", "church", "--config", "fia-nothing"], "unknown config preset"),
+    (["--concepts", "church", "--config", "fia-nothing"], "unknown --config"),
     (["--concepts", "church", "--model", "/no/such/model"], "does not exist"),
     (["--concepts", "church", "--model", "someone/not-cached-model"], "not in the local Hugging Face cache"),
     (["--concepts", "church", "--dtype", "float8"], "unknown dtype"),

@@ -1,0 +1,23 @@
+"""Write one section of BENCHMARKS.md, leaving the sections other scripts own untouched."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery section is written by the script it names; rerun the script to refresh it.\n"
+
+
+def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the section `## {title}` with `body`, atomically."""
+    text = path.read_text() if path.exists() else HEADER
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".BENCHMARKS.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text.rstrip() + "\n")
+    os.replace(tmp, path)
