@@ -27,6 +27,13 @@ class Kind:
     fillers: tuple[str, ...]
     eval_templates: tuple[str, ...] = ()
     eval_fillers: tuple[str, ...] = ()
+    paraphrase_templates: tuple[str, ...] = ()
+    """Held-out wordings (same slot) that the evaluator's generality metric uses."""
+    class_template: str = "a photo of a {concept}"
+    """How CLIP names a concept of this kind when it classifies an image."""
+    exclusive: bool = True
+    """Whether concepts of this kind exclude each other (styles do; 'naked' and 'sexual' do not): the
+    evaluator classifies a concept against the other concepts of its kind only when they are exclusive."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,28 @@ class Catalog:
     name: str
     kinds: dict[str, Kind]
     concepts: dict[str, dict] = field(default_factory=dict)
+    neutral: tuple[str, ...] = ()
+    """Captions with none of the catalog's concepts, for the evaluator's fidelity metrics."""
+
+    def eval_prompts(self, concept: Concept, limit: int | None = None, paraphrase: bool = False) -> list[str]:
+        """Held-out prompts of a concept: every (filler, template) of its kind's eval lists, fillers first."""
+        kind = self.kinds[concept.kind]
+        templates = kind.paraphrase_templates if paraphrase else kind.eval_templates
+        fillers = kind.eval_fillers
+        # Block j pairs filler f with template (j + f): every (filler, template) once, and a prefix varies both.
+        prompts = [_fill(templates[(i // len(fillers) + i) % len(templates)], kind.slot, fillers[i % len(fillers)],
+                         concept.text) for i in range(len(fillers) * len(templates))]
+        return prompts[:limit] if limit else prompts
+
+    def alternatives(self, concept: Concept) -> list[str]:
+        """Class texts the evaluator picks from: the concept first, then its rivals of the kind, then its anchor."""
+        kind = self.kinds[concept.kind]
+        names = [concept.text]
+        if kind.exclusive:
+            names += [spec.get("text", name) for name, spec in self.concepts.items()
+                      if spec.get("kind") == concept.kind and spec.get("text", name) != concept.text]
+        texts = [kind.class_template.format(concept=n) for n in dict.fromkeys(names)]
+        return texts + ([concept.anchor] if concept.anchor and concept.anchor not in texts else [])
 
     def prompt_pairs(self, concept: Concept, limit: int | None = None) -> list[tuple[str, str]]:
         """(concept prompt, base prompt) pairs that share their context; `limit` keeps the first ones."""
@@ -68,11 +97,13 @@ def _read_catalog(source: str) -> dict:
 
 def load_catalog(source: str = "catalog", extra: str | Path | None = None) -> Catalog:
     """A shipped catalog by name ('catalog', 'mini') or a YAML file; `extra` (a YAML file) adds kinds/concepts."""
-    kinds, concepts = {}, {}
+    kinds, concepts, neutral = {}, {}, []
     for data in [_read_catalog(str(source))] + ([_read_catalog(str(extra))] if extra is not None else []):
         kinds.update({name: _kind(name, spec) for name, spec in (data.get("kinds") or {}).items()})
         concepts.update(data.get("concepts") or {})
-    return Catalog(name=str(source), kinds=kinds, concepts={k.lower(): v for k, v in concepts.items()})
+        neutral += data.get("neutral") or []
+    return Catalog(name=str(source), kinds=kinds, concepts={k.lower(): v for k, v in concepts.items()},
+                   neutral=tuple(neutral))
 
 
 def _kind(name: str, spec: dict) -> Kind:
