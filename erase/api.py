@@ -150,7 +150,7 @@ def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> 
     targets = sum(s["numel"] for s in stats.values())
     pruned = sum(s["pruned"] for s in stats.values())
     return {
-        "erase_version": _versions()["erase"],
+        "erase_version": versions()["erase"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"source": str(getattr(pipe, "name_or_path", "") or "in-memory pipeline"),
                   "pipeline": type(pipe).__name__, "dtype": str(pipe.unet.dtype), "device": str(pipe.unet.device)},
@@ -164,11 +164,11 @@ def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> 
         "layers": {name.removesuffix(".weight"): s for name, s in stats.items()},
         "totals": {"target_weights": targets, "pruned": pruned, "pruned_of_targets": pruned / max(targets, 1),
                    "unet_weights": unet_weights, "pruned_of_unet": pruned / unet_weights},
-        "versions": _versions(),
+        "versions": versions(),
     }
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import diffusers
     import transformers
 

@@ -13,6 +13,8 @@ from .errors import EraseError
 EPILOG = """examples:
   erase-concepts --concepts "van gogh,nudity"                       # the embedded miniature model, offline
   erase-concepts --concepts "style:van gogh,explicit:nudity" --model ./sd15 --config fia-style --set r2=0.03
+  erase-concepts --concepts circle --eval                           # erase, then evaluate with the mini CLIP
+  erase-concepts evaluate runs/my-run --model ./sd15 --clip ViT-L-14  # evaluate a saved run against its base
 """
 
 
@@ -36,8 +38,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the initial noise (overrides the config)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: as the model is stored)")
+    p.add_argument("--eval", action="store_true", help="evaluate the erasure with CLIP and write <out>/report/")
+    add_eval_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retain", help="comma-separated concepts that must survive (default: the catalog's others)")
+    p.add_argument("--clip", help="'mini' (default with the mini model) or an open_clip architecture, e.g. ViT-L-14")
+    p.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint (default openai)")
+    p.add_argument("--eval-set", dest="eval_settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluation setting, e.g. --eval-set steps=50 --eval-set 'seeds=[0,1,2]'")
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="erase-concepts evaluate",
+                                description="Evaluate a saved erase run against its base model.")
+    p.add_argument("run", help="the folder an erase run wrote (with erase.json and patch.safetensors)")
+    p.add_argument("--model", default="mini", help="the base model the run was made from")
+    p.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
+    p.add_argument("--out", help="report folder (default <run>/report)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype")
+    add_eval_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def run_evaluation(args: argparse.Namespace, pipe, erased, out: Path) -> None:
+    from .config import parse_settings
+    from .evaluate import evaluate
+
+    retain = None if args.retain is None else [c for c in args.retain.split(",") if c.strip()]
+    report = evaluate(pipe, erased, retain=retain, clip=args.clip, clip_pretrained=args.clip_pretrained,
+                      progress=not args.quiet, **parse_settings(args.eval_settings))
+    report.save(out, overwrite=args.overwrite)
+    print("\n".join(report.markdown().split("\n## Forgetting")[0].splitlines()[2:]))
+    print(f"wrote {out}/ (report.json, report.md, grids/)")
 
 
 def default_out(method: str, concepts: str) -> Path:
@@ -52,12 +91,7 @@ def run(args: argparse.Namespace) -> Path:
     from .export import check_output_dir
     from .models import load_pipeline, resolve_dtype
 
-    if args.quiet:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    quiet_libraries(args.quiet)
     settings = parse_settings(args.settings)
     if args.seed is not None:
         settings["seed"] = args.seed
@@ -75,15 +109,38 @@ def run(args: argparse.Namespace) -> Path:
     result.save(out, overwrite=args.overwrite)
     print(result.summary())
     print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
+    if args.eval:
+        run_evaluation(args, pipe, result, out / "report")
     return out
 
 
+def evaluate_run(args: argparse.Namespace) -> None:
+    from .models import load_pipeline
+
+    quiet_libraries(args.quiet)
+    run_dir = Path(args.run)
+    out = Path(args.out) if args.out else run_dir / "report"
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
+    run_evaluation(args, pipe, run_dir, out)
+
+
+def quiet_libraries(quiet: bool) -> None:
+    if quiet:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    evaluating = bool(argv) and argv[0] == "evaluate"
+    args = evaluate_parser().parse_args(argv[1:]) if evaluating else parser().parse_args(argv)
     try:
-        run(args)
+        evaluate_run(args) if evaluating else run(args)
     except EraseError as exc:
-        print(f"erase-concepts: error: {exc}", file=sys.stderr)
+        print(f"erase-concepts: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("erase-concepts: interrupted; nothing was written", file=sys.stderr)

@@ -104,3 +104,22 @@ def test_console_script_is_installed(tmp_path):
     done = subprocess.run([str(script), "--concepts", "a,a"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and "listed twice" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_a_folder_without_a_run(model_dir, capsys, tmp_path):
+    out = tmp_path / "report"
+    code = main(["evaluate", str(tmp_path), "--model", str(model_dir), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "has no erase.json" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_evaluate_names_missing_clip_weights(model_dir, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(["--concepts", "church", "--model", str(model_dir), "--out", str(run), *FAST]) == 0
+    capsys.readouterr()
+    code = main(["evaluate", str(run), "--model", str(model_dir), "--clip", "ViT-B-32", "--clip-pretrained",
+                 "/no/such/weights.bin", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "could not be loaded" in err and len(err.splitlines()) == 1, err
+    assert not (run / "report").exists()

@@ -1,0 +1,184 @@
+"""The CLIP evaluator: forgetting, retention and fidelity from paired images (same seeds, original vs erased).
+
+One UNet is in memory: images are generated with the original weights, then the edit is applied, the same
+prompts and seeds are generated again, and the edit is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..api import versions
+from ..concepts import Catalog, Concept, load_catalog, parse_concepts
+from ..config import build_config, check_positive_int, check_ratio
+from ..edits import MaskEdit, fingerprint
+from ..errors import EraseError
+from ..export import RECORD_NAME, read_patch
+from .judge import MINI, Judge
+from .report import Report
+
+
+@dataclass
+class EvalSettings:
+    """How images are generated and judged. Every field is recorded in report.json."""
+
+    prompts_per_concept: int = 6
+    """Held-out evaluation prompts per concept (and as many paraphrases for generality)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Each prompt is generated once per seed, identically for the original and the erased model."""
+    steps: int = 25
+    """Sampler steps (the pipeline's own scheduler)."""
+    guidance_scale: float = 7.5
+    resolution: int | None = None
+    """Image side in pixels; None uses the model's default."""
+    batch_size: int = 16
+    max_retain: int = 10
+    """With no retain list: at most this many catalog concepts of the erased kinds are checked for retention."""
+    nudity: bool = False
+    """Count NudeNet detections of exposed classes on explicit concepts' images (needs the `nudity` extra)."""
+    nudity_threshold: float = 0.6
+
+    def validate(self) -> None:
+        for name in ("prompts_per_concept", "steps", "batch_size", "max_retain"):
+            check_positive_int(name, getattr(self, name))
+        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+            raise EraseError("seeds must be a non-empty list of whole numbers, e.g. seeds=[0, 1]")
+        check_ratio("nudity_threshold", self.nudity_threshold)
+
+
+@dataclass
+class Erasure:
+    """What is evaluated: the edit, the concepts it erases and the base it was made on."""
+
+    edit: MaskEdit
+    concepts: list[Concept]
+    catalog: str
+    base_fingerprint: str
+    method: str
+
+
+def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judge | None = None,
+             clip_pretrained: str | None = None, catalog: str | Catalog | None = None, progress: bool = True,
+             **settings) -> Report:
+    """Evaluate an erasure against the original pipeline.
+
+    erased: the EraseResult of erase(original, ...), or the folder of a saved run (its patch is applied to
+    `original`, which must be the run's base). retain: concepts that should survive (catalog syntax); by default
+    the catalog's other concepts of the erased kinds. clip: 'mini' (default for the mini model) or an open_clip
+    architecture such as 'ViT-L-14' with clip_pretrained='openai', or a Judge built from any open_clip-style model.
+    """
+    config = build_config(EvalSettings, settings)
+    erasure = _erasure(erased)
+    base = fingerprint(original.unet)
+    if base != erasure.base_fingerprint:
+        raise EraseError(f"the erased model was made from base {erasure.base_fingerprint}, but the original given is "
+                         f"{base}: evaluate against the model the erasure was made from")
+    if not erasure.concepts:
+        raise EraseError("no concept to evaluate: the erasure names no concepts")
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog or erasure.catalog)
+    if config.nudity:
+        _nudenet()  # fail before generating anything
+    judge = clip if isinstance(clip, Judge) else Judge.load(
+        clip or (MINI if catalog.name == MINI else "ViT-L-14"),
+        clip_pretrained if clip else (None if catalog.name == MINI else "openai"), device=str(original.unet.device))
+    retained = _retained(catalog, erasure.concepts, retain, config.max_retain)
+    jobs = _jobs(catalog, erasure.concepts, retained, config)
+    started = time.perf_counter()
+    images = _paired_images(original, erasure.edit, jobs, config, progress)
+    settings = {**asdict(config), "sampler": type(original.scheduler).__name__,
+                "sampler_config": dict(original.scheduler.config), "catalog": catalog.name, "method": erasure.method,
+                "base_fingerprint": erasure.base_fingerprint, "concepts": [c.as_dict() for c in erasure.concepts],
+                "retain": [c.name for c in retained], "versions": versions(),
+                "generation_s": round(time.perf_counter() - started, 3)}
+    report = Report.build(jobs, images, judge, catalog, erasure.concepts, retained, settings)
+    if config.nudity:
+        report.add_nudity(_nudenet(), config.nudity_threshold)
+    return report
+
+
+def _erasure(erased) -> Erasure:
+    from ..api import EraseResult
+
+    if isinstance(erased, EraseResult):
+        return Erasure(erased.edit, erased.concepts, erased.record["catalog"], erased.record["base_fingerprint"],
+                       erased.method)
+    if isinstance(erased, (str, Path)):
+        folder = Path(erased)
+        if not (folder / RECORD_NAME).is_file():
+            raise EraseError(f"{folder} has no {RECORD_NAME}: pass the folder an erase run wrote (with --out)")
+        record = json.loads((folder / RECORD_NAME).read_text())
+        edit, _ = read_patch(folder / "patch.safetensors")
+        return Erasure(edit, [Concept(**c) for c in record["concepts"]], record["catalog"],
+                       record["base_fingerprint"], record["method"])
+    raise EraseError("erased must be the result of erase.erase(...) or the folder of a saved run")
+
+
+def _retained(catalog: Catalog, erased: list[Concept], retain, limit: int) -> list[Concept]:
+    if retain is not None:
+        return parse_concepts(retain, catalog) if retain else []
+    kinds = {c.kind for c in erased}
+    texts = {c.text for c in erased}
+    names = [name for name, spec in catalog.concepts.items()
+             if spec.get("kind") in kinds and spec.get("text", name) not in texts]
+    unique = list({catalog.concepts[n].get("text", n): n for n in reversed(names)}.values())[::-1]
+    return parse_concepts(unique[:limit], catalog) if unique else []
+
+
+@dataclass
+class Job:
+    """One prompt to generate with both models: which set it belongs to and which concept it probes."""
+
+    prompt: str
+    seed: int
+    role: str  # "forget", "generality", "retain" or "neutral"
+    concept: str | None
+
+
+def _jobs(catalog: Catalog, erased: list[Concept], retained: list[Concept], config: EvalSettings) -> list[Job]:
+    n = config.prompts_per_concept
+    sets = [("forget", c, catalog.eval_prompts(c, n)) for c in erased]
+    sets += [("generality", c, catalog.eval_prompts(c, n, paraphrase=True)) for c in erased]
+    sets += [("retain", c, catalog.eval_prompts(c, n)) for c in retained]
+    sets.append(("neutral", None, list(catalog.neutral[:n])))
+    return [Job(prompt, seed, role, concept.name if concept else None)
+            for role, concept, prompts in sets for prompt in prompts for seed in config.seeds]
+
+
+def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, progress: bool):
+    """(original images, erased images), in job order, from the same seeds."""
+    side = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    bar = tqdm(total=2 * len(jobs), desc="generating", unit="image", disable=not progress)
+
+    def generate() -> list:
+        out = []
+        for start in range(0, len(jobs), config.batch_size):
+            batch = jobs[start : start + config.batch_size]
+            generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
+            out += pipe([job.prompt for job in batch], num_inference_steps=config.steps, height=side, width=side,
+                        guidance_scale=config.guidance_scale, generator=generators).images
+            bar.update(len(batch))
+        return out
+
+    with bar:
+        original = generate()
+        with edit.applied_to(pipe.unet):
+            erased = generate()
+    return original, erased
+
+
+def _nudenet():
+    try:
+        from nudenet import NudeDetector
+    except ImportError:
+        raise EraseError("NudeNet is not installed: pip install 'erase[nudity]' (or drop nudity=True)") from None
+    return NudeDetector()
+
+
+__all__ = ["EvalSettings", "Report", "evaluate"]
