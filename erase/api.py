@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import sys
@@ -17,9 +18,11 @@ from .concepts import Catalog, Concept, load_catalog, parse_concepts
 from .config import as_dict, build_config, read_preset
 from .edits import MaskEdit, fingerprint
 from .errors import EraseError
-from .export import PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, save_patch, write_json
+from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, read_patch, save_patch,
+                     write_json)
 from .methods import get_method
 from .models import MINI_PIPELINE_DIR
+from .single_file import save_single_file, unsupported
 
 
 @dataclass
@@ -60,23 +63,48 @@ class EraseResult:
                      f"peak memory {self.record['peak_memory_mb']:.0f} MB ({self.record['peak_memory_kind']})")
         return "\n".join(lines)
 
-    def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write unet/ (diffusers), patch.safetensors and erase.json to `out`, atomically."""
+    def save(self, out: str | Path, overwrite: bool = False, single_file: bool | None = None,
+             half: bool = False) -> Path:
+        """Write unet/ (diffusers), <out name>.safetensors (original SD layout), patch.safetensors and erase.json.
+
+        single_file: None writes the single file where the architecture has one (SD1.x) and records why not
+        otherwise; True requires it; False skips it. half: store the single file in float16. Atomic.
+        """
         out = check_output_dir(out, overwrite)
+        if single_file and unsupported(self.pipe):
+            raise EraseError(unsupported(self.pipe))
         started = time.perf_counter()
+        record = dict(self.record)
         with atomic_dir(out) as tmp:
             with self.applied() as pipe:
                 pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-                erased = fingerprint(pipe.unet)
-            record = dict(self.record, erased_fingerprint=erased)
-            save_patch(tmp / PATCH_NAME, self.edit, {
-                "base_fingerprint": record["base_fingerprint"], "erased_fingerprint": erased,
-                "method": self.method, "concepts": [c.as_dict() for c in self.concepts],
-                "erase_version": record["versions"]["erase"]})
+                record["erased_fingerprint"] = fingerprint(pipe.unet)
+                header = {key: record[key] for key in ("base_fingerprint", "erased_fingerprint")}
+                header.update(method=self.method, concepts=[c.as_dict() for c in self.concepts],
+                              erase_version=record["versions"]["erase"])
+                if single_file is not False and not unsupported(pipe):
+                    record["single_file"] = {"name": f"{out.name}.safetensors", "dtype": "float16" if half else "native"}
+                    save_single_file(pipe, tmp / record["single_file"]["name"], header, half=half)
+                else:
+                    record["single_file"] = {"name": None, "why": "not asked for" if single_file is False
+                                             else unsupported(pipe)}
+            save_patch(tmp / PATCH_NAME, self.edit, header)
             record["timings"] = dict(record["timings"], export_s=round(time.perf_counter() - started, 3))
             write_json(tmp / RECORD_NAME, record)
         self.record = record
         return out
+
+
+def result_from_patch(pipe, patch: str | Path) -> EraseResult:
+    """The result a saved patch stands for on `pipe` (its base), ready to save() as a full erased checkpoint."""
+    edit, metadata = read_patch(patch)
+    base = check_patch_base(pipe, patch, metadata)
+    concepts = [Concept(**c) for c in json.loads(metadata.get("concepts", "[]"))]
+    record = {"erase_version": versions()["erase"], "applied_patch": str(patch), "base_fingerprint": base,
+              "method": metadata.get("method"), "concepts": [c.as_dict() for c in concepts],
+              "patch_erase_version": metadata.get("erase_version"), "layers": edit.stats(), "timings": {},
+              "versions": versions()}
+    return EraseResult(pipe, edit, metadata.get("method", "unknown"), None, concepts, record)
 
 
 def default_catalog(pipe) -> str:

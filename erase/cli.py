@@ -15,6 +15,7 @@ EPILOG = """examples:
   erase-concepts --concepts "style:van gogh,explicit:nudity" --model ./sd15 --config fia-style --set r2=0.03
   erase-concepts --concepts circle --eval                           # erase, then evaluate with the mini CLIP
   erase-concepts evaluate runs/my-run --model ./sd15 --clip ViT-L-14  # evaluate a saved run against its base
+  erase-concepts apply --patch runs/my-run/patch.safetensors --model ./sd15 --out runs/again  # re-apply a patch
 """
 
 
@@ -38,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the initial noise (overrides the config)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: as the model is stored)")
+    add_export_options(p)
     p.add_argument("--eval", action="store_true", help="evaluate the erasure with CLIP and write <out>/report/")
     add_eval_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -65,6 +67,40 @@ def evaluate_parser() -> argparse.ArgumentParser:
     add_eval_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def apply_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="erase-concepts apply",
+                                description="Re-apply a saved patch to its base model and write the erased checkpoint.")
+    p.add_argument("--patch", required=True, help="patch.safetensors of an erase run")
+    p.add_argument("--model", required=True, help="the base model the patch was made from")
+    p.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_export_options(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def add_export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-single-file", dest="single_file", action="store_false", default=None,
+                   help="skip <out>/<name>.safetensors (the original-layout single file for A1111/ComfyUI)")
+    p.add_argument("--half", action="store_true", help="store the single file in float16")
+
+
+def apply_run(args: argparse.Namespace) -> None:
+    from .api import result_from_patch
+    from .export import check_output_dir, read_patch
+    from .models import load_pipeline
+
+    quiet_libraries(args.quiet)
+    out = check_output_dir(args.out, args.overwrite)
+    read_patch(args.patch)  # a corrupt patch fails before the model loads
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
+    result_from_patch(pipe, args.patch).save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
+    print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
 
 
 def run_evaluation(args: argparse.Namespace, pipe, erased, out: Path) -> None:
@@ -106,7 +142,7 @@ def run(args: argparse.Namespace) -> Path:
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
     result = erase(pipe, concepts, method=args.method, config=config, catalog=catalog, progress=not args.quiet)
-    result.save(out, overwrite=args.overwrite)
+    result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
     print(result.summary())
     print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
     if args.eval:
@@ -135,10 +171,11 @@ def quiet_libraries(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    evaluating = bool(argv) and argv[0] == "evaluate"
-    args = evaluate_parser().parse_args(argv[1:]) if evaluating else parser().parse_args(argv)
+    commands = {"evaluate": (evaluate_parser, evaluate_run), "apply": (apply_parser, apply_run)}
+    make_parser, command = commands.get(argv[0] if argv else "", (parser, run))
+    args = make_parser().parse_args(argv[1:] if command is not run else argv)
     try:
-        evaluate_run(args) if evaluating else run(args)
+        command(args)
     except EraseError as exc:
         print(f"erase-concepts: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2

@@ -85,12 +85,18 @@ def read_patch(path: str | Path) -> tuple[MaskEdit, dict]:
     return MaskEdit.from_tensors(tensors, shapes), metadata
 
 
-def apply_patch(pipe, patch: str | Path) -> MaskEdit:
-    """Apply a saved patch to the pipeline's UNet in place, refusing a UNet other than the patch's base."""
-    edit, metadata = read_patch(patch)
+def check_patch_base(pipe, patch: str | Path, metadata: dict) -> str:
+    """The UNet's fingerprint, after refusing a UNet other than the one the patch was made from."""
     base = fingerprint(pipe.unet)
     if base != metadata.get("base_fingerprint"):
         raise EraseError(f"patch {patch} was made for base {metadata.get('base_fingerprint')}, but this model is {base}: "
                          "apply it to the model it was made from (same weights and dtype)")
+    return base
+
+
+def apply_patch(pipe, patch: str | Path) -> MaskEdit:
+    """Apply a saved patch to the pipeline's UNet in place, refusing a UNet other than the patch's base."""
+    edit, metadata = read_patch(patch)
+    check_patch_base(pipe, patch, metadata)
     edit.apply(pipe.unet)
     return edit

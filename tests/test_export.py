@@ -43,7 +43,8 @@ def test_record_is_complete_json(saved):
         assert key in record, key
     assert record["config"]["r2"] == 0.01 and record["config"]["saliency_steps"] == 3
     assert record["versions"]["torch"] == torch.__version__
-    assert sorted(p.name for p in out.iterdir()) == ["erase.json", "patch.safetensors", "unet"]
+    assert sorted(p.name for p in out.iterdir()) == ["church.safetensors", "erase.json", "patch.safetensors", "unet"]
+    assert record["single_file"] == {"name": "church.safetensors", "dtype": "native"}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no partial folders left
 
 

@@ -47,3 +47,11 @@ def real_unet_on_meta(name: str) -> UNet2DConditionModel:
     config = json.loads((MODEL_CONFIGS / name / "unet" / "config.json").read_text())
     with init_empty_weights():
         return UNet2DConditionModel.from_config(config)
+
+
+def save_configs(pipe, folder: Path) -> None:
+    """Only the configs of a pipeline (model_index.json and each component's config): what from_single_file needs."""
+    pipe.save_config(folder)
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipe, name).save_config(folder / name)
+    pipe.text_encoder.config.save_pretrained(folder / "text_encoder")

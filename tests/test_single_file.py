@@ -1,0 +1,125 @@
+"""Single-file checkpoints (original SD layout) read back by diffusers' from_single_file, and `apply`."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import erase
+from erase.cli import main
+from erase.single_file import save_single_file
+from tiny import MODEL_CONFIGS, save_configs, tiny_pipeline
+
+FAST = {"prompts_per_concept": 2, "saliency_steps": 2}
+
+
+def load_single_file(path, config_dir):
+    return StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                                    tokenizer=erase.clip_tokenizer())
+
+
+def assert_same_weights(expected, loaded):
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(expected, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(a) == set(b), name
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}.{key}"
+
+
+@pytest.fixture(scope="module")
+def erased_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(root / "base")
+    result = erase.erase(pipe, "church", progress=False, **FAST)
+    return pipe, result, result.save(root / "church"), root
+
+
+def test_single_file_round_trip_gives_the_erased_weights(erased_run):
+    pipe, result, out, root = erased_run
+    loaded = load_single_file(out / "church.safetensors", root / "base")
+    with result.applied():
+        assert_same_weights(pipe, loaded)
+    with safe_open(str(out / "church.safetensors"), framework="pt") as f:
+        header = f.metadata()
+        assert any(k.startswith("model.diffusion_model.input_blocks.") for k in f.keys())
+        assert any(k.startswith("first_stage_model.encoder.down.") for k in f.keys())
+    assert json.loads(header["concepts"])[0]["name"] == "church" and header["method"] == "fia"
+    assert header["base_fingerprint"] == result.record["base_fingerprint"]
+
+
+def test_half_precision_single_file(erased_run, tmp_path):
+    pipe, _, _, root = erased_run
+    save_single_file(pipe, tmp_path / "half.safetensors", {"method": "none"}, half=True)
+    with safe_open(str(tmp_path / "half.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    loaded = load_single_file(tmp_path / "half.safetensors", root / "base")
+    weight = "mid_block.attentions.0.transformer_blocks.0.ff.net.2.weight"
+    assert torch.equal(loaded.unet.state_dict()[weight].half(), pipe.unet.state_dict()[weight].half())
+
+
+def test_sd15_architecture_round_trip(tmp_path):
+    """The real SD1.5 UNet (random weights) with a small VAE and a 768-wide one-layer text encoder."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((MODEL_CONFIGS / "sd15" / "unet" / "config.json").read_text()))
+    small = tiny_pipeline()
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=64, num_attention_heads=12,
+                                                num_hidden_layers=1, vocab_size=49408, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407))
+    pipe = StableDiffusionPipeline(**{**small.components, "unet": unet, "text_encoder": text_encoder})
+    save_configs(pipe, tmp_path / "base")
+    save_single_file(pipe, tmp_path / "sd15.safetensors", {"method": "none"})
+    assert_same_weights(pipe, load_single_file(tmp_path / "sd15.safetensors", tmp_path / "base"))
+
+
+def test_sd2_shaped_pipeline_records_why_there_is_no_single_file(pipe_sd2, tmp_path):
+    result = erase.erase(pipe_sd2, "church", progress=False, **FAST)
+    record = json.loads((result.save(tmp_path / "sd2") / "erase.json").read_text())
+    assert record["single_file"]["name"] is None and "SD1.x" in record["single_file"]["why"]
+    with pytest.raises(erase.EraseError, match="single-file export supports SD1.x"):
+        result.save(tmp_path / "required", single_file=True)
+    assert not (tmp_path / "required").exists()
+
+
+def test_apply_reproduces_the_run_and_refuses_another_base(erased_run, tmp_path, capsys):
+    _, _, out, root = erased_run
+    again = tmp_path / "again"
+    assert main(["apply", "--patch", str(out / "patch.safetensors"), "--model", str(root / "base"),
+                 "--out", str(again), "--quiet"]) == 0
+    first = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    second = UNet2DConditionModel.from_pretrained(again / "unet").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    record = json.loads((again / "erase.json").read_text())
+    assert record["erased_fingerprint"] == json.loads((out / "erase.json").read_text())["erased_fingerprint"]
+
+    other = tmp_path / "other-base"
+    tiny_pipeline(seed=1).save_pretrained(other)
+    capsys.readouterr()
+    code = main(["apply", "--patch", str(out / "patch.safetensors"), "--model", str(other), "--out",
+                 str(tmp_path / "refused"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "was made for base sha256:" in err and "this model is sha256:" in err
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("header", [{"format": "erase.mask/0"}, {"format": "erase.mask/1"}])
+def test_apply_refuses_foreign_or_corrupt_patches(erased_run, tmp_path, capsys, header):
+    _, _, out, root = erased_run
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1, dtype=torch.uint8)}, str(tmp_path / "bad.safetensors"), metadata=header)
+    code = main(["apply", "--patch", str(tmp_path / "bad.safetensors"), "--model", str(root / "base"), "--out",
+                 str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and ("format" in err or "corrupt header" in err) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_apply_refuses_a_missing_output_directory(erased_run, tmp_path, capsys):
+    _, _, out, root = erased_run
+    code = main(["apply", "--patch", str(out / "patch.safetensors"), "--model", str(root / "base"), "--out",
+                 str(tmp_path / "missing" / "out"), "--quiet"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
