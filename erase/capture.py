@@ -142,13 +142,21 @@ class Recorder:
         return hook
 
 
-def conditioning(pipe, prompts: list[str]) -> dict:
-    """UNet keyword arguments of the CFG batch [unconditional; conditional] for these prompts."""
-    if hasattr(pipe, "text_encoder_2"):
-        raise EraseError("SDXL pipelines are not supported yet: use an SD1.x or SD2.x pipeline")
-    device = pipe.unet.device
-    cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[""] * len(prompts))
-    return {"encoder_hidden_states": torch.cat([uncond, cond]).to(pipe.unet.dtype)}
+def conditioning(pipe, prompts: list[str], side: int) -> dict:
+    """UNet keyword arguments of the CFG batch [unconditional; conditional], as the pipeline itself builds them:
+    SD1/SD2 need the text embeddings; SDXL also its pooled embedding and size/crop time ids."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    encoded = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    if not hasattr(pipe, "text_encoder_2"):
+        cond, uncond = encoded
+        return {"encoder_hidden_states": torch.cat([uncond, cond]).to(dtype)}
+    cond, uncond, pooled, uncond_pooled = encoded
+    size = (side, side)
+    projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
+    return {"encoder_hidden_states": torch.cat([uncond, cond]).to(dtype),
+            "added_cond_kwargs": {"text_embeds": torch.cat([uncond_pooled, pooled]).to(dtype),
+                                  "time_ids": time_ids.to(device).repeat(2 * len(prompts), 1)}}
 
 
 @torch.no_grad()
@@ -164,8 +172,9 @@ def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_
     if len(timesteps) < settings.saliency_steps:
         raise EraseError(f"saliency_steps={settings.saliency_steps} exceeds the {len(scheduler.timesteps)} UNet calls "
                          f"of a {settings.steps}-step generation: lower saliency_steps or raise steps")
-    kwargs = conditioning(pipe, prompts)
-    latents = initial_noise(pipe, settings).expand(len(prompts), -1, -1, -1) * scheduler.init_noise_sigma
+    noise = initial_noise(pipe, settings)
+    kwargs = conditioning(pipe, prompts, noise.shape[-1] * pipe.vae_scale_factor)
+    latents = noise.expand(len(prompts), -1, -1, -1) * scheduler.init_noise_sigma
     for i, t in enumerate(timesteps):
         if on_call is not None:
             on_call(i)

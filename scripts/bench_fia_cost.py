@@ -113,7 +113,8 @@ def report(plain: dict, fia: dict, resolution: int, pairs: int) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lines.append("")
     lines.append(f"Settings: concept '{CONCEPT}', {pairs} prompt pairs in one batch each, T = 10 UNet calls, CFG 7.5, "
-                 f"{resolution} px, fp32, {torch.get_num_threads()} CPU threads, torch {torch.__version__}. "
+                 f"{resolution} px, fp32, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+                 f"1-minute load average {os.getloadavg()[0]:.1f} at the end. "
                  f"Pruned {fia['pruned']} weights. Plain inference = the same UNet calls without hooks "
                  f"(peak RSS includes the loaded pipeline: {plain['rss_loaded_mb']:.0f} MB after loading); "
                  f"the bare forwards are timed in the FIA process right after erase(), so both see the same machine load.")

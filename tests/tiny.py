@@ -55,3 +55,30 @@ def save_configs(pipe, folder: Path) -> None:
     for name in ("unet", "vae", "scheduler"):
         getattr(pipe, name).save_config(folder / name)
     pipe.text_encoder.config.save_pretrained(folder / "text_encoder")
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """An SDXL-shaped tiny pipeline: two text encoders, pooled embeddings and size/crop conditioning."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    config = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+                  num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, projection_dim=32, hidden_act="gelu")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)),
+                                     tokenizer=erase.clip_tokenizer(), tokenizer_2=erase.clip_tokenizer(),
+                                     scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
