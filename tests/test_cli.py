@@ -60,6 +60,9 @@ def bad(args: list[str], capsys, tmp_path, match: str) -> None:
     (["--concepts", "church", "--model", "/no/such/model"], "does not exist"),
     (["--concepts", "church", "--model", "someone/not-cached-model"], "not in the local Hugging Face cache"),
     (["--concepts", "church", "--dtype", "float8"], "unknown dtype"),
+    (["--concepts", "church", "--dtype", "float16", "--device", "cpu"], "float16 is not supported"),
+    (["--concepts", "church", "--device", "cuda:3"] if not __import__("torch").cuda.is_available() else
+     ["--concepts", "church", "--device", "mps"], "is not available on this machine"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, match, capsys, tmp_path, model_dir):
     if "--model" not in args:
