@@ -44,21 +44,21 @@ class EraseResult:
 
     def layer_table(self) -> list[dict]:
         kept = self.record.get("fusion", {}).get("kept_agnostic", {})
-        return [{"layer": name.removesuffix(".weight"), "weights": s["numel"], "pruned": s["pruned"],
+        return [{"layer": name.removesuffix(".weight"), "weights": s["numel"], "edited": s["edited"],
                  "kept_agnostic": kept.get(name.removesuffix(".weight"), 0)}
                 for name, s in self.edit.stats().items()]
 
     def summary(self) -> str:
-        """A plain-text table: pruned weights per layer, totals, time and peak memory."""
+        """A plain-text table: edited (for masking methods: zeroed) weights per layer, totals, time, peak memory."""
         rows = self.layer_table()
         width = max(len(r["layer"]) for r in rows)
-        lines = [f"{'layer':<{width}}  {'weights':>10}  {'pruned':>8}  {'%':>6}  {'kept':>6}"]
+        lines = [f"{'layer':<{width}}  {'weights':>10}  {'edited':>8}  {'%':>6}  {'kept':>6}"]
         for r in rows:
-            lines.append(f"{r['layer']:<{width}}  {r['weights']:>10}  {r['pruned']:>8}  "
-                         f"{100 * r['pruned'] / r['weights']:>6.3f}  {r['kept_agnostic']:>6}")
+            lines.append(f"{r['layer']:<{width}}  {r['weights']:>10}  {r['edited']:>8}  "
+                         f"{100 * r['edited'] / r['weights']:>6.3f}  {r['kept_agnostic']:>6}")
         total = self.record["totals"]
-        lines.append(f"{'total':<{width}}  {total['target_weights']:>10}  {total['pruned']:>8}  "
-                     f"{100 * total['pruned_of_targets']:>6.3f}")
+        lines.append(f"{'total':<{width}}  {total['target_weights']:>10}  {total['edited']:>8}  "
+                     f"{100 * total['edited_of_targets']:>6.3f}")
         lines.append(f"{self.method}: {len(self.concepts)} concept(s) in {self.record['timings']['total_s']:.1f} s, "
                      f"peak memory {self.record['peak_memory_mb']:.0f} MB ({self.record['peak_memory_kind']})")
         return "\n".join(lines)
@@ -176,7 +176,7 @@ def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> 
     unet_weights = sum(p.numel() for p in pipe.unet.parameters())
     stats = edit.stats()
     targets = sum(s["numel"] for s in stats.values())
-    pruned = sum(s["pruned"] for s in stats.values())
+    edited = sum(s["edited"] for s in stats.values())
     return {
         "erase_version": versions()["erase"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -190,8 +190,8 @@ def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> 
         "concepts": [c.as_dict() for c in concepts],
         **{k: v for k, v in run_record.items() if k != "timings"},
         "layers": {name.removesuffix(".weight"): s for name, s in stats.items()},
-        "totals": {"target_weights": targets, "pruned": pruned, "pruned_of_targets": pruned / max(targets, 1),
-                   "unet_weights": unet_weights, "pruned_of_unet": pruned / unet_weights},
+        "totals": {"target_weights": targets, "edited": edited, "edited_of_targets": edited / max(targets, 1),
+                   "unet_weights": unet_weights, "edited_of_unet": edited / unet_weights},
         "versions": versions(),
     }
 

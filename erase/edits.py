@@ -15,6 +15,7 @@ from .errors import EraseError
 from .masks import pack_bits, unpack_bits
 
 PATCH_FORMAT = "erase.mask/1"
+VALUES = ":values"
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -28,16 +29,25 @@ def fingerprint(module: nn.Module) -> str:
 
 
 class MaskEdit:
-    """Zero the weights where a boolean prune mask is True (W ← W ⊙ (1 − prune)); biases are untouched.
+    """Set the weights where a boolean mask is True: to zero (pruning, W ← W ⊙ (1 − mask)) or, for methods that
+    train or solve for new weights, to the new values there (a delta that is sparse where the mask is sparse).
 
     masks: parameter name in the UNet (e.g. 'mid_block....ff.net.2.weight') → bool tensor of the weight's shape.
+    values: the same names → the new values at the mask's True entries, in order (None: zeros).
     """
 
     format = PATCH_FORMAT
 
-    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+    def __init__(self, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
         self.masks = masks
+        self.values = values
         self._saved: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_weights(cls, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> "MaskEdit":
+        """The edit that turns `old` weights into `new` ones: masks where they differ, values the new entries."""
+        masks = {name: new[name] != old[name] for name in new}
+        return cls(masks, {name: new[name][mask].detach().clone() for name, mask in masks.items()})
 
     @property
     def applied(self) -> bool:
@@ -62,7 +72,7 @@ class MaskEdit:
         for name, param in self._parameters(unet).items():
             mask = self.masks[name].to(param.device)
             saved[name] = param[mask].clone()
-            param[mask] = 0
+            param[mask] = 0 if self.values is None else self.values[name].to(param.device, param.dtype)
         self._saved = saved
 
     @torch.no_grad()
@@ -83,15 +93,22 @@ class MaskEdit:
             self.restore(unet)
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {name: {"numel": mask.numel(), "pruned": int(mask.sum())} for name, mask in self.masks.items()}
+        return {name: {"numel": mask.numel(), "edited": int(mask.sum())} for name, mask in self.masks.items()}
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-        """Packed masks (1 bit a weight) and their shapes, for the patch file."""
-        packed = {name: pack_bits(mask).cpu() for name, mask in self.masks.items()}
-        return packed, {name: list(mask.shape) for name, mask in self.masks.items()}
+        """Packed masks (1 bit a weight, key NAME), new values (key NAME:values) and the shapes, for the patch."""
+        tensors = {name: pack_bits(mask).cpu() for name, mask in self.masks.items()}
+        for name, values in (self.values or {}).items():
+            tensors[f"{name}{VALUES}"] = values.detach().contiguous().cpu()
+        return tensors, {name: list(mask.shape) for name, mask in self.masks.items()}
 
     @classmethod
-    def from_tensors(cls, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> "MaskEdit":
-        if set(packed) != set(shapes):
-            raise EraseError("the patch's masks and shapes disagree: the patch is corrupt, export it again")
-        return cls({name: unpack_bits(packed[name], tuple(shapes[name])) for name in packed})
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> "MaskEdit":
+        values = {k.removesuffix(VALUES): v for k, v in tensors.items() if k.endswith(VALUES)}
+        packed = {k: v for k, v in tensors.items() if not k.endswith(VALUES)}
+        if set(packed) != set(shapes) or (values and set(values) != set(shapes)):
+            raise EraseError("the patch's masks, values and shapes disagree: the patch is corrupt, export it again")
+        masks = {name: unpack_bits(packed[name], tuple(shapes[name])) for name in packed}
+        if any(values[name].numel() != int(masks[name].sum()) for name in values):
+            raise EraseError("the patch's values do not fit its masks: the patch is corrupt, export it again")
+        return cls(masks, values or None)

@@ -83,7 +83,7 @@ def measure(mode: str, resolution: int, pairs: int) -> dict:
     return {"capture_s": timings["capture_s"], "scoring_s": timings["scoring_s"],
             "fingerprint_s": timings["fingerprint_s"], "bare_s": bare_forwards(pipe, resolution, pairs),
             "unet_calls": len(calls), "peak_rss_mb": peak, "patch_bytes": patch, "unet_file_bytes": unet_file,
-            "pruned": result.record["totals"]["pruned"]}
+            "edited": result.record["totals"]["edited"]}
 
 
 def run_in_subprocess(mode: str, resolution: int, pairs: int) -> dict:
@@ -115,7 +115,7 @@ def report(plain: dict, fia: dict, resolution: int, pairs: int) -> str:
     lines.append(f"Settings: concept '{CONCEPT}', {pairs} prompt pairs in one batch each, T = 10 UNet calls, CFG 7.5, "
                  f"{resolution} px, fp32, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
                  f"1-minute load average {os.getloadavg()[0]:.1f} at the end. "
-                 f"Pruned {fia['pruned']} weights. Plain inference = the same UNet calls without hooks "
+                 f"Pruned {fia['edited']} weights. Plain inference = the same UNet calls without hooks "
                  f"(peak RSS includes the loaded pipeline: {plain['rss_loaded_mb']:.0f} MB after loading); "
                  f"the bare forwards are timed in the FIA process right after erase(), so both see the same machine load.")
     lines.append(f"Reproduce: `python scripts/bench_fia_cost.py --resolution {resolution} --pairs {pairs}`")

@@ -51,31 +51,31 @@ def test_record_says_what_was_done(result):
     assert [c["kind"] for c in record["concepts"]] == ["style", "object"]
     assert record["prompts"]["van gogh"][0] == ["a cat in the style of van gogh", "a cat"]
     assert len(record["timesteps"]) == 3 and record["fusion"]["tau"] == 2
-    assert record["totals"]["pruned"] == sum(int(m.sum()) for m in result.edit.masks.values())
+    assert record["totals"]["edited"] == sum(int(m.sum()) for m in result.edit.masks.values())
 
 
 def test_single_concept_prunes_its_mask(pipe):
     result = erase.erase(pipe, ["nudity"], progress=False, **FAST)
-    pruned = result.record["totals"]["pruned"]
+    pruned = result.record["totals"]["edited"]
     assert pruned > 0 and pruned == sum(result.record["concept_masks"]["nudity"].values())
 
 
 def test_per_concept_override_widens_that_mask(pipe):
     narrow = erase.erase(pipe, ["church"], progress=False, r2=0.01, **FAST)
     wide = erase.erase(pipe, ["church"], progress=False, r2=0.01, overrides={"church": {"r2": 0.05}}, **FAST)
-    assert wide.record["totals"]["pruned"] > narrow.record["totals"]["pruned"]
+    assert wide.record["totals"]["edited"] > narrow.record["totals"]["edited"]
 
 
 def test_sd2_shaped_pipeline(pipe_sd2):
     result = erase.erase(pipe_sd2, "claude monet", progress=False, **FAST)
-    assert result.record["totals"]["pruned"] > 0
+    assert result.record["totals"]["edited"] > 0
 
 
 def test_faithful_cosine_and_conceptprune_run_through_the_same_capture(pipe):
     cosine = erase.erase(pipe, "church", progress=False, faithful_cosine=True, **FAST)
     pruned = erase.erase(pipe, "church", method="conceptprune", progress=False, **FAST)
     for result in (cosine, pruned):
-        assert result.record["totals"]["pruned"] > 0
+        assert result.record["totals"]["edited"] > 0
         assert set(result.edit.masks) == set(cosine.edit.masks)
 
 

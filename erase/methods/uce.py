@@ -1,0 +1,69 @@
+"""UCE (unified concept editing): a closed-form edit of the cross-attention keys and values (METHODS.md §5).
+
+For every target projection W (to_k, to_v):
+    W ← (λ W + Σ_erase (W g_i) c_iᵀ + Σ_keep (W c_j) c_jᵀ) (λ I + Σ_erase c_i c_iᵀ + Σ_keep c_j c_jᵀ)⁻¹
+so that a concept's token embedding c_i now yields what its guide g_i (the anchor) yielded, while preserved
+embeddings c_j keep their outputs. c is the text encoder's output at the text's last word token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..capture import find_target_layers
+from ..edits import MaskEdit
+from ..errors import EraseError
+from . import register
+
+
+@dataclass
+class UCEConfig:
+    """UCE settings (defaults of the paper's erasure runs)."""
+
+    target: str = "*attn2.to_[kv]"
+    """Glob over UNet module names: the cross-attention key and value projections."""
+    lam: float = 0.5
+    """λ: how strongly every other direction keeps its old output."""
+    preserve: list[str] = field(default_factory=list)
+    """Texts whose outputs must not change (e.g. other artists when erasing one)."""
+    seed: int = 0
+    """Unused by the closed form; recorded for uniformity with the other methods."""
+
+    def validate(self) -> None:
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or self.lam <= 0:
+            raise EraseError(f"lam={self.lam!r} is out of range: it must be a positive number, e.g. --set lam=0.5")
+        if not isinstance(self.preserve, list) or not all(isinstance(t, str) for t in self.preserve):
+            raise EraseError("preserve must be a list of texts, e.g. --set 'preserve=[claude monet, a dog]'")
+
+
+@torch.no_grad()
+def last_token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
+    """[len(texts), d]: the text encoder output at each text's last word token (its end token for "")."""
+    embeds = pipe.encode_prompt(prompt=texts, device=pipe.unet.device, num_images_per_prompt=1,
+                                do_classifier_free_guidance=False)[0]
+    lengths = [len(pipe.tokenizer(t).input_ids) for t in texts]
+    index = torch.tensor([n - 2 if n > 2 else n - 1 for n in lengths], device=embeds.device)
+    return embeds[torch.arange(len(texts)), index].float()
+
+
+@register("uce", UCEConfig, "closed-form edit of cross-attention keys and values towards each concept's anchor")
+def run(pipe, concepts, catalog, config: UCEConfig, progress: bool = True):
+    started = time.perf_counter()
+    layers = find_target_layers(pipe.unet, config.target)
+    erase_c = last_token_embeddings(pipe, [c.text for c in concepts])
+    guide = last_token_embeddings(pipe, [c.anchor for c in concepts])
+    keep = last_token_embeddings(pipe, config.preserve) if config.preserve else erase_c[:0]
+    old, new = {}, {}
+    for name, layer in layers.items():
+        w = layer.weight.detach().float()
+        eye = torch.eye(w.shape[1], device=w.device)
+        lhs = config.lam * w + (w @ guide.T) @ erase_c + (w @ keep.T) @ keep
+        rhs = config.lam * eye + erase_c.T @ erase_c + keep.T @ keep
+        old[f"{name}.weight"] = layer.weight.detach()
+        new[f"{name}.weight"] = torch.linalg.solve(rhs, lhs.T).T.to(layer.weight.dtype)  # rhs is symmetric
+    record = {"guides": {c.name: c.anchor for c in concepts}, "preserve": config.preserve,
+              "timings": {"solve_s": round(time.perf_counter() - started, 3)}}
+    return MaskEdit.from_weights(new, old), record
