@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> Path:
     config = resolve_config(args.method, args.config, **settings)
     catalog = load_catalog("mini" if args.model == "mini" else "catalog", extra=args.catalog)
     concepts = parse_concepts(args.concepts, catalog)  # fail on bad input before loading any model
+    for concept in concepts:
+        if concept.name not in catalog.concepts:
+            print(f"note: {concept.name!r} is not in catalog {catalog.name!r}; its prompts are those of kind "
+                  f"{concept.kind!r} (write kind:name to choose another)", file=sys.stderr)
     resolve_dtype(args.dtype)
     if args.out is None:
         args.out = default_out(args.method, args.concepts)
