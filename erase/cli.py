@@ -105,7 +105,7 @@ def apply_run(args: argparse.Namespace) -> None:
 
 def run_evaluation(args: argparse.Namespace, pipe, erased, out: Path) -> None:
     from .config import parse_settings
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     retain = None if args.retain is None else [c for c in args.retain.split(",") if c.strip()]
     report = evaluate(pipe, erased, retain=retain, clip=args.clip, clip_pretrained=args.clip_pretrained,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import erase
-from erase.evaluate import Judge, evaluate
-from erase.evaluate.report import CELL, LABEL_WIDTH
+from erase.evaluation import Judge, evaluate
+from erase.evaluation.report import CELL, LABEL_WIDTH
 from tiny import tiny_pipeline
 
 SETTINGS = {"prompts_per_concept": 2, "steps": 2, "seeds": [0, 1]}
