@@ -124,11 +124,13 @@ def _retained(catalog: Catalog, erased: list[Concept], retain, limit: int) -> li
     if retain is not None:
         return parse_concepts(retain, catalog) if retain else []
     kinds = {c.kind for c in erased}
-    texts = {c.text for c in erased}
-    names = [name for name, spec in catalog.concepts.items()
-             if spec.get("kind") in kinds and spec.get("text", name) not in texts]
-    unique = list({catalog.concepts[n].get("text", n): n for n in reversed(names)}.values())[::-1]
-    return parse_concepts(unique[:limit], catalog) if unique else []
+    seen = {c.text for c in erased}  # aliases share their text: keep one name per text
+    names = []
+    for name, spec in catalog.concepts.items():
+        if spec.get("kind") in kinds and spec.get("text", name) not in seen:
+            seen.add(spec.get("text", name))
+            names.append(name)
+    return parse_concepts(names[:limit], catalog) if names else []
 
 
 @dataclass
