@@ -159,11 +159,24 @@ def conditioning(pipe, prompts: list[str], side: int) -> dict:
                                   "time_ids": time_ids.to(device).repeat(2 * len(prompts), 1)}}
 
 
+@dataclass
+class Denoised:
+    """What a truncated denoising loop leaves: the timesteps it used and its last UNet call."""
+
+    timesteps: list[int]
+    model_input: torch.Tensor
+    """The last call's input: [unconditional; conditional] latents, scaled for the scheduler."""
+    kwargs: dict
+    """The last call's conditioning (encoder_hidden_states, and added_cond_kwargs for SDXL)."""
+    uncond: torch.Tensor
+    cond: torch.Tensor
+
+
 @torch.no_grad()
-def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_call=None) -> list[int]:
+def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_call=None) -> Denoised:
     """Run the CFG denoising loop for `prompts` from one shared initial noise, stopping after T UNet calls.
 
-    on_call(i) runs before UNet call i. Returns the timesteps of the calls made.
+    on_call(i) runs before UNet call i.
     """
     unet = pipe.unet
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # fresh state; the user's stays untouched
@@ -182,7 +195,7 @@ def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_
         uncond, cond = unet(x, t, **kwargs).sample.chunk(2)
         if i + 1 < len(timesteps):  # the last call's step would only feed statistics we no longer take
             latents = scheduler.step(uncond + settings.guidance_scale * (cond - uncond), t, latents).prev_sample
-    return [int(t) for t in timesteps]
+    return Denoised([int(t) for t in timesteps], x, kwargs, uncond, cond)
 
 
 def initial_noise(pipe, settings: CaptureSettings) -> torch.Tensor:
@@ -205,7 +218,8 @@ def capture(pipe, prompts: list[str], layers: dict[str, nn.Linear], settings: Ca
         for start in range(0, len(prompts), settings.batch_size):
             batch = prompts[start : start + settings.batch_size]
             recorder.batch = len(batch)
-            timesteps = denoise_first_calls(pipe, batch, settings, on_call=lambda i: setattr(recorder, "step", i))
+            timesteps = denoise_first_calls(pipe, batch, settings,
+                                            on_call=lambda i: setattr(recorder, "step", i)).timesteps
             stats.count += len(batch)
             bar.update(len(batch))
     return stats, timesteps
