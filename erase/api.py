@@ -126,14 +126,11 @@ def resolve_config(method: str, config=None, **overrides):
     if preset_method != method:
         raise EraseError(f"config is a preset for method {preset_method!r}, not {method!r}: "
                          f"pass --method {preset_method} or another config")
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(settings.get(key), dict):
-            value = _merge(settings[key], value)
-        settings[key] = value
-    return build_config(spec.config_class, settings)
+    return build_config(spec.config_class, _merge(settings, overrides))
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, merging nested maps (a preset's overrides survive --set overrides.x.r2=...)."""
     merged = dict(base)
     for key, value in extra.items():
         merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value

@@ -111,3 +111,13 @@ def test_no_margin_means_empty_mask():
 def test_capture_settings_are_validated():
     with pytest.raises(erase.EraseError, match="saliency_steps"):
         CaptureSettings(steps=5, saliency_steps=6).validate()
+
+
+def test_settings_merge_into_a_preset_without_dropping_its_overrides():
+    from erase.api import resolve_config
+
+    config = resolve_config("fia", "fia-style", r2=0.05, overrides={"church": {"r2": 0.04}})
+    assert config.r2 == 0.05 and config.alpha == 0.8
+    assert config.overrides == {"van gogh": {"r2": 0.03}, "church": {"r2": 0.04}}
+    with pytest.raises(erase.EraseError, match="preset for method 'fia'"):
+        resolve_config("uce", "fia-style")
