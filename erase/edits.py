@@ -36,8 +36,6 @@ class MaskEdit:
     values: the same names → the new values at the mask's True entries, in order (None: zeros).
     """
 
-    format = PATCH_FORMAT
-
     def __init__(self, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
         self.masks = masks
         self.values = values
