@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import check_positive_int
 from .errors import EraseError
+from .models import image_side
 
 
 @dataclass
@@ -201,7 +202,7 @@ def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_
 def initial_noise(pipe, settings: CaptureSettings) -> torch.Tensor:
     """One latent of noise from the seed, drawn on the CPU so that it is the same on every device."""
     unet = pipe.unet
-    side = (settings.resolution or unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    side = image_side(pipe, settings.resolution) // pipe.vae_scale_factor
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     noise = torch.randn((1, unet.config.in_channels, side, side), generator=generator)
     return noise.to(unet.device, unet.dtype)

@@ -67,6 +67,11 @@ def check_ratio(name: str, value: Any) -> None:
         raise EraseError(f"{name}={value!r} is out of range: it must lie in (0, 1], e.g. --set {name.split('.')[-1]}=0.05")
 
 
+def check_positive(name: str, value: Any, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise EraseError(f"{name}={value!r} is out of range: it must be a positive number, e.g. --set {name}={example}")
+
+
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise EraseError(f"{name}={value!r} is out of range: it must be a whole number ≥ 1")

@@ -46,6 +46,11 @@ def clip_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
+def image_side(pipe, resolution: int | None = None) -> int:
+    """The generated image's side in pixels: `resolution`, or the model's default."""
+    return resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype

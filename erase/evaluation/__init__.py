@@ -20,6 +20,7 @@ from ..config import build_config, check_positive_int, check_ratio
 from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
 from ..export import RECORD_NAME, read_patch
+from ..models import image_side
 from .judge import MINI, Judge
 from .report import Report
 
@@ -155,7 +156,7 @@ def _jobs(catalog: Catalog, erased: list[Concept], retained: list[Concept], conf
 
 def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, progress: bool):
     """(original images, erased images), in job order, from the same seeds."""
-    side = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = image_side(pipe, config.resolution)
     bar = tqdm(total=2 * len(jobs), desc="generating", unit="image", disable=not progress)
 
     def generate() -> list:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..capture import CaptureSettings, denoise_first_calls
-from ..config import check_positive_int
+from ..config import check_positive, check_positive_int
 from ..edits import MaskEdit
 from ..errors import EraseError
 from . import register
@@ -48,8 +48,7 @@ class ESDConfig:
             raise EraseError(f"train={self.train!r} is unknown: use one of {', '.join(TRAIN_SETS)}")
         for name in ("steps", "sample_steps"):
             check_positive_int(name, getattr(self, name))
-        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or self.lr <= 0:
-            raise EraseError(f"lr={self.lr!r} is out of range: it must be a positive number, e.g. --set lr=1e-5")
+        check_positive("lr", self.lr, "1e-5")
 
 
 def trainable(unet: nn.Module, train: str) -> dict[str, nn.Parameter]:

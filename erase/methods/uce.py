@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..capture import find_target_layers
+from ..config import check_positive
 from ..edits import MaskEdit
 from ..errors import EraseError
 from . import register
@@ -33,8 +34,7 @@ class UCEConfig:
     """Unused by the closed form; recorded for uniformity with the other methods."""
 
     def validate(self) -> None:
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or self.lam <= 0:
-            raise EraseError(f"lam={self.lam!r} is out of range: it must be a positive number, e.g. --set lam=0.5")
+        check_positive("lam", self.lam, "0.5")
         if not isinstance(self.preserve, list) or not all(isinstance(t, str) for t in self.preserve):
             raise EraseError("preserve must be a list of texts, e.g. --set 'preserve=[claude monet, a dog]'")
 
