@@ -32,6 +32,39 @@ def count(ratio: float, total: int) -> int:
     return max(1, int(ratio * total))
 
 
+def global_topk_masks(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """True at the top `fraction` of all entries of all tensors, ranked together (SalUn's one global ranking).
+
+    The threshold is found by bisection on counts, so the tensors are never concatenated (the whole SD UNet's
+    scores would need another 3.4 GB); ties at the threshold are all kept.
+    """
+    k = count(fraction, sum(s.numel() for s in scores.values()))
+    low = min(float(s.min()) for s in scores.values())
+    high = max(float(s.max()) for s in scores.values())
+    for _ in range(64):  # invariant: at least k entries are >= low; fewer than k are > high
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        if sum(int((s >= middle).sum()) for s in scores.values()) >= k:
+            low = middle
+        else:
+            high = middle
+    return {name: s >= low for name, s in scores.items()}
+
+
+def drop_and_regrow(mask: torch.Tensor, importance: torch.Tensor, fraction: float) -> torch.Tensor:
+    """RigL-style update at fixed density: the n = max(1, int(fraction · active)) active entries of least importance
+    leave the mask and as many inactive entries of most importance join it."""
+    n = min(count(fraction, int(mask.sum())), int((~mask).sum()))
+    if n == 0:
+        return mask
+    flat, score = mask.flatten().clone(), importance.flatten().float()
+    drop = torch.where(flat, score, torch.inf).topk(n, largest=False).indices
+    grow = torch.where(flat, -torch.inf, score).topk(n).indices
+    flat[drop], flat[grow] = False, True
+    return flat.view_as(mask)
+
+
 class Votes:
     """Streaming vote counts of per-concept masks: memory stays one counter tensor per layer, whatever C is."""
 

@@ -1,14 +1,77 @@
-"""Shared parts of the training-based methods (METHODS.md §3–4).
+"""Shared parts of the training-based methods (METHODS.md §3–4): settings, data, strict masking, the loop,
+checkpoints.
 
 Strict masking: a weight outside the trainable mask must not move at all. Masking the gradient is not enough —
 Adam's momentum from earlier steps and decoupled weight decay still move it (the reference dynamic-mask code
 has exactly this leak) — so the frozen entries are written back after every optimiser step.
+
+Reproducibility: every random draw of step s comes from a generator seeded with (seed, s) and the data is
+cached, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import conditioning
+from .config import check_positive, check_positive_int
+from .data import SampleSettings, model_key, sample_latents
+from .edits import MaskEdit
+from .errors import EraseError
+from .models import image_side
+
+PRECISIONS = ("no", "bf16", "fp16")
+RUN_CONTROL = ("checkpoint_dir", "checkpoint_every", "stop_after")  # how a run is split, not what it computes
+
+
+@dataclass
+class TrainingSettings:
+    """Settings shared by the training-based methods (each method's config adds its own)."""
+
+    steps: int = 200
+    """Optimiser steps (per concept for sequential methods)."""
+    lr: float = 1e-5
+    batch_size: int = 4
+    prompts_per_concept: int = 4
+    """Concept prompts (and their anchors) the training images are sampled from."""
+    images_per_prompt: int = 4
+    sample_steps: int = 25
+    """Sampling steps of the training images (cached on disk by model fingerprint and prompt)."""
+    sample_guidance: float = 7.5
+    resolution: int | None = None
+    """Image side in pixels; None uses the model's default."""
+    seed: int = 0
+    mixed_precision: str = "no"
+    """'no', 'bf16' or 'fp16' (fp16 needs a GPU): autocast through accelerate; the weights stay in their dtype."""
+    checkpoint_dir: str | None = None
+    """Where to keep a checkpoint of the run; an existing one for the same run is resumed. None: no checkpoints."""
+    checkpoint_every: int = 50
+    stop_after: int | None = None
+    """Stop after this many steps, leaving a checkpoint (split a long run over time-limited sessions)."""
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "prompts_per_concept", "images_per_prompt", "sample_steps",
+                     "checkpoint_every"):
+            check_positive_int(name, getattr(self, name))
+        check_positive("lr", self.lr, "1e-5")
+        if self.mixed_precision not in PRECISIONS:
+            raise EraseError(f"mixed_precision={self.mixed_precision!r} is unknown: use one of {', '.join(PRECISIONS)}")
+        if self.stop_after is not None:
+            check_positive_int("stop_after", self.stop_after)
+            if self.checkpoint_dir is None:
+                raise EraseError("stop_after needs a checkpoint_dir to resume from: set checkpoint_dir=PATH")
+
+
+class TrainingStopped(EraseError):
+    """Raised when a run stops at stop_after: the checkpoint holds everything needed to resume it."""
 
 
 class MaskedOptimizer:
@@ -38,3 +101,241 @@ class MaskedOptimizer:
         self.optimizer.step()
         for p, m in self.masks.items():
             p[~m] = self._frozen[p]
+
+
+@contextmanager
+def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]):
+    """The parameters hold `values` inside the block, their own values again after it: a frozen or teacher
+    model without a second UNet in memory."""
+    with torch.no_grad():
+        own = {n: p.detach().clone() for n, p in params.items()}
+        for n, p in params.items():
+            p.copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(own[n])
+
+
+def attn2_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:
+    """The cross-attention parameters (q, k, v, out): where the prompt enters the UNet."""
+    return {n: p for n, p in unet.named_parameters() if ".attn2." in n}
+
+
+@dataclass
+class Examples:
+    """Training images of some prompts: latents, the prompt each came from, and the prompts' conditioning."""
+
+    latents: torch.Tensor
+    prompt_index: torch.Tensor
+    conditioning: dict
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`size` random images: (latents, the index of the prompt of each)."""
+        pick = torch.randint(len(self.latents), (size,), generator=generator)
+        return self.latents[pick.to(self.latents.device)], self.prompt_index[pick]
+
+    def cond(self, prompt_index: torch.Tensor) -> dict:
+        return rows(self.conditioning, prompt_index)
+
+
+@dataclass
+class ForgetSet:
+    """The concepts' images (forget) and their anchors' images; anchor_of maps a forget prompt to its anchor's."""
+
+    forget: Examples
+    anchors: Examples
+    anchor_of: torch.Tensor
+
+    def anchor_cond(self, forget_index: torch.Tensor) -> dict:
+        return self.anchors.cond(self.anchor_of[forget_index])
+
+
+def rows(kwargs: dict, index: torch.Tensor) -> dict:
+    """The UNet keyword arguments of the given prompts (nested dicts, as SDXL's added_cond_kwargs)."""
+    return {k: rows(v, index) if isinstance(v, dict) else v[index.to(v.device)] for k, v in kwargs.items()}
+
+
+def encode(pipe, prompts: list[str], side: int) -> dict:
+    """The conditional half of conditioning(): one row of UNet keyword arguments per prompt."""
+    with torch.no_grad():
+        both = conditioning(pipe, prompts, side)
+    return rows(both, torch.arange(len(prompts), 2 * len(prompts)))
+
+
+class Trainer:
+    """One training run on a pipeline's UNet: its trainable parameters, data, noise, loop and checkpoints.
+
+    The UNet is trained in place and always restored afterwards (also on error or interruption); the result
+    is returned as an edit. Only one UNet is ever in memory: frozen/teacher predictions swap weights in.
+    """
+
+    def __init__(self, pipe, params: dict[str, nn.Parameter], settings: TrainingSettings, method: str,
+                 concepts: list, progress: bool = True) -> None:
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.unet, self.params, self.settings, self.progress = pipe, pipe.unet, params, settings, progress
+        self.accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=pipe.unet.device.type == "cpu")
+        if self.accelerator.num_processes > 1:
+            raise EraseError("multi-process training is not supported yet: launch one process per run")
+        self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.side = image_side(pipe, settings.resolution)
+        self.original = {n: p.detach().clone() for n, p in params.items()}
+        self.key = model_key(pipe)
+        run = {k: v for k, v in asdict(settings).items() if k not in RUN_CONTROL}
+        self.checkpoint = Checkpoint(settings.checkpoint_dir, {"method": method, "model": self.key, "settings": run,
+                                                               "concepts": [c.name for c in concepts]})
+        self.losses: list[dict] = []
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def examples(self, prompts: list[str], negative: list[str | None] | None = None) -> Examples:
+        """Training images of `prompts` sampled by the (unedited) model, cached; with their conditioning."""
+        s = self.settings
+        sampling = SampleSettings(s.images_per_prompt, s.sample_steps, s.sample_guidance, s.resolution, s.seed)
+        with torch.no_grad():
+            latents = sample_latents(self.pipe, list(zip(prompts, negative or [None] * len(prompts))), sampling,
+                                     self.key, self.progress)
+        index = torch.arange(len(prompts)).repeat_interleave(s.images_per_prompt)
+        return Examples(torch.cat(latents), index, encode(self.pipe, prompts, self.side))
+
+    def forget_set(self, concepts, catalog, negative_anchors: bool = False) -> ForgetSet:
+        """Images of the concepts' prompts and of their anchors (c.anchor, else the pair's base prompt).
+
+        negative_anchors: sample the anchors with the concept as negative prompt (superclass images that
+        avoid the concept, as the dynamic-mask method does).
+        """
+        n = self.settings.prompts_per_concept
+        pairs = [(p, (c.anchor or b, c.text if negative_anchors else None))
+                 for c in concepts for p, b in catalog.prompt_pairs(c, n)]
+        anchors = list(dict.fromkeys(a for _, a in pairs))
+        anchor_of = torch.tensor([anchors.index(a) for _, a in pairs])
+        return ForgetSet(self.examples([p for p, _ in pairs]),
+                         self.examples([a for a, _ in anchors], [neg for _, neg in anchors]), anchor_of)
+
+    def retain_examples(self, concepts, catalog) -> Examples:
+        """Images of what must survive: the concepts' rivals of their kind (the other classes) and their anchors;
+        the base prompts when a concept has neither."""
+        erased = {catalog.alternatives(c)[0] for c in concepts}
+        prompts = [a for c in concepts for a in catalog.alternatives(c)[1:] or
+                   [b for _, b in catalog.prompt_pairs(c, self.settings.prompts_per_concept)] if a not in erased]
+        return self.examples(list(dict.fromkeys(prompts)))
+
+    # -- one step's randomness and predictions ----------------------------------------------------------------
+    def generator(self, step: int, stream: int = 0) -> torch.Generator:
+        return torch.Generator("cpu").manual_seed((self.settings.seed * 1_000_003 + step) * 7 + stream)
+
+    def noised(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, target): t ~ U{0..T-1}, fresh noise, and what the UNet should predict (ε, or v for v-models)."""
+        n = len(latents)
+        t = torch.randint(self.noise_schedule.config.num_train_timesteps, (n,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        t = t.to(latents.device)
+        x_t = self.noise_schedule.add_noise(latents, noise, t)
+        if self.noise_schedule.config.prediction_type == "v_prediction":
+            return x_t, t, self.noise_schedule.get_velocity(latents, noise, t)
+        return x_t, t, noise
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.unet(x_t, t, **cond).sample.float()
+
+    def weights(self, values: dict[str, torch.Tensor]):
+        """The trained parameters hold `values` inside the block (a frozen or teacher model), their own after it."""
+        return swapped(self.params, values)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def training(self):
+        """Only the trained parameters require gradients inside the block; after it, the UNet is as it was."""
+        requires_grad = {n: p.requires_grad for n, p in self.unet.named_parameters()}
+        self.unet.requires_grad_(False)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.original[n])
+                    p.grad = None
+            for n, p in self.unet.named_parameters():
+                p.requires_grad_(requires_grad[n])
+
+    def loop(self, total: int, step: Callable[[int], dict], state: Callable[[], dict],
+             restore: Callable[[dict], None], desc: str) -> None:
+        """Run step(s) for s in [0, total), resuming from the checkpoint if there is one.
+
+        step returns the step's losses (floats); state()/restore() save and load what the method keeps between
+        steps besides the trained weights (optimiser, masks, accumulators).
+        """
+        start = 0
+        saved = self.checkpoint.load()
+        if saved is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved["params"][n])
+            restore(saved["state"])
+            self.losses, start = saved["losses"], saved["step"]
+        s = self.settings
+        for i in tqdm(range(start, total), desc=desc, unit="step", disable=not self.progress, initial=start,
+                      total=total):
+            self.losses.append({k: round(float(v.detach() if torch.is_tensor(v) else v), 6) for k, v in step(i).items()})
+            done = i + 1
+            stopping = s.stop_after is not None and done >= s.stop_after and done < total
+            if done < total and (done % s.checkpoint_every == 0 or stopping):
+                self.checkpoint.save({"step": done, "losses": self.losses, "state": state(),
+                                      "params": {n: p.detach().cpu() for n, p in self.params.items()}})
+            if stopping:
+                raise TrainingStopped(f"stopped after {done} of {total} steps as asked (stop_after): run the same "
+                                      f"command again to resume from {self.checkpoint.path}")
+
+    def edit(self) -> MaskEdit:
+        """The trained weights as an edit of the original ones (call inside training())."""
+        return MaskEdit.from_weights({n: p.detach().clone() for n, p in self.params.items()}, self.original)
+
+    def finish(self) -> None:
+        self.checkpoint.remove()
+
+
+class Checkpoint:
+    """One file per run: trained weights, method state, losses and step, written atomically.
+
+    It is our own file, loaded with torch.load(weights_only=True) (tensors and plain Python values only), and
+    carries the run's identity (method, settings, concepts, model fingerprint): resuming another run is refused.
+    """
+
+    def __init__(self, directory: str | None, identity: dict) -> None:
+        self.path = Path(directory) / "checkpoint.pt" if directory else None
+        self.identity = {k: str(v) for k, v in identity.items()}
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise EraseError(f"checkpoint {self.path} cannot be read ({type(exc).__name__}): delete it to start "
+                             "over") from None
+        if saved.get("identity") != self.identity:
+            changed = sorted(k for k in self.identity if saved.get("identity", {}).get(k) != self.identity[k])
+            raise EraseError(f"checkpoint {self.path} belongs to another run (different {', '.join(changed)}): "
+                             "use another checkpoint_dir or delete it")
+        return saved
+
+    def save(self, data: dict) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"identity": self.identity, **data}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from erase.masks import Votes, layer_topk_mask, pack_bits, row_topk_mask, unpack_bits
+from erase.masks import Votes, drop_and_regrow, global_topk_masks, layer_topk_mask, pack_bits, row_topk_mask, unpack_bits
 
 
 def votes_from(counts: list[int], concepts: int) -> Votes:
@@ -61,3 +61,22 @@ def test_pack_unpack_round_trip(shape):
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(unpack_bits(packed, shape), mask)
+
+
+def test_global_topk_ranks_all_tensors_together():
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(30, 7), "b": torch.rand(11) * 3, "c": torch.rand(4, 4, 3)}
+    masks = global_topk_masks(scores, 0.25)
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    k = int(0.25 * flat.numel())
+    expected = flat >= flat.topk(k).values[-1]
+    assert torch.equal(torch.cat([m.flatten() for m in masks.values()]), expected)
+    assert masks["b"].float().mean() > masks["a"].float().mean()  # the larger scores win wherever they are
+
+
+def test_drop_and_regrow_keeps_density_and_swaps_by_importance():
+    mask = torch.tensor([True, True, True, True, False, False, False, False])
+    importance = torch.tensor([5.0, 0.1, 4.0, 0.2, 9.0, 0.0, 8.0, 0.3])
+    new = drop_and_regrow(mask, importance, 0.5)
+    assert new.sum() == mask.sum()
+    assert new.tolist() == [True, False, True, False, True, False, True, False]

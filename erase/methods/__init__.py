@@ -36,4 +36,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import conceptprune, esd, fia, uce  # noqa: E402,F401  (registration)
+from . import conceptprune, dynamic, esd, fia, salun, uce  # noqa: E402,F401  (registration)

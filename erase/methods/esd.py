@@ -10,7 +10,6 @@ back in for the teacher passes, so only one UNet is in memory.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from ..capture import CaptureSettings, denoise_first_calls
 from ..config import check_positive, check_positive_int
 from ..edits import MaskEdit
 from ..errors import EraseError
+from ..training import swapped
 from . import register
 
 TRAIN_SETS = ("esd-x", "esd-u")
@@ -58,21 +58,6 @@ def trainable(unet: nn.Module, train: str) -> dict[str, nn.Parameter]:
     layers = (n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and ".attn2." not in n)
     names = {f"{n}.{kind}" for n in layers for kind in ("weight", "bias")}
     return {n: p for n, p in unet.named_parameters() if n in names}
-
-
-@contextmanager
-def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]):
-    """The parameters hold `values` inside the block (the frozen model), their own values again after it."""
-    with torch.no_grad():
-        own = {n: p.detach().clone() for n, p in params.items()}
-        for n, p in params.items():
-            p.copy_(values[n])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(own[n])
 
 
 @register("esd", ESDConfig, "fine-tune towards the frozen model's negatively guided prediction (ESD-x / ESD-u)")
