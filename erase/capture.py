@@ -174,10 +174,11 @@ class Denoised:
 
 
 @torch.no_grad()
-def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_call=None) -> Denoised:
+def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_call=None,
+                        kwargs: dict | None = None) -> Denoised:
     """Run the CFG denoising loop for `prompts` from one shared initial noise, stopping after T UNet calls.
 
-    on_call(i) runs before UNet call i.
+    on_call(i) runs before UNet call i. kwargs: the prompts' conditioning() when the caller has it already.
     """
     unet = pipe.unet
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # fresh state; the user's stays untouched
@@ -187,7 +188,7 @@ def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_
         raise EraseError(f"saliency_steps={settings.saliency_steps} exceeds the {len(scheduler.timesteps)} UNet calls "
                          f"of a {settings.steps}-step generation: lower saliency_steps or raise steps")
     noise = initial_noise(pipe, settings)
-    kwargs = conditioning(pipe, prompts, noise.shape[-1] * pipe.vae_scale_factor)
+    kwargs = kwargs or conditioning(pipe, prompts, noise.shape[-1] * pipe.vae_scale_factor)
     latents = noise.expand(len(prompts), -1, -1, -1) * scheduler.init_noise_sigma
     for i, t in enumerate(timesteps):
         if on_call is not None:

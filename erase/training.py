@@ -34,18 +34,11 @@ RUN_CONTROL = ("checkpoint_dir", "checkpoint_every", "stop_after")  # how a run 
 
 @dataclass
 class TrainingSettings:
-    """Settings shared by the training-based methods (each method's config adds its own)."""
+    """How a training run steps, and how it can be split, resumed and run in lower precision."""
 
     steps: int = 200
     """Optimiser steps (per concept for sequential methods)."""
     lr: float = 1e-5
-    batch_size: int = 4
-    prompts_per_concept: int = 4
-    """Concept prompts (and their anchors) the training images are sampled from."""
-    images_per_prompt: int = 4
-    sample_steps: int = 25
-    """Sampling steps of the training images (cached on disk by model fingerprint and prompt)."""
-    sample_guidance: float = 7.5
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     seed: int = 0
@@ -58,8 +51,7 @@ class TrainingSettings:
     """Stop after this many steps, leaving a checkpoint (split a long run over time-limited sessions)."""
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "prompts_per_concept", "images_per_prompt", "sample_steps",
-                     "checkpoint_every"):
+        for name in ("steps", "checkpoint_every"):
             check_positive_int(name, getattr(self, name))
         check_positive("lr", self.lr, "1e-5")
         if self.mixed_precision not in PRECISIONS:
@@ -68,6 +60,24 @@ class TrainingSettings:
             check_positive_int("stop_after", self.stop_after)
             if self.checkpoint_dir is None:
                 raise EraseError("stop_after needs a checkpoint_dir to resume from: set checkpoint_dir=PATH")
+
+
+@dataclass
+class DataSettings(TrainingSettings):
+    """Training on images the model samples itself (SalUn, dynamic masks)."""
+
+    batch_size: int = 4
+    prompts_per_concept: int = 4
+    """Concept prompts (and their anchors) the training images are sampled from."""
+    images_per_prompt: int = 4
+    sample_steps: int = 25
+    """Sampling steps of the training images (cached on disk by model fingerprint and prompt)."""
+    sample_guidance: float = 7.5
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("batch_size", "prompts_per_concept", "images_per_prompt", "sample_steps"):
+            check_positive_int(name, getattr(self, name))
 
 
 class TrainingStopped(EraseError):
@@ -172,7 +182,7 @@ class Trainer:
     is returned as an edit. Only one UNet is ever in memory: frozen/teacher predictions swap weights in.
     """
 
-    def __init__(self, pipe, params: dict[str, nn.Parameter], settings: TrainingSettings, method: str,
+    def __init__(self, pipe, params: dict[str, nn.Parameter], settings: TrainingSettings | DataSettings, method: str,
                  concepts: list, progress: bool = True) -> None:
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
@@ -285,7 +295,7 @@ class Trainer:
         s = self.settings
         for i in tqdm(range(start, total), desc=desc, unit="step", disable=not self.progress, initial=start,
                       total=total):
-            self.losses.append({k: round(float(v.detach() if torch.is_tensor(v) else v), 6) for k, v in step(i).items()})
+            self.losses.append({k: round(torch.as_tensor(v).detach().item(), 6) for k, v in step(i).items()})
             done = i + 1
             stopping = s.stop_after is not None and done >= s.stop_after and done < total
             if done < total and (done % s.checkpoint_every == 0 or stopping):

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 from ..config import check_ratio
 from ..masks import count, drop_and_regrow, layer_topk_mask
-from ..training import MaskedOptimizer, Trainer, TrainingSettings, attn2_parameters
+from ..training import DataSettings, MaskedOptimizer, Trainer, attn2_parameters
 from . import register
 
 
 @dataclass
-class DynamicMaskConfig(TrainingSettings):
+class DynamicMaskConfig(DataSettings):
     """Dynamic-mask settings; defaults as the published runs (10 epochs of 50 batches of 2, lr 3e-6)."""
 
     steps: int = 450

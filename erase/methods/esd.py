@@ -9,25 +9,22 @@ back in for the teacher passes, so only one UNet is in memory.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..capture import CaptureSettings, denoise_first_calls
-from ..config import check_positive, check_positive_int
-from ..edits import MaskEdit
+from ..capture import CaptureSettings, conditioning, denoise_first_calls
+from ..config import check_positive_int
 from ..errors import EraseError
-from ..training import swapped
+from ..training import Trainer, TrainingSettings, attn2_parameters
 from . import register
 
 TRAIN_SETS = ("esd-x", "esd-u")
 
 
 @dataclass
-class ESDConfig:
+class ESDConfig(TrainingSettings):
     """ESD settings (the paper's defaults; fewer steps make a quick, weaker erasure)."""
 
     train: str = "esd-x"
@@ -41,20 +38,18 @@ class ESDConfig:
     """CFG of the frozen model's sampling that produces x_t."""
     sample_steps: int = 50
     """Steps of that sampling; x_t is taken after a uniformly random number of them."""
-    seed: int = 0
 
     def validate(self) -> None:
+        super().validate()
         if self.train not in TRAIN_SETS:
             raise EraseError(f"train={self.train!r} is unknown: use one of {', '.join(TRAIN_SETS)}")
-        for name in ("steps", "sample_steps"):
-            check_positive_int(name, getattr(self, name))
-        check_positive("lr", self.lr, "1e-5")
+        check_positive_int("sample_steps", self.sample_steps)
 
 
 def trainable(unet: nn.Module, train: str) -> dict[str, nn.Parameter]:
     """The parameters a train set updates."""
     if train == "esd-x":
-        return {n: p for n, p in unet.named_parameters() if ".attn2." in n}
+        return attn2_parameters(unet)
     layers = (n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and ".attn2." not in n)
     names = {f"{n}.{kind}" for n in layers for kind in ("weight", "bias")}
     return {n: p for n, p in unet.named_parameters() if n in names}
@@ -62,40 +57,32 @@ def trainable(unet: nn.Module, train: str) -> dict[str, nn.Parameter]:
 
 @register("esd", ESDConfig, "fine-tune towards the frozen model's negatively guided prediction (ESD-x / ESD-u)")
 def run(pipe, concepts, catalog, config: ESDConfig, progress: bool = True):
-    started = time.perf_counter()
-    unet = pipe.unet
-    params = trainable(unet, config.train)
-    original = {n: p.detach().clone() for n, p in params.items()}
-    requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
-    unet.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
-    draw = torch.Generator("cpu").manual_seed(config.seed)
-    losses = []
-    try:
-        for step in tqdm(range(config.steps), desc="esd", unit="step", disable=not progress):
-            concept = concepts[step % len(concepts)]
-            calls = int(torch.randint(config.sample_steps, (1,), generator=draw)) + 1
+    trainer = Trainer(pipe, trainable(pipe.unet, config.train), config, "esd", concepts, progress)
+    with torch.no_grad():  # encoded once, not at every step
+        prompts = {c.name: conditioning(pipe, [c.text], trainer.side) for c in concepts}
+    with trainer.training():
+        optimizer = torch.optim.Adam(trainer.params.values(), lr=config.lr)
+
+        def step(i: int) -> dict:
+            concept = concepts[i % len(concepts)]
+            gen = trainer.generator(i)
+            calls = int(torch.randint(config.sample_steps, (1,), generator=gen)) + 1
             sampling = CaptureSettings(steps=config.sample_steps, saliency_steps=calls, batch_size=1,
-                                       guidance_scale=config.start_guidance, seed=config.seed + step)
-            with swapped(params, original):  # the frozen model samples x_t and predicts there
-                frozen = denoise_first_calls(pipe, [concept.text], sampling)
+                                       guidance_scale=config.start_guidance, resolution=config.resolution,
+                                       seed=int(torch.randint(2**31, (1,), generator=gen)))
+            with trainer.weights(trainer.original):  # the frozen model samples x_t and predicts there
+                frozen = denoise_first_calls(pipe, [concept.text], sampling, kwargs=prompts[concept.name])
             target = frozen.cond - config.negative_guidance * (frozen.cond - frozen.uncond)
-            t = frozen.timesteps[-1]
-            prediction = unet(frozen.model_input, t, **frozen.kwargs).sample.chunk(2)[1]
-            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+            t = torch.tensor(frozen.timesteps[-1], device=pipe.unet.device)
+            prediction = trainer.predict(frozen.model_input, t, frozen.kwargs).chunk(2)[1]
+            loss = torch.nn.functional.mse_loss(prediction, target.float())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            trainer.backward(loss)
             optimizer.step()
-            losses.append(round(loss.item(), 6))
-        trained = {n: p.detach().clone() for n, p in params.items()}
-    finally:  # erase() leaves the pipeline as it was, even when interrupted; the edit carries the new weights
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(original[n])
-        for n, p in unet.named_parameters():
-            p.requires_grad_(requires_grad[n])
-    record = {"training_curve": losses, "trained_parameters": len(params),
-              "timings": {"training_s": round(time.perf_counter() - started, 3)}}
-    return MaskEdit.from_weights(trained, original), record
+            return {"loss": loss}
+
+        trainer.loop(config.steps, step, state=lambda: {"optimizer": optimizer.state_dict()},
+                     restore=lambda s: optimizer.load_state_dict(s["optimizer"]), desc="esd")
+        edit = trainer.edit()
+    trainer.finish()
+    return edit, {"training_curve": trainer.losses, "trained_parameters": len(trainer.params)}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import check_ratio
 from ..errors import EraseError
 from ..masks import global_topk_masks
-from ..training import Examples, MaskedOptimizer, Trainer, TrainingSettings, attn2_parameters, encode, rows
+from ..training import DataSettings, Examples, MaskedOptimizer, Trainer, attn2_parameters, encode, rows
 from . import register
 from .esd import trainable as non_attn2_parameters
 
@@ -25,7 +25,7 @@ TRAIN_SETS = ("unet", "attn2")
 
 
 @dataclass
-class SalUnConfig(TrainingSettings):
+class SalUnConfig(DataSettings):
     """SalUn settings; the published runs: whole UNet, lr 1e-5, batch 8, 50% saliency, α 0.5 (classes)."""
 
     train: str = "unet"
