@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EraseError
+from .errors import EraseError, TrainingStopped
 
 EPILOG = """examples:
   erase-concepts --concepts "van gogh,nudity"                       # the embedded miniature model, offline
@@ -173,6 +173,9 @@ def quiet_libraries(quiet: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+STOPPED = 75  # EX_TEMPFAIL: run the same command again to continue
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"evaluate": (evaluate_parser, evaluate_run), "apply": (apply_parser, apply_run)}
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv[1:] if command is not run else argv)
     try:
         command(args)
+    except TrainingStopped as exc:  # asked for (stop_after): not an error, but nothing was written yet
+        print(f"erase-concepts: {exc}", file=sys.stderr)
+        return STOPPED
     except EraseError as exc:
         print(f"erase-concepts: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2

@@ -25,7 +25,7 @@ from .capture import conditioning
 from .config import check_positive, check_positive_int
 from .data import SampleSettings, model_key, sample_latents
 from .edits import MaskEdit
-from .errors import EraseError
+from .errors import EraseError, TrainingStopped
 from .models import image_side
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -78,10 +78,6 @@ class DataSettings(TrainingSettings):
         super().validate()
         for name in ("batch_size", "prompts_per_concept", "images_per_prompt", "sample_steps"):
             check_positive_int(name, getattr(self, name))
-
-
-class TrainingStopped(EraseError):
-    """Raised when a run stops at stop_after: the checkpoint holds everything needed to resume it."""
 
 
 class MaskedOptimizer:

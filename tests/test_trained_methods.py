@@ -107,3 +107,23 @@ def test_distillation_keeps_the_first_concept_where_it_was(mini, tmp_path):
     with_kd = drift_of_first_concept(mini, tmp_path / "kd", 1.0)
     without = drift_of_first_concept(mini, tmp_path / "no-kd", 0.0)
     assert with_kd < 0.8 * without, (with_kd, without)
+
+
+def test_cli_stops_resumes_and_exports_the_training_curve(tmp_path):
+    import json
+
+    from erase.cli import STOPPED, main
+
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    args = ["--concepts", "circle", "--method", "salun", "--out", str(out), "--quiet", "--no-single-file",
+            "--set", f"checkpoint_dir={ckpt}", "--set", "steps=4", "--set", "checkpoint_every=2",
+            *[x for k, v in QUICK.items() for x in ("--set", f"{k}={v}")]]
+    assert main([*args, "--set", "stop_after=2"]) == STOPPED
+    assert (ckpt / "checkpoint.pt").is_file() and not out.exists()
+    assert main(args) == 0
+    record = json.loads((out / "erase.json").read_text())
+    assert [list(step) for step in record["training_curve"]] == [["loss", "forget", "retain"]] * 4
+    assert (out / "patch.safetensors").is_file() and (out / "unet" / "config.json").is_file()
+    mini = erase.load_pipeline("mini")
+    patched = erase.apply_patch(mini, out / "patch.safetensors")  # the patch carries the trained values
+    assert patched.values and any(v.numel() for v in patched.values.values())
