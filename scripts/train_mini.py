@@ -3,11 +3,14 @@
 Two stages, each reproducible from --seed:
 
     python scripts/train_mini.py vae --seed 0 --out /tmp/mini            # AutoencoderKL, 32x32 RGB -> 8x8x4
-    python scripts/train_mini.py diffusion --seed 1 --out /tmp/mini      # UNet + CLIP text encoder, jointly
+    python scripts/train_mini.py diffusion --seed 1 --out /tmp/mini      # UNet, on the mini CLIP's frozen text tower
 
 The diffusion stage writes a genuine diffusers StableDiffusionPipeline to OUT/pipeline (also every
-DiffusionConfig.save_every steps, so gates can be checked while it trains). `compact` copies it to the shipped
-folder with float16 weights (they load back as float32); the CLIP judge comes from scripts/train_mini_clip.py:
+DiffusionConfig.save_every steps, so gates can be checked while it trains). As in Stable Diffusion, the text
+encoder is a CLIP text tower trained contrastively and then frozen (the mini CLIP's, from
+scripts/train_mini_clip.py, converted to a transformers CLIPTextModel): what a concept looks like must then be
+learnt by the UNet, not by a text encoder trained with it. `compact` copies the pipeline to the shipped folder
+with float16 weights (they load back as float32):
 
     python scripts/train_mini.py compact --out /tmp/mini --dest erase/assets/mini/pipeline
 """
@@ -46,9 +49,9 @@ class VAEConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The UNet and text encoder, trained jointly on the training split's captions."""
+    """The UNet, trained on the training split's captions encoded by the frozen mini CLIP text tower."""
 
-    steps: int = 2000
+    steps: int = 2500
     batch: int = 64
     lr: float = 8e-4
     warmup: int = 200
@@ -56,8 +59,6 @@ class DiffusionConfig:
     p_unsaid: float = 0.2  # per attribute: left out of the caption
     unet_channels: tuple[int, ...] = (64, 128)
     heads: int = 4
-    text_width: int = 64
-    text_layers: int = 2
     images: int = 12000
     save_every: int = 250  # checkpoints to check the gates on while it trains
 
@@ -71,16 +72,37 @@ def build_vae(cfg: VAEConfig):
                          layers_per_block=1, norm_num_groups=16, sample_size=world.IMAGE_SIZE)
 
 
-def build_text_encoder(cfg: DiffusionConfig):
+def text_encoder_from_clip(clip_dir: Path):
+    """The mini CLIP's text tower as a transformers CLIPTextModel (same weights, same outputs per token)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, max_position_embeddings=MAX_LENGTH,
-        projection_dim=cfg.text_width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    from erase.mini.clip import load_mini_clip
+
+    clip = load_mini_clip(path=clip_dir)[0]
+    width, heads = clip.token_embedding.weight.shape[1], clip.transformer.resblocks[0].attn.num_heads
+    model = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip.vocab_size, hidden_size=width, intermediate_size=clip.transformer.resblocks[0].mlp.c_fc.out_features,
+        num_hidden_layers=len(clip.transformer.resblocks), num_attention_heads=heads, hidden_act="gelu",
+        max_position_embeddings=clip.context_length, projection_dim=clip.text_projection.shape[1],
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    state = {"embeddings.token_embedding.weight": clip.token_embedding.weight,
+             "embeddings.position_embedding.weight": clip.positional_embedding,
+             "final_layer_norm.weight": clip.ln_final.weight, "final_layer_norm.bias": clip.ln_final.bias}
+    for i, block in enumerate(clip.transformer.resblocks):
+        layer = f"encoder.layers.{i}."
+        for name, tensor in zip("qkv", block.attn.in_proj_weight.chunk(3)):
+            state[layer + f"self_attn.{name}_proj.weight"] = tensor
+        for name, tensor in zip("qkv", block.attn.in_proj_bias.chunk(3)):
+            state[layer + f"self_attn.{name}_proj.bias"] = tensor
+        pairs = {"self_attn.out_proj": block.attn.out_proj, "layer_norm1": block.ln_1, "layer_norm2": block.ln_2,
+                 "mlp.fc1": block.mlp.c_fc, "mlp.fc2": block.mlp.c_proj}
+        for name, module in pairs.items():
+            state[layer + name + ".weight"], state[layer + name + ".bias"] = module.weight, module.bias
+    model.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+    return model.eval().requires_grad_(False)
 
 
-def build_unet(cfg: DiffusionConfig, sample_size: int):
+def build_unet(cfg: DiffusionConfig, sample_size: int, cross_attention_dim: int):
     """Cross-attention at every level and in the middle; GEGLU feed-forwards (7 `*.ff.net.2` linears)."""
     from diffusers import UNet2DConditionModel
 
@@ -88,7 +110,7 @@ def build_unet(cfg: DiffusionConfig, sample_size: int):
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=cfg.unet_channels,
         down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
-        mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=1, cross_attention_dim=cfg.text_width,
+        mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=1, cross_attention_dim=cross_attention_dim,
         attention_head_dim=cfg.heads, norm_num_groups=32)
 
 
@@ -152,15 +174,18 @@ def train_vae(seed: int, out: Path, cfg: VAEConfig) -> None:
 
 
 class Captions:
-    """Tokenized captions, cached: the world has only a few thousand distinct ones."""
+    """Encoded captions, cached: the text encoder is frozen and the world has only a few thousand distinct ones."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
 
+    @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        for t in set(texts) - self.cache.keys():
-            self.cache[t] = self.tokenizer(t, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                                           return_tensors="pt").input_ids[0]
+        new = sorted(set(texts) - self.cache.keys())
+        if new:
+            ids = self.tokenizer(new, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                                 return_tensors="pt").input_ids
+            self.cache.update(zip(new, self.text_encoder(ids)[0]))
         return torch.stack([self.cache[t] for t in texts])
 
 
@@ -176,7 +201,7 @@ def encode_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(means) * sf, torch.cat(stds) * sf
 
 
-def train_diffusion(seed: int, out: Path, cfg: DiffusionConfig) -> None:
+def train_diffusion(seed: int, out: Path, cfg: DiffusionConfig, clip_dir: Path) -> None:
     from diffusers import AutoencoderKL
 
     import erase
@@ -187,11 +212,12 @@ def train_diffusion(seed: int, out: Path, cfg: DiffusionConfig) -> None:
     vae = AutoencoderKL.from_pretrained(out / "vae")
     mean, std = encode_latents(vae, to_tensor(images))
     tokenizer = erase.clip_tokenizer(max_length=MAX_LENGTH)
-    captions = Captions(tokenizer)
-    text_encoder, unet = build_text_encoder(cfg), build_unet(cfg, sample_size=mean.shape[-1])
-    log(out, f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder "
-             f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M; config {asdict(cfg)}")
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder = text_encoder_from_clip(clip_dir)
+    captions = Captions(tokenizer, text_encoder)
+    unet = build_unet(cfg, sample_size=mean.shape[-1], cross_attention_dim=text_encoder.config.hidden_size)
+    log(out, f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, frozen text encoder from "
+             f"{clip_dir}; config {asdict(cfg)}")
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     ddpm = noise_schedule()
@@ -203,7 +229,7 @@ def train_diffusion(seed: int, out: Path, cfg: DiffusionConfig) -> None:
         z = mean[idx] + std[idx] * torch.randn_like(mean[idx])
         noise = torch.randn_like(z)
         t = torch.randint(0, ddpm.config.num_train_timesteps, (cfg.batch,))
-        cond = text_encoder(captions(texts))[0]
+        cond = captions(texts)
         pred = unet(ddpm.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -261,9 +287,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/mini"))
     parser.add_argument("--steps", type=int, help="override the stage's number of steps")
+    parser.add_argument("--clip", type=Path, default=Path(__file__).resolve().parent.parent / "erase/assets/mini/clip",
+                        help="the mini CLIP whose text tower conditions the UNet (diffusion stage)")
     parser.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent.parent / "erase/assets/mini/pipeline")
     parser.add_argument("--threads", type=int, default=1,
-                        help="1 is fastest on a shared 2-core machine: run the CLIP trainer beside it")
+                        help="1 is fastest on a shared 2-core machine: train the CLIP beside the VAE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +303,10 @@ def main() -> None:
         cfg.steps = args.steps
     log(args.out, f"== {args.stage} seed {args.seed}: {asdict(cfg)}")
     start = time.time()
-    (train_vae if args.stage == "vae" else train_diffusion)(args.seed, args.out, cfg)
+    if args.stage == "vae":
+        train_vae(args.seed, args.out, cfg)
+    else:
+        train_diffusion(args.seed, args.out, cfg, args.clip)
     record(args.out, args.stage, args.seed, time.time() - start)
 
 
