@@ -20,9 +20,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "Miniature world: erasure gate"
 CONFIGS = [  # (method, settings): the defaults first, then what was tried to make the mini model forget
     ("fia", {}),
-    ("fia", {"r2": 0.05}),
+    ("fia", {"r2": 0.1}),
+    ("fia", {"r2": 0.2, "target": "*attn2.to_out.0"}),
     ("fia", {"r2": 0.3, "target": "*attn2.to_[kv]"}),
+    ("conceptprune", {}),
     ("uce", {}),
+    ("esd", {"config": "esd-mini"}),
+    ("salun", {"config": "salun-mini"}),
+    ("dynamic", {"config": "dynamic-mini"}),
 ]
 
 
