@@ -43,7 +43,7 @@ class TrainingSettings:
     """Image side in pixels; None uses the model's default."""
     seed: int = 0
     mixed_precision: str = "no"
-    """'no', 'bf16' or 'fp16' (fp16 needs a GPU): autocast through accelerate; the weights stay in their dtype."""
+    """'no', 'bf16' or 'fp16': autocast through accelerate (fp16 is for GPUs); the weights stay in their dtype."""
     checkpoint_dir: str | None = None
     """Where to keep a checkpoint of the run; an existing one for the same run is resumed. None: no checkpoints."""
     checkpoint_every: int = 50
@@ -171,6 +171,17 @@ def encode(pipe, prompts: list[str], side: int) -> dict:
     return rows(both, torch.arange(len(prompts), 2 * len(prompts)))
 
 
+def accelerator(mixed_precision: str, cpu: bool):
+    """An Accelerator with this precision. Accelerate keeps one state per process and refuses a second precision;
+    a notebook that trains once in fp32 and then in bf16 is a normal use, so the state is reset for it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
 class Trainer:
     """One training run on a pipeline's UNet: its trainable parameters, data, noise, loop and checkpoints.
 
@@ -180,11 +191,10 @@ class Trainer:
 
     def __init__(self, pipe, params: dict[str, nn.Parameter], settings: TrainingSettings | DataSettings, method: str,
                  concepts: list, progress: bool = True) -> None:
-        from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
         self.pipe, self.unet, self.params, self.settings, self.progress = pipe, pipe.unet, params, settings, progress
-        self.accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=pipe.unet.device.type == "cpu")
+        self.accelerator = accelerator(settings.mixed_precision, cpu=pipe.unet.device.type == "cpu")
         if self.accelerator.num_processes > 1:
             raise EraseError("multi-process training is not supported yet: launch one process per run")
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)

@@ -127,3 +127,11 @@ def test_cli_stops_resumes_and_exports_the_training_curve(tmp_path):
     mini = erase.load_pipeline("mini")
     patched = erase.apply_patch(mini, out / "patch.safetensors")  # the patch carries the trained values
     assert patched.values and any(v.numel() for v in patched.values.values())
+
+
+def test_mixed_precision_can_change_between_runs_in_one_process(mini):
+    full = erase.erase(mini, "circle", method="salun", progress=False, train="attn2", steps=2, **QUICK)
+    bf16 = erase.erase(mini, "circle", method="salun", progress=False, train="attn2", steps=2, mixed_precision="bf16",
+                       **QUICK)
+    again = erase.erase(mini, "circle", method="salun", progress=False, train="attn2", steps=2, **QUICK)
+    assert same_edit(full, again) and not same_edit(full, bf16)  # bf16 autocast really ran
