@@ -1,0 +1,203 @@
+"""Every registered method on the miniature world: forget sets of 1, 3 and 6 concepts that mix kinds, fixed seeds.
+
+    HF_HUB_OFFLINE=1 python scripts/bench_methods.py            # the method table and plot (~25 min, 2 CPU cores)
+    HF_HUB_OFFLINE=1 python scripts/bench_methods.py scaling    # FIA wall time and peak memory, 1 to 100 concepts
+    HF_HUB_OFFLINE=1 python scripts/bench_methods.py sweep      # FIA r2 x alpha on the 3-concept set
+    python scripts/bench_methods.py plot                        # redraw the plot from docs/methods-mini.json
+
+Each run (method, forget set) is its own process, so its peak memory is its own. Sections of BENCHMARKS.md:
+"Miniature world: methods", "Miniature world: FIA scaling", "Miniature world: FIA r2/alpha sweep"; the plot is
+docs/methods-mini.png. Needs the `bench` extra (matplotlib) for the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parent.parent
+PLOT = ROOT / "docs" / "methods-mini.png"
+FORGET_SETS = {1: ["circle"], 3: ["circle", "red", "orlo"], 6: ["circle", "square", "red", "blue", "orlo", "pim"]}
+METHODS = {  # method → preset or settings used on the mini world (presets in configs/)
+    "fia": {},
+    "conceptprune": {},
+    "uce": {},
+    "esd": {"config": "esd-mini"},
+    "salun": {"config": "salun-mini"},
+    "dynamic": {"config": "dynamic-mini"},
+}
+EVAL = {"prompts_per_concept": 4, "seeds": [0], "steps": 25, "guidance_scale": 4.0}  # as the mini gates
+
+
+def one(method: str, concepts: list[str], settings: dict, evaluate: bool = True) -> dict:
+    """Erase (and evaluate) in this process; the numbers of one row."""
+    import torch
+
+    import erase
+
+    torch.set_num_threads(1)  # two runs share the 2 cores
+    pipe = erase.load_pipeline("mini")
+    started = time.perf_counter()
+    result = erase.erase(pipe, concepts, method=method, progress=False, **settings)
+    row = {"method": method, "concepts": concepts, "settings": settings, "seconds": time.perf_counter() - started,
+           "peak_memory_mb": result.record["peak_memory_mb"], "edited": result.record["totals"]["edited"]}
+    if evaluate:
+        report = erase.evaluate(pipe, result, progress=False, **EVAL)
+        m = report.metrics
+        row.update(summary=m["summary"], fidelity=m["fidelity"],
+                   original={"forget": _mean(v["original"] for v in m["forget"].values()),
+                             "retain": _mean(v["original"] for v in m["retain"].values()),
+                             "clip_score": m["fidelity"]["clip_score_original"]})
+    return row
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def in_subprocess(method: str, concepts: list[str], settings: dict, evaluate: bool = True) -> dict:
+    args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluate": evaluate})
+    with tempfile.TemporaryDirectory(prefix="erase-bench-") as cache:  # cold: sampling the data is part of the cost
+        out = subprocess.run([sys.executable, __file__, "one", args], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "ERASE_CACHE": cache})
+    if out.returncode != 0:
+        raise SystemExit(f"{method} on {concepts} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | forget set | forgetting acc ↓ | retain acc ↑ | overall ↑ | generality ↓ | CLIP score | "
+             "paired similarity | weights edited | wall time | peak memory |", "|---" * 11 + "|"]
+    firsts = {}
+    rows = sorted(rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
+    for r in rows:
+        s = r["summary"]
+        n = len(r["concepts"])
+        if n not in firsts:  # the unedited model, from the first run's original images (same prompts and seeds)
+            firsts[n] = r
+            o = r["original"]
+            lines.append(f"| unedited | {n} | {o['forget']:.2f} | {o['retain']:.2f} | – | – | {o['clip_score']:.2f} | "
+                         "1.000 | 0 | – | – |")
+        generality = "–" if s["generality"] is None else f"{s['generality']:.2f}"
+        lines.append(f"| {r['method']} | {n} | {s['forgetting_accuracy']:.2f} | {s['retain_accuracy']:.2f} | "
+                     f"{s['overall']:.2f} | {generality} | {s['clip_score_erased']:.2f} | {s['paired_similarity']:.3f} "
+                     f"| {r['edited']} | {r['seconds']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
+    settings = "; ".join(f"{m}: {s.get('config', 'defaults')}" for m, s in METHODS.items())
+    lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items()) + ". Retain: "
+              "the catalog's other concepts of the erased kinds (at most 10). Evaluation: mini CLIP judge, "
+              f"{EVAL['prompts_per_concept']} held-out prompts per concept, seed {EVAL['seeds'][0]}, {EVAL['steps']} steps "
+              f"DPM-Solver++, guidance {EVAL['guidance_scale']}; overall = harmonic mean of retain accuracy and "
+              f"1 − forgetting accuracy; generality (–) needs paraphrase templates, which the mini catalog does not "
+              f"define. Method settings: {settings} (presets in configs/). Wall time is erasure only "
+              "(capture or training, data sampling included), one thread, two runs at a time on a 2-core CPU; peak "
+              "memory is the run's process peak RSS.",
+              "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_methods.py`; plot: docs/methods-mini.png"]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict]) -> None:
+    """Forgetting vs retention per method and forget-set size; the rows are kept next to it to redraw it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOT.parent.mkdir(exist_ok=True)
+    PLOT.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    markers = {1: "o", 3: "s", 6: "^"}
+    for n, marker in markers.items():  # the unedited model first, hollow, so methods that match it stay visible
+        first = next(r for r in rows if len(r["concepts"]) == n)
+        ax.scatter(first["original"]["forget"], first["original"]["retain"], marker=marker, s=160, facecolors="none",
+                   edgecolors="black", label="unedited" if n == 1 else None)
+    for i, method in enumerate(METHODS):
+        for r in (r for r in rows if r["method"] == method):
+            n = len(r["concepts"])
+            ax.scatter(r["summary"]["forgetting_accuracy"], r["summary"]["retain_accuracy"], marker=markers[n],
+                       color=plt.cm.tab10(i), s=50, alpha=0.85, label=method if n == 1 else None)
+    ax.set_xlabel("forgetting accuracy (lower is better)")
+    ax.set_ylabel("retain accuracy (higher is better)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Miniature world: forget sets of 1 (o), 3 (s), 6 (^) concepts")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(PLOT)
+
+
+def scaling() -> str:
+    """FIA on 1, 10, 30, 100 concepts built from the world's attribute combinations."""
+    from erase.mini import world
+
+    variants = ([*world.SHAPES, *world.COLOURS, *world.ARTISTS] + [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
+                + [f"{s} by {a}" for s in world.SHAPES for a in world.ARTISTS]
+                + [f"{c} {a}" for c in world.COLOURS for a in world.ARTISTS])
+    lines = ["| concepts | wall time | per concept | peak memory |", "|---|---|---|---|"]
+    for n in (1, 10, 30, 100):
+        r = in_subprocess("fia", [f"object:{v}" for v in variants[:n]], {"prompts_per_concept": 6}, evaluate=False)
+        lines.append(f"| {n} | {r['seconds']:.1f} s | {r['seconds'] / n:.2f} s | {r['peak_memory_mb']:.0f} MB |")
+        print(lines[-1], flush=True)
+    lines += ["", "FIA defaults with 6 prompt pairs per concept; concepts are the world's shapes, colours, artists and "
+              "their pairings, all as kind `object`. Time grows linearly with the number of concepts (captures are "
+              "per concept; base prompts shared by a kind are captured once); memory stays flat (masks fuse by "
+              "streaming votes).", "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_methods.py scaling`"]
+    return "\n".join(lines)
+
+
+def sweep() -> str:
+    concepts = FORGET_SETS[3]
+    lines = ["| r2 | alpha | forgetting acc ↓ | retain acc ↑ | overall ↑ | paired similarity | weights edited |",
+             "|---|---|---|---|---|---|---|"]
+    for r2 in (0.003, 0.01, 0.03, 0.1):
+        for alpha in (0.4, 0.6, 0.8):
+            r = in_subprocess("fia", concepts, {"r2": r2, "alpha": alpha})
+            s = r["summary"]
+            lines.append(f"| {r2} | {alpha} | {s['forgetting_accuracy']:.2f} | {s['retain_accuracy']:.2f} | "
+                         f"{s['overall']:.2f} | {s['paired_similarity']:.3f} | {r['edited']} |")
+            print(lines[-1], flush=True)
+    lines += ["", f"FIA on the forget set {', '.join(concepts)}; defaults r2 0.01, alpha 0.6; evaluation as in the "
+              "methods table.", "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_methods.py sweep`"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", nargs="?", default="table", choices=["table", "plot", "scaling", "sweep", "one"])
+    parser.add_argument("job", nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from benchmarks_md import update_section
+
+    if args.part == "one":
+        job = json.loads(args.job)
+        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluate"])))
+    elif args.part == "plot":  # redraw from the rows the last table run kept
+        plot(json.loads(PLOT.with_suffix(".json").read_text()))
+    elif args.part == "scaling":
+        update_section("Miniature world: FIA scaling", scaling())
+    elif args.part == "sweep":
+        update_section("Miniature world: FIA r2/alpha sweep", sweep())
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        started = time.perf_counter()
+        jobs = [(method, concepts, settings) for concepts in FORGET_SETS.values() for method, settings in METHODS.items()]
+        with ThreadPoolExecutor(2) as pool:  # two single-threaded processes at a time
+            rows = list(pool.map(lambda job: in_subprocess(*job), jobs))
+        print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s", flush=True)
+        text = table(rows)
+        print(text)
+        update_section("Miniature world: methods", text)
+        plot(rows)
+
+
+if __name__ == "__main__":
+    main()
