@@ -73,7 +73,7 @@ def in_subprocess(method: str, concepts: list[str], settings: dict, evaluate: bo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], seconds: float) -> str:
     lines = ["| method | forget set | forgetting acc ↓ | retain acc ↑ | overall ↑ | generality ↓ | CLIP score | "
              "paired similarity | weights edited | wall time | peak memory |", "|---" * 11 + "|"]
     firsts = {}
@@ -99,6 +99,7 @@ def table(rows: list[dict]) -> str:
               f"define. Method settings: {settings} (presets in configs/). Wall time is erasure only "
               "(capture or training, data sampling included), one thread, two runs at a time on a 2-core CPU; peak "
               "memory is the run's process peak RSS.",
+              "", f"The whole table took {seconds:.0f} s ({seconds / 60:.0f} min).",
               "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_methods.py`; plot: docs/methods-mini.png"]
     return "\n".join(lines)
 
@@ -192,8 +193,7 @@ def main() -> None:
         jobs = [(method, concepts, settings) for concepts in FORGET_SETS.values() for method, settings in METHODS.items()]
         with ThreadPoolExecutor(2) as pool:  # two single-threaded processes at a time
             rows = list(pool.map(lambda job: in_subprocess(*job), jobs))
-        print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s", flush=True)
-        text = table(rows)
+        text = table(rows, time.perf_counter() - started)
         print(text)
         update_section("Miniature world: methods", text)
         plot(rows)
