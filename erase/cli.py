@@ -146,6 +146,10 @@ def run(args: argparse.Namespace) -> Path:
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
     result = erase(pipe, concepts, method=args.method, config=config, catalog=catalog, progress=not args.quiet)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # a data-parallel launch: all processes hold the same edit; one writes
+        return out
     result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
     print(result.summary())
     print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")

@@ -173,13 +173,16 @@ def encode(pipe, prompts: list[str], side: int) -> dict:
 
 def accelerator(mixed_precision: str, cpu: bool):
     """An Accelerator with this precision. Accelerate keeps one state per process and refuses a second precision;
-    a notebook that trains once in fp32 and then in bf16 is a normal use, so the state is reset for it."""
-    from accelerate import Accelerator
+    a notebook that trains once in fp32 and then in bf16 is a normal use, so the state is reset for it.
+    Launched as several processes (torchrun, accelerate launch), the UNet is trained data-parallel; trained
+    parameters that a step does not reach (SalUn's whole-UNet set) must not stall the gradient all-reduce."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 class Trainer:
@@ -195,8 +198,7 @@ class Trainer:
 
         self.pipe, self.unet, self.params, self.settings, self.progress = pipe, pipe.unet, params, settings, progress
         self.accelerator = accelerator(settings.mixed_precision, cpu=pipe.unet.device.type == "cpu")
-        if self.accelerator.num_processes > 1:
-            raise EraseError("multi-process training is not supported yet: launch one process per run")
+        self.model = self.unet  # the data-parallel wrapper inside training() when there are several processes
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         self.side = image_side(pipe, settings.resolution)
         self.original = {n: p.detach().clone() for n, p in params.items()}
@@ -211,9 +213,9 @@ class Trainer:
         """Training images of `prompts` sampled by the (unedited) model, cached; with their conditioning."""
         s = self.settings
         sampling = SampleSettings(s.images_per_prompt, s.sample_steps, s.sample_guidance, s.resolution, s.seed)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.main_process_first():  # the others then read the main's cache
             latents = sample_latents(self.pipe, list(zip(prompts, negative or [None] * len(prompts))), sampling,
-                                     self.key, self.progress)
+                                     self.key, self.progress and self.accelerator.is_main_process)
         index = torch.arange(len(prompts)).repeat_interleave(s.images_per_prompt)
         return Examples(torch.cat(latents), index, encode(self.pipe, prompts, self.side))
 
@@ -241,7 +243,9 @@ class Trainer:
 
     # -- one step's randomness and predictions ----------------------------------------------------------------
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
-        return torch.Generator("cpu").manual_seed((self.settings.seed * 1_000_003 + step) * 7 + stream)
+        """Step `step`'s draws; each process of a data-parallel run draws its own batch."""
+        seed = (self.settings.seed * 1_000_003 + step) * 7 + stream
+        return torch.Generator("cpu").manual_seed(seed + 104_729 * self.accelerator.process_index)
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, target): t ~ U{0..T-1}, fresh noise, and what the UNet should predict (ε, or v for v-models)."""
@@ -256,7 +260,7 @@ class Trainer:
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         with self.accelerator.autocast():
-            return self.unet(x_t, t, **cond).sample.float()
+            return self.model(x_t, t, **cond).sample.float()
 
     def weights(self, values: dict[str, torch.Tensor]):
         """The trained parameters hold `values` inside the block (a frozen or teacher model), their own after it."""
@@ -273,9 +277,12 @@ class Trainer:
         self.unet.requires_grad_(False)
         for p in self.params.values():
             p.requires_grad_(True)
+        if self.accelerator.num_processes > 1:  # wraps after requires_grad: DDP syncs exactly the trained set
+            self.model = self.accelerator.prepare_model(self.unet, device_placement=False)
         try:
             yield
         finally:
+            self.model = self.unet
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.copy_(self.original[n])
@@ -299,14 +306,17 @@ class Trainer:
             restore(saved["state"])
             self.losses, start = saved["losses"], saved["step"]
         s = self.settings
-        for i in tqdm(range(start, total), desc=desc, unit="step", disable=not self.progress, initial=start,
+        for i in tqdm(range(start, total), desc=desc, unit="step", initial=start,
+                      disable=not (self.progress and self.accelerator.is_main_process),
                       total=total):
             self.losses.append({k: round(torch.as_tensor(v).detach().item(), 6) for k, v in step(i).items()})
             done = i + 1
             stopping = s.stop_after is not None and done >= s.stop_after and done < total
             if done < total and (done % s.checkpoint_every == 0 or stopping):
-                self.checkpoint.save({"step": done, "losses": self.losses, "state": state(),
-                                      "params": {n: p.detach().cpu() for n, p in self.params.items()}})
+                if self.accelerator.is_main_process:  # every process holds the same weights after the all-reduce
+                    self.checkpoint.save({"step": done, "losses": self.losses, "state": state(),
+                                          "params": {n: p.detach().cpu() for n, p in self.params.items()}})
+                self.accelerator.wait_for_everyone()
             if stopping:
                 raise TrainingStopped(f"stopped after {done} of {total} steps as asked (stop_after): run the same "
                                       f"command again to resume from {self.checkpoint.path}")
@@ -316,7 +326,9 @@ class Trainer:
         return MaskEdit.from_weights({n: p.detach().clone() for n, p in self.params.items()}, self.original)
 
     def finish(self) -> None:
-        self.checkpoint.remove()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.checkpoint.remove()
 
 
 class Checkpoint:
