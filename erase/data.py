@@ -55,15 +55,16 @@ def sample_latents(pipe, prompts: list[tuple[str, str | None]], settings: Sample
         meta = {"prompt": prompt, "negative_prompt": negative or "", "side": side, **asdict(settings)}
         name = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
         path = cache_dir() / "latents" / key / f"{name}.safetensors"
-        if not path.is_file():
+        if path.is_file():
+            latents = load_file(path)["latents"]
+        else:
             generator = torch.Generator("cpu").manual_seed(settings.seed)
             latents = pipe(prompt, negative_prompt=negative, num_images_per_prompt=settings.count, height=side,
                            width=side, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                           generator=generator, output_type="latent").images
+                           generator=generator, output_type="latent").images.detach().float().cpu().contiguous()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp,
-                      metadata={k: str(v) for k, v in meta.items()})
+            save_file({"latents": latents}, tmp, metadata={k: str(v) for k, v in meta.items()})
             os.replace(tmp, path)  # a crash never leaves a half-written file under the cache name
-        out.append(load_file(path)["latents"].to(pipe.unet.device, pipe.unet.dtype))
+        out.append(latents.to(pipe.unet.device, pipe.unet.dtype))  # fresh or cached: the same float32 values
     return out
