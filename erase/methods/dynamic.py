@@ -137,12 +137,12 @@ def run(pipe, concepts, catalog, config: DynamicMaskConfig, progress: bool = Tru
         s_latents, s_index = data[k].anchors.batch(config.batch_size, gen)
         s_x, s_t, s_target = trainer.noised(s_latents, gen)
         s_cond = data[k].anchors.cond(s_index)
-        kd_batches = [(s_x, s_t, s_cond)]
-        for earlier in data[:k]:  # keep the concepts erased before this one erased
+        kd_batches = [(s_x, s_t, s_cond)] if config.kd_weight > 0 else []
+        for earlier in data[:k] if kd_batches else []:  # keep the concepts erased before this one erased
             e_latents, e_index = earlier.forget.batch(config.batch_size, gen)
             e_x, e_t, _ = trainer.noised(e_latents, gen)
             kd_batches.append((e_x, e_t, earlier.forget.cond(e_index)))
-        kd_targets = teacher_predictions(trainer, current.teacher, kd_batches) if config.kd_weight > 0 else []
+        kd_targets = teacher_predictions(trainer, current.teacher, kd_batches) if kd_batches else []
         with torch.no_grad():
             superclass = trainer.predict(x_t, t, data[k].anchor_cond(index))
         losses = {"forget": F.mse_loss(trainer.predict(x_t, t, data[k].forget.cond(index)), superclass),
