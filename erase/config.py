@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,20 @@ def read_yaml(ref: str | Path, package: str, option: str) -> dict:
             names = sorted(p.name[:-5] for p in shipped.iterdir() if p.name.endswith(".yaml"))
             raise EraseError(f"unknown {option} {ref!r}: pass a YAML file or one of {', '.join(names)}")
         text = shipped.joinpath(f"{ref}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
+    data = parse_yaml(text, f"{option} {ref}") or {}
     if not isinstance(data, dict):
         raise EraseError(f"{option} {ref} must be a YAML mapping")
     return data
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise EraseError(f"{where} is not valid YAML{at} ({getattr(exc, 'problem', None) or exc}): "
+                         "fix the syntax (quote values with brackets, colons or commas)") from None
 
 
 def read_preset(preset: str | Path) -> dict:
@@ -47,7 +60,7 @@ def parse_settings(pairs: list[str]) -> dict:
         node = settings
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_yaml(value, f"the value of {pair!r}")
     return settings
 
 
@@ -57,9 +70,56 @@ def build_config(cls: type, settings: dict) -> Any:
     unknown = sorted(set(settings) - set(fields))
     if unknown:
         raise EraseError(f"unknown setting {unknown[0]!r} for {cls.__name__}: valid settings are {', '.join(fields)}")
-    config = cls(**settings)
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in fields.values() if f.default is not dataclasses.MISSING}
+    checked = {name: checked_value(name, value, hints[name], defaults.get(name)) for name, value in settings.items()}
+    config = cls(**checked)
     config.validate()
     return config
+
+
+KINDS = {float: ("a finite number", 0.5), int: ("a whole number", 1), bool: ("true or false", "true"),
+         str: ("text", "text"), list: ("a list", "[0, 1]"), dict: ("a mapping", "{key: value}")}
+
+
+def checked_value(name: str, value: Any, hint: Any, example: Any = None) -> Any:
+    """`value` if it has the type its setting is annotated with, else one line naming the type and an example.
+
+    One check for every setting of every method: NaN and infinities are not numbers, True is not 1, and a
+    number YAML read as text (1e-5 has no dot) is read as a number.
+    """
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        return None if value is None else checked_value(name, value, args[0], example)
+    kind = typing.get_origin(hint) or hint
+    if kind not in KINDS:
+        return value
+    if kind is float and isinstance(value, str):
+        value = _number_or_text(value)
+    if not _has_kind(value, kind):
+        expected, fallback = KINDS[kind]
+        example = fallback if example is None or isinstance(example, (list, dict, bool)) else example
+        raise EraseError(f"{name}={value!r} is not {expected}: write e.g. {name}={example}")
+    if kind is list:
+        return [checked_value(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    if kind is dict:
+        return {key: checked_value(f"{name}.{key}", item, args[1]) for key, item in value.items()}
+    return value
+
+
+def _has_kind(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def check_ratio(name: str, value: Any) -> None:
