@@ -7,6 +7,7 @@ User syntax: ``kind:name`` picks the kind, ``name=>anchor`` sets the anchor; unk
 from __future__ import annotations
 
 import functools
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,15 @@ class Concept:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "anchor": self.anchor, "text": self.text}
+
+
+def concepts_from_record(records, where: str) -> list[Concept]:
+    """The concepts a saved run lists (erase.json, a patch header), refused with one line if they are not there."""
+    fields = set(Concept.__dataclass_fields__)
+    if not isinstance(records, list) or not all(isinstance(r, dict) and set(r) == fields for r in records):
+        raise EraseError(f"{where} does not list its concepts (each with {', '.join(sorted(fields))}): it is "
+                         "damaged or not written by erase; export the run again")
+    return [Concept(**r) for r in records]
 
 
 @dataclass
@@ -98,24 +108,66 @@ def _read_catalog(source: str) -> dict:
 def load_catalog(source: str = "catalog", extra: str | Path | None = None) -> Catalog:
     """A shipped catalog by name ('catalog', 'mini') or a YAML file; `extra` (a YAML file) adds kinds/concepts."""
     kinds, concepts, neutral = {}, {}, []
-    for data in [_read_catalog(str(source))] + ([_read_catalog(str(extra))] if extra is not None else []):
-        kinds.update({name: _kind(name, spec) for name, spec in (data.get("kinds") or {}).items()})
-        concepts.update(data.get("concepts") or {})
-        neutral += data.get("neutral") or []
+    for ref in [source] + ([extra] if extra is not None else []):
+        data = _read_catalog(str(ref))
+        kinds.update({name: _kind(name, spec, ref) for name, spec in _section(data, "kinds", dict, ref).items()})
+        concepts.update(_section(data, "concepts", dict, ref))
+        neutral += _section(data, "neutral", list, ref)
     return Catalog(name=str(source), kinds=kinds, concepts={k.lower(): v for k, v in concepts.items()},
                    neutral=tuple(neutral))
 
 
-def _kind(name: str, spec: dict) -> Kind:
+def _section(data: dict, key: str, kind: type, source) -> dict | list:
+    value = data.get(key) or kind()
+    if not isinstance(value, kind):
+        raise EraseError(f"catalog {source}: {key} must be a YAML {'mapping' if kind is dict else 'list'}: "
+                         "see prompts/catalog.yaml for the format")
+    return value
+
+
+TEMPLATE_LISTS = ("concept_templates", "base_templates", "eval_templates", "paraphrase_templates")
+
+
+def _kind(name: str, spec: dict, source) -> Kind:
+    """A kind of the catalog, refused when loaded if a template names a slot the kind does not fill."""
+    def malformed(problem: str) -> EraseError:
+        return EraseError(f"catalog {source}: kind {name!r} {problem}: see prompts/catalog.yaml for the format")
+
+    if not isinstance(spec, dict):
+        raise malformed("is not a mapping")
     try:
-        return Kind(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+        kind = Kind(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
     except TypeError as exc:
-        raise EraseError(f"catalog kind {name!r} is malformed ({exc}): see prompts/catalog.yaml for the format") from None
+        raise malformed(f"is malformed ({exc})") from None
+    if not kind.fillers or not kind.concept_templates or not kind.base_templates:
+        raise malformed("needs non-empty fillers, concept_templates and base_templates")
+    if bool(kind.eval_fillers) != bool(kind.eval_templates):
+        raise malformed("must give eval_templates and eval_fillers together")
+    slots = {"concept", kind.slot}
+    fillable = [(t, slots) for key in TEMPLATE_LISTS for t in getattr(kind, key)] + [(kind.class_template, {"concept"})]
+    for template, allowed in fillable:
+        unknown = sorted(_slots(template, malformed) - allowed)
+        if unknown:
+            filled = " and ".join(f"{{{slot}}}" for slot in sorted(allowed))
+            raise malformed(f"has template {template!r} with slot {{{unknown[0]}}}, but only {filled} are filled")
+    return kind
+
+
+def _slots(template, malformed) -> set[str]:
+    if not isinstance(template, str):
+        raise malformed(f"has template {template!r}, which is not text")
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as exc:
+        raise malformed(f"has template {template!r} that cannot be filled ({exc})") from None
 
 
 def parse_concepts(spec: str | list, catalog: Catalog) -> list[Concept]:
     """Parse "kind:name=>anchor, ..." (or a list of such strings / Concept objects) into concepts."""
-    items = [s for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    items = [s for s in spec.split(",")] if isinstance(spec, str) else spec
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, (str, Concept)) for item in items):
+        raise EraseError(f"concepts must be a list of concept names or one comma-separated string, not {spec!r}: "
+                         "pass e.g. ['van gogh', 'nudity']")
     concepts = [item if isinstance(item, Concept) else _parse_one(item, catalog) for item in items]
     if not concepts or any(not c.name for c in concepts):
         raise EraseError("empty concept in the list: pass names separated by commas, e.g. --concepts \"van gogh,nudity\"")
@@ -128,6 +180,18 @@ def parse_concepts(spec: str | list, catalog: Catalog) -> list[Concept]:
             raise EraseError(f"concept {concept.name!r} has kind {concept.kind!r}, which catalog {catalog.name!r} does "
                              f"not define: use one of {', '.join(catalog.kinds)} or add the kind with --catalog")
     return concepts
+
+
+def check_prompts_fit(tokenizer, concepts: list[Concept], catalog: Catalog) -> None:
+    """Refuse a concept whose prompts the text encoder would cut short (its tokenizer only warns)."""
+    limit = tokenizer.model_max_length
+    for concept in concepts:
+        prompts = [p for pair in catalog.prompt_pairs(concept) for p in pair] + catalog.eval_prompts(concept)
+        prompts += catalog.eval_prompts(concept, paraphrase=True) + [concept.anchor]
+        longest = max(len(ids) for ids in tokenizer(prompts, verbose=False).input_ids)
+        if longest > limit:
+            raise EraseError(f"concept {concept.name!r} is too long for this model: its prompts reach {longest} tokens "
+                             f"and the text encoder reads {limit} (start and end included): shorten the name")
 
 
 def _parse_one(item: str, catalog: Catalog) -> Concept:

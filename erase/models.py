@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -47,8 +48,28 @@ def clip_tokenizer(max_length: int = 77):
 
 
 def image_side(pipe, resolution: int | None = None) -> int:
-    """The generated image's side in pixels: `resolution`, or the model's default."""
-    return resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The generated image's side in pixels: `resolution`, or the model's default. A side the VAE cannot decode,
+    or one whose image cannot fit in the device's memory (the killer would end the run), is refused."""
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = resolution or default
+    if side % pipe.vae_scale_factor:
+        raise EraseError(f"resolution={side} is not a multiple of {pipe.vae_scale_factor}, the VAE's scale factor: "
+                         f"pass a multiple, e.g. resolution={default}")
+    # A lower bound: one activation of the UNet's first block, for one image without guidance.
+    need = pipe.unet.config.block_out_channels[0] * (side // pipe.vae_scale_factor) ** 2 * pipe.unet.dtype.itemsize
+    memory = device_memory(pipe.unet.device)
+    if need > memory:
+        raise EraseError(f"resolution={side} needs more than {need / 2**30:.0f} GB for one image and the "
+                         f"{pipe.unet.device.type} has {memory / 2**30:.0f} GB: lower it (the model's default is {default})")
+    return side
+
+
+def device_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return float("inf")  # mps: shares the system memory, which torch does not report
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -60,12 +81,87 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def check_device(device: str, dtype: torch.dtype | None) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise EraseError(f"unknown device {device!r}: pass cpu, cuda, cuda:1 or mps") from None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise EraseError(f"device {device!r} cannot run a model: pass cpu, cuda, cuda:1 or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise EraseError(f"device {device!r} is not available on this machine: pass --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise EraseError(f"device {device!r} is not available: this machine has {torch.cuda.device_count()} GPU(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
         raise EraseError("device 'mps' is not available on this machine: pass --device cpu")
-    if device == "cpu" and dtype == torch.float16:
+    if kind == "cpu" and dtype == torch.float16:
         raise EraseError("float16 is not supported for inference on the CPU: pass --dtype float32 or bfloat16")
+
+
+PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def check_model(model: str | Path, config: str | Path | None = None) -> str:
+    """What `model` names ('mini', 'file', 'folder' or 'hub'), after refusing, from the paths alone and without
+    importing diffusers, a model that cannot be loaded."""
+    ref = str(model)
+    path = Path(ref).expanduser()
+    if ref == "mini":
+        if not (MINI_PIPELINE_DIR / "model_index.json").is_file():
+            raise EraseError(f"the miniature model is not installed at {MINI_PIPELINE_DIR}: "
+                             "reinstall erase, or build it with scripts/train_mini.py")
+        return "mini"
+    if path.suffix in (".safetensors", *PICKLES) or path.is_file():
+        if not path.is_file():
+            raise EraseError(f"checkpoint {path} does not exist: check the path")
+        if path.suffix != ".safetensors":
+            raise EraseError(f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run "
+                             "code); convert it to safetensors first")
+        if config is not None:
+            _pipeline_index(Path(config).expanduser(), "--model-config")
+        return "file"
+    if path.is_dir():
+        _check_pipeline_folder(path)
+        return "folder"
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise EraseError(f"model {ref!r} does not exist: pass 'mini', a local diffusers folder, "
+                         "a .safetensors file, or a hub id such as 'runwayml/stable-diffusion-v1-5'")
+    return "hub"
+
+
+def _pipeline_index(folder: Path, option: str) -> dict:
+    """model_index.json of a diffusers pipeline folder."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise EraseError(f"{option} {folder} is not a diffusers pipeline folder (no model_index.json): pass a Stable "
+                         "Diffusion folder saved with save_pretrained" + (", or a .safetensors file" if option == "--model" else ""))
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EraseError(f"{index} is not valid JSON ({exc}): save the pipeline again with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise EraseError(f"{index} is not a JSON object: save the pipeline again with save_pretrained")
+    return data
+
+
+def _check_pipeline_folder(folder: Path) -> None:
+    """Every component model_index.json names is there, and every model among them has safetensors weights."""
+    for name, spec in _pipeline_index(folder, "--model").items():
+        if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
+            continue
+        component = folder / name
+        if not component.is_dir():
+            raise EraseError(f"{folder} lacks the {name}/ folder that its model_index.json lists: save the whole "
+                             "pipeline with save_pretrained, or copy the missing folder in")
+        if not (component / "config.json").is_file():
+            continue  # a scheduler or tokenizer: configuration only
+        suffixes = {f.suffix for f in component.iterdir()}
+        if ".safetensors" not in suffixes and suffixes & set(PICKLES):
+            raise EraseError(f"{component} holds its weights only as a pickle ({', '.join(sorted(suffixes & set(PICKLES)))}), "
+                             "which erase does not load because unpickling can run code: convert it with "
+                             "save_pretrained(..., safe_serialization=True)")
+        if ".safetensors" not in suffixes:
+            raise EraseError(f"{component} has no weights (no .safetensors file): save the whole pipeline with "
+                             "save_pretrained, or copy its weights in")
 
 
 def load_pipeline(model: str | Path = "mini", device: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -76,31 +172,25 @@ def load_pipeline(model: str | Path = "mini", device: str = "cpu", dtype: str | 
     folder, or a single-file ``.safetensors`` checkpoint (configured from ``config``, a local diffusers folder,
     or from the configs shipped with erase when the architecture is recognised).
     """
-    from diffusers import DiffusionPipeline
-
     torch_dtype = resolve_dtype(dtype)
     check_device(device, torch_dtype)
+    source = check_model(model, config)  # before diffusers is imported: a bad path is refused at once
+    from diffusers import DiffusionPipeline
+
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     ref = str(model)
-    path = Path(ref).expanduser()
-    if ref == "mini":
-        if not (MINI_PIPELINE_DIR / "model_index.json").is_file():
-            raise EraseError(f"the miniature model is not installed at {MINI_PIPELINE_DIR}: "
-                             "reinstall erase, or build it with scripts/train_mini.py")
-        pipe = DiffusionPipeline.from_pretrained(MINI_PIPELINE_DIR, **kwargs)
-    elif path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or path.is_file():
-        pipe = _load_single_file(path, config, kwargs)
-    elif path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise EraseError(f"{path} is not a diffusers pipeline folder (no model_index.json): "
-                             "pass a Stable Diffusion folder saved with save_pretrained, or a .safetensors file")
-        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise EraseError(f"model {ref!r} does not exist: pass 'mini', a local diffusers folder, "
-                         "a .safetensors file, or a hub id such as 'runwayml/stable-diffusion-v1-5'")
-    else:
+    if source == "hub":
         pipe = _load_from_hub_cache(ref, kwargs)
-    _check_stable_diffusion(pipe, ref)
+    elif source == "file":
+        pipe = _load_single_file(Path(ref).expanduser(), config, kwargs)
+    else:
+        folder = MINI_PIPELINE_DIR if source == "mini" else Path(ref).expanduser()
+        try:
+            pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
+        except (OSError, ValueError, TypeError) as exc:
+            raise EraseError(f"{folder} could not be loaded as a diffusers pipeline ({exc}): save it again with "
+                             "save_pretrained") from exc
+    check_pipeline(pipe, ref)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -119,37 +209,38 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise EraseError(f"checkpoint {path} does not exist: check the path")
-    if path.suffix != ".safetensors":
-        raise EraseError(f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run "
-                         "code); convert it to safetensors first")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except (SafetensorError, OSError) as exc:
         raise EraseError(f"{path} is not a readable safetensors file ({exc}): the file is corrupt or truncated, "
                          "download or export it again") from exc
-    config_dir = Path(config) if config else _shipped_config_for(keys, path)
-    if not (config_dir / "model_index.json").is_file():
-        raise EraseError(f"config {config_dir} is not a diffusers pipeline folder (no model_index.json)")
-    index = json.loads((config_dir / "model_index.json").read_text())
+    config_dir = Path(config).expanduser() if config else _shipped_config_for(keys, path)
+    index = _pipeline_index(config_dir, "--model-config")
     cls = StableDiffusionXLPipeline if index.get("_class_name") == "StableDiffusionXLPipeline" else StableDiffusionPipeline
-    extra = {"tokenizer": clip_tokenizer()}
+    extra = {"tokenizer": clip_tokenizer(_text_length(config_dir / "text_encoder"))}
     if cls is StableDiffusionXLPipeline:
-        extra["tokenizer_2"] = clip_tokenizer()
+        extra["tokenizer_2"] = clip_tokenizer(_text_length(config_dir / "text_encoder_2"))
     try:
         return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, **extra, **kwargs)
     except Exception as exc:
         raise EraseError(f"{path.name} could not be loaded as a Stable Diffusion checkpoint ({exc}); "
-                         "pass --config with the diffusers folder of its base model") from exc
+                         "pass --model-config with the diffusers folder of its base model") from exc
+
+
+def _text_length(text_encoder: Path) -> int:
+    """The prompt length (tokens) the text encoder's position embeddings allow: the tokenizer must not exceed it."""
+    try:
+        return int(json.loads((text_encoder / "config.json").read_text()).get("max_position_embeddings", 77))
+    except (OSError, ValueError):
+        return 77  # no readable config: diffusers refuses the folder with its own message
 
 
 def _shipped_config_for(keys: list[str], path: Path) -> Path:
     """Pick the shipped config of the SD architecture whose characteristic keys the checkpoint has."""
     keyset = set(keys)
     if any(k.startswith("conditioner.embedders.") for k in keyset):
-        raise EraseError(f"{path.name} is an SDXL checkpoint and erase ships no SDXL config yet: pass --config with "
+        raise EraseError(f"{path.name} is an SDXL checkpoint and erase ships no SDXL config yet: pass --model-config with "
                          "the diffusers folder of its base model")
     if any(k.startswith("cond_stage_model.model.") for k in keyset):
         name = "sd2"  # the 768-v model; an SD2 base (512, epsilon) checkpoint needs --config
@@ -157,13 +248,16 @@ def _shipped_config_for(keys: list[str], path: Path) -> Path:
         name = "sd15"
     else:
         raise EraseError(f"{path.name} is not a recognised Stable Diffusion checkpoint (no SD1.x, SD2.x or SDXL "
-                         "keys): pass --config with the diffusers folder of its base model")
+                         "keys): pass --model-config with the diffusers folder of its base model")
     return SINGLE_FILE_CONFIGS / name
 
 
-def _check_stable_diffusion(pipe, ref: str) -> None:
+def check_pipeline(pipe, what: str) -> None:
+    """Refuse anything but a diffusers Stable Diffusion (1.x, 2.x, XL) pipeline: a UNet2DConditionModel with a
+    text encoder."""
     from diffusers import UNet2DConditionModel
 
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) or getattr(pipe, "text_encoder", None) is None:
-        raise EraseError(f"{ref} is not a Stable Diffusion model (erase needs a UNet2DConditionModel with a text "
-                         "encoder): pass an SD1.x, SD2.x or SDXL pipeline")
+        raise EraseError(f"{what} is not a Stable Diffusion model (erase needs a UNet2DConditionModel with a text "
+                         "encoder): pass a diffusers StableDiffusion or StableDiffusionXL pipeline, e.g. from "
+                         "erase.load_pipeline")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from ..errors import EraseError
@@ -24,17 +27,31 @@ class Judge:
             from ..mini.clip import load_mini_clip
 
             return cls(*load_mini_clip(device=device), name=MINI, pretrained="erase mini world")
+        cls.check(name, pretrained)
         import open_clip
 
-        if name not in open_clip.list_models():
-            raise EraseError(f"unknown CLIP model {name!r}: use 'mini' or one of open_clip's "
-                             f"{', '.join(open_clip.list_models())}")
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
         except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors for missing weights
             raise EraseError(f"CLIP {name} / {pretrained} could not be loaded ({exc}): put its weights in the local "
                              "cache, pass a local checkpoint file as pretrained, or use clip='mini'") from exc
         return cls(model, preprocess, open_clip.get_tokenizer(name), name=name, pretrained=pretrained)
+
+    @staticmethod
+    def check(name: str, pretrained: str | None) -> None:
+        """Refuse an architecture open_clip lacks, or a local checkpoint that is not there, without importing
+        open_clip (which takes seconds): from its shipped architecture configs."""
+        if name == MINI or name.startswith(("hf-hub:", "local-dir:")):
+            return
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None:
+            raise EraseError("open_clip is not installed: pip install open_clip_torch, or use clip='mini'")
+        names = sorted(p.stem for p in (Path(spec.submodule_search_locations[0]) / "model_configs").glob("*.json"))
+        if name not in names:
+            raise EraseError(f"unknown CLIP model {name!r}: use 'mini' or one of open_clip's {', '.join(names)}")
+        if pretrained and (Path(pretrained).suffix or "/" in pretrained) and not Path(pretrained).expanduser().is_file():
+            raise EraseError(f"CLIP checkpoint {pretrained} does not exist: pass a local checkpoint file, "
+                             "or a pretrained tag such as openai with its weights in the local cache")
 
     def describe(self) -> dict:
         return {"model": self.name, "pretrained": self.pretrained}
