@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .concepts import Catalog, Concept, load_catalog, parse_concepts
+from .concepts import Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog, parse_concepts
 from .config import as_dict, build_config, read_preset
 from .edits import MaskEdit, fingerprint
 from .errors import EraseError
-from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, read_patch, save_patch,
-                     write_json)
+from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, nbytes, read_patch,
+                     save_patch, write_json)
 from .methods import get_method
-from .models import MINI_PIPELINE_DIR
+from .models import MINI_PIPELINE_DIR, check_pipeline, image_side
 from .single_file import save_single_file, unsupported
 
 
@@ -75,14 +75,16 @@ class EraseResult:
             raise EraseError(unsupported(self.pipe))
         started = time.perf_counter()
         record = dict(self.record)
-        with atomic_dir(out) as tmp:
+        single = single_file is not False and not unsupported(self.pipe)
+        components = nbytes(self.pipe.unet, self.pipe.vae, self.pipe.text_encoder) // (1 + half) if single else 0
+        with atomic_dir(out, overwrite, size=nbytes(self.pipe.unet) + components) as tmp:
             with self.applied() as pipe:
                 pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
                 record["erased_fingerprint"] = fingerprint(pipe.unet)
                 header = {key: record[key] for key in ("base_fingerprint", "erased_fingerprint")}
                 header.update(method=self.method, concepts=[c.as_dict() for c in self.concepts],
                               erase_version=record["versions"]["erase"])
-                if single_file is not False and not unsupported(pipe):
+                if single:
                     record["single_file"] = {"name": f"{out.name}.safetensors", "dtype": "float16" if half else "native"}
                     save_single_file(pipe, tmp / record["single_file"]["name"], header, half=half)
                 else:
@@ -99,8 +101,9 @@ def result_from_patch(pipe, patch: str | Path) -> EraseResult:
     """The result a saved patch stands for on `pipe` (its base), ready to save() as a full erased checkpoint."""
     edit, metadata = read_patch(patch)
     base = check_patch_base(pipe, patch, metadata)
-    concepts = [Concept(**c) for c in json.loads(metadata.get("concepts", "[]"))]
+    concepts = concepts_from_record(json.loads(metadata.get("concepts", "[]")), f"the header of {patch}")
     record = {"erase_version": versions()["erase"], "applied_patch": str(patch), "base_fingerprint": base,
+              "catalog": default_catalog(pipe),
               "method": metadata.get("method"), "concepts": [c.as_dict() for c in concepts],
               "patch_erase_version": metadata.get("erase_version"), "layers": edit.stats(), "timings": {},
               "versions": versions()}
@@ -120,8 +123,11 @@ def resolve_config(method: str, config=None, **overrides):
         settings = as_dict(config)
     elif config is None or isinstance(config, dict):
         settings = dict(config or {})
-    else:
+    elif isinstance(config, (str, Path)):
         settings = read_preset(config)
+    else:
+        raise EraseError(f"config must be a preset name, a YAML path, a dict or a {spec.config_class.__name__}, "
+                         f"not {type(config).__name__}: e.g. config='fia-style' or config={{'r2': 0.02}}")
     preset_method = settings.pop("method", method)
     if preset_method != method:
         raise EraseError(f"config is a preset for method {preset_method!r}, not {method!r}: "
@@ -144,11 +150,14 @@ def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catal
     concepts: "van gogh,nudity", or a list of names ("kind:name", "name=>anchor") or Concept objects.
     config: a preset name or YAML path, a dict or a config dataclass; keyword overrides win (e.g. r2=0.02).
     """
+    check_pipeline(pipe, f"the pipeline given ({type(pipe).__name__})")
     spec = get_method(method)
     cfg = resolve_config(method, config, **overrides)
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog or default_catalog(pipe))
     concept_list = parse_concepts(concepts, catalog)
+    check_prompts_fit(pipe.tokenizer, concept_list, catalog)
+    image_side(pipe, getattr(cfg, "resolution", None))  # refused now rather than after a minute of work
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

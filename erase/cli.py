@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
+from . import export
 from .errors import EraseError, TrainingStopped
 
 EPILOG = """examples:
@@ -92,24 +95,43 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
 
 def apply_run(args: argparse.Namespace) -> None:
     from .api import result_from_patch
-    from .export import check_output_dir, read_patch
-    from .models import load_pipeline
+    from .export import check_output_dir, read_patch, reserved
 
-    quiet_libraries(args.quiet)
-    out = check_output_dir(args.out, args.overwrite)
     read_patch(args.patch)  # a corrupt patch fails before the model loads
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
-    result_from_patch(pipe, args.patch).save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
+    check_model_options(args)
+    out = check_output_dir(args.out, args.overwrite)
+    with reserved(out, args.overwrite):
+        pipe = load_model(args)
+        result_from_patch(pipe, args.patch).save(out, overwrite=args.overwrite, single_file=args.single_file,
+                                                 half=args.half)
     print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
 
 
-def run_evaluation(args: argparse.Namespace, pipe, erased, out: Path) -> None:
-    from .config import parse_settings
+def check_eval_options(args: argparse.Namespace, catalog) -> dict:
+    """The evaluation's settings, with the judge and the retain list, refused before any model loads."""
+    from .concepts import parse_concepts
+    from .config import build_config, parse_settings
+    from .evaluation import EvalSettings
+    from .evaluation.judge import Judge
+
+    settings = parse_settings(args.eval_settings)
+    build_config(EvalSettings, settings)
+    if args.clip:
+        Judge.check(args.clip, args.clip_pretrained)
+    if retain_list(args):
+        parse_concepts(retain_list(args), catalog)
+    return settings
+
+
+def retain_list(args: argparse.Namespace) -> list[str] | None:
+    return None if args.retain is None else [c for c in args.retain.split(",") if c.strip()]
+
+
+def run_evaluation(args: argparse.Namespace, pipe, erased, out: Path, settings: dict) -> None:
     from .evaluation import evaluate
 
-    retain = None if args.retain is None else [c for c in args.retain.split(",") if c.strip()]
-    report = evaluate(pipe, erased, retain=retain, clip=args.clip, clip_pretrained=args.clip_pretrained,
-                      progress=not args.quiet, **parse_settings(args.eval_settings))
+    report = evaluate(pipe, erased, retain=retain_list(args), clip=args.clip, clip_pretrained=args.clip_pretrained,
+                      progress=not args.quiet, **settings)
     report.save(out, overwrite=args.overwrite)
     print("\n".join(report.markdown().split("\n## Forgetting")[0].splitlines()[2:]))
     print(f"wrote {out}/ (report.json, report.md, grids/)")
@@ -120,72 +142,97 @@ def default_out(method: str, concepts: str) -> Path:
     return Path("runs") / f"{method}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def is_main_process() -> bool:
+    """False in all but one process of a data-parallel launch (torchrun and accelerate launch set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run(args: argparse.Namespace) -> Path:
     from .api import erase, resolve_config
     from .concepts import load_catalog, parse_concepts
     from .config import parse_settings
-    from .export import check_output_dir
-    from .models import load_pipeline, resolve_dtype
+    from .export import check_output_dir, reserved
 
-    quiet_libraries(args.quiet)
     settings = parse_settings(args.settings)
     if args.seed is not None:
         settings["seed"] = args.seed
     config = resolve_config(args.method, args.config, **settings)
     catalog = load_catalog("mini" if args.model == "mini" else "catalog", extra=args.catalog)
     concepts = parse_concepts(args.concepts, catalog)  # fail on bad input before loading any model
-    for concept in concepts:
-        if concept.name not in catalog.concepts:
-            print(f"note: {concept.name!r} is not in catalog {catalog.name!r}; its prompts are those of kind "
-                  f"{concept.kind!r} (write kind:name to choose another)", file=sys.stderr)
-    resolve_dtype(args.dtype)
+    check_model_options(args)
+    eval_settings = check_eval_options(args, catalog) if args.eval else {}
     if args.out is None:
         args.out = default_out(args.method, args.concepts)
         args.out.parent.mkdir(exist_ok=True)
     out = check_output_dir(args.out, args.overwrite)
-
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
-    result = erase(pipe, concepts, method=args.method, config=config, catalog=catalog, progress=not args.quiet)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # a data-parallel launch: all processes hold the same edit; one writes
-        return out
-    result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
-    print(result.summary())
-    print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
-    if args.eval:
-        run_evaluation(args, pipe, result, out / "report")
+    for item, concept in zip(args.concepts.split(","), concepts):  # parse_concepts splits the same way
+        if concept.name not in catalog.concepts and ":" not in item.partition("=>")[0]:  # its kind is a guess
+            print(f"note: {concept.name!r} is not in catalog {catalog.name!r}; its prompts are those of kind "
+                  f"{concept.kind!r} (write kind:name to choose another)", file=sys.stderr)
+    main_process = is_main_process()
+    # A second run for this --out is refused now, not after its work.
+    with reserved(out, args.overwrite) if main_process else contextlib.nullcontext():
+        pipe = load_model(args)
+        result = erase(pipe, concepts, method=args.method, config=config, catalog=catalog, progress=not args.quiet)
+        if not main_process:  # a data-parallel launch: all processes hold the same edit; one writes
+            return out
+        result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
+        print(result.summary())
+        print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
+        if args.eval:
+            run_evaluation(args, pipe, result, out / "report", eval_settings)
     return out
 
 
 def evaluate_run(args: argparse.Namespace) -> None:
+    from .concepts import load_catalog
+    from .evaluation import saved_erasure
+    from .export import check_output_dir, reserved
+
+    run_dir = Path(args.run)
+    settings = check_eval_options(args, load_catalog(saved_erasure(run_dir).catalog))  # a damaged run: refused now
+    check_model_options(args)
+    out = check_output_dir(Path(args.out) if args.out else run_dir / "report", args.overwrite)
+    with reserved(out, args.overwrite):
+        run_evaluation(args, load_model(args), run_dir, out, settings)
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """--device, --dtype, --model and --model-config, from their text and the paths alone (no diffusers yet)."""
+    from .models import check_device, check_model, resolve_dtype
+
+    check_device(args.device, resolve_dtype(args.dtype))
+    check_model(args.model, args.model_config)
+
+
+def load_model(args: argparse.Namespace):
     from .models import load_pipeline
 
-    quiet_libraries(args.quiet)
-    run_dir = Path(args.run)
-    out = Path(args.out) if args.out else run_dir / "report"
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
-    run_evaluation(args, pipe, run_dir, out)
-
-
-def quiet_libraries(quiet: bool) -> None:
-    if quiet:
+    if args.quiet:
         import diffusers
         import transformers
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
 
 
 STOPPED = 75  # EX_TEMPFAIL: run the same command again to continue
 
 
+def on_disk() -> str:
+    """What an interrupted command leaves: the outputs it had already put in place, if any."""
+    done = " and ".join(f"{path}/" for path in export.written)
+    return f"{done} had been written completely, nothing else was" if done else "nothing was written"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"evaluate": (evaluate_parser, evaluate_run), "apply": (apply_parser, apply_run)}
-    make_parser, command = commands.get(argv[0] if argv else "", (parser, run))
-    args = make_parser().parse_args(argv[1:] if command is not run else argv)
+    export.written.clear()
     try:
+        commands = {"evaluate": (evaluate_parser, evaluate_run), "apply": (apply_parser, apply_run)}
+        make_parser, command = commands.get(argv[0] if argv else "", (parser, run))
+        args = make_parser().parse_args(argv[1:] if command is not run else argv)
         command(args)
     except TrainingStopped as exc:  # asked for (stop_after): not an error, but nothing was written yet
         print(f"erase-concepts: {exc}", file=sys.stderr)
@@ -194,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"erase-concepts: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
-        print("erase-concepts: interrupted; nothing was written", file=sys.stderr)
+        print(f"erase-concepts: interrupted; {on_disk()}", file=sys.stderr)
         return 130
     return 0
 

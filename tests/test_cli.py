@@ -124,7 +124,7 @@ def test_evaluate_names_missing_clip_weights(model_dir, capsys, tmp_path):
     code = main(["evaluate", str(run), "--model", str(model_dir), "--clip", "ViT-B-32", "--clip-pretrained",
                  "/no/such/weights.bin", "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "could not be loaded" in err and len(err.splitlines()) == 1, err
+    assert code == 2 and "does not exist" in err and len(err.splitlines()) == 1, err
     assert not (run / "report").exists()
 
 

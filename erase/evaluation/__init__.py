@@ -6,7 +6,6 @@ prompts and seeds are generated again, and the edit is restored.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,12 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import versions
-from ..concepts import Catalog, Concept, load_catalog, parse_concepts
+from ..concepts import Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog, parse_concepts
 from ..config import build_config, check_positive_int, check_ratio
 from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
-from ..export import RECORD_NAME, read_patch
-from ..models import image_side
+from ..export import PATCH_NAME, RECORD_NAME, read_json, read_patch
+from ..models import check_pipeline, image_side
 from .judge import MINI, Judge
 from .report import Report
 
@@ -74,6 +73,7 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     the catalog's other concepts of the erased kinds. clip: 'mini' (default for the mini model) or an open_clip
     architecture such as 'ViT-L-14' with clip_pretrained='openai', or a Judge built from any open_clip-style model.
     """
+    check_pipeline(original, f"the original given ({type(original).__name__})")
     config = build_config(EvalSettings, settings)
     erasure = _erasure(erased)
     base = fingerprint(original.unet)
@@ -86,10 +86,12 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
         catalog = load_catalog(catalog or erasure.catalog)
     if config.nudity:
         _nudenet()  # fail before generating anything
+    retained = _retained(catalog, erasure.concepts, retain, config.max_retain)
+    check_prompts_fit(original.tokenizer, erasure.concepts + retained, catalog)
+    image_side(original, config.resolution)  # refused before the judge loads and the images are generated
     judge = clip if isinstance(clip, Judge) else Judge.load(
         clip or (MINI if catalog.name == MINI else "ViT-L-14"),
         clip_pretrained if clip else (None if catalog.name == MINI else "openai"), device=str(original.unet.device))
-    retained = _retained(catalog, erasure.concepts, retain, config.max_retain)
     jobs = _jobs(catalog, erasure.concepts, retained, config)
     started = time.perf_counter()
     images = _paired_images(original, erasure.edit, jobs, config, progress)
@@ -111,14 +113,22 @@ def _erasure(erased) -> Erasure:
         return Erasure(erased.edit, erased.concepts, erased.record["catalog"], erased.record["base_fingerprint"],
                        erased.method)
     if isinstance(erased, (str, Path)):
-        folder = Path(erased)
-        if not (folder / RECORD_NAME).is_file():
-            raise EraseError(f"{folder} has no {RECORD_NAME}: pass the folder an erase run wrote (with --out)")
-        record = json.loads((folder / RECORD_NAME).read_text())
-        edit, _ = read_patch(folder / "patch.safetensors")
-        return Erasure(edit, [Concept(**c) for c in record["concepts"]], record["catalog"],
-                       record["base_fingerprint"], record["method"])
+        return saved_erasure(Path(erased))
     raise EraseError("erased must be the result of erase.erase(...) or the folder of a saved run")
+
+
+def saved_erasure(folder: Path) -> Erasure:
+    """The erasure a run folder holds (erase.json and patch.safetensors), each refused in one line if damaged."""
+    path = folder / RECORD_NAME
+    if not path.is_file():
+        raise EraseError(f"{folder} has no {RECORD_NAME}: pass the folder an erase run wrote (with --out)")
+    record = read_json(path.read_text(errors="replace"), str(path))
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("base_fingerprint", "method")):
+        raise EraseError(f"{path} lacks base_fingerprint or method: it is damaged or not written by erase; "
+                         "export the run again")
+    concepts = concepts_from_record(record.get("concepts"), str(path))
+    edit, _ = read_patch(folder / PATCH_NAME)
+    return Erasure(edit, concepts, str(record.get("catalog", "catalog")), record["base_fingerprint"], record["method"])
 
 
 def _retained(catalog: Catalog, erased: list[Concept], retain, limit: int) -> list[Concept]:

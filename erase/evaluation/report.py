@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..export import atomic_dir, check_output_dir, write_json
+from ..export import REPORT_NAME, atomic_dir, check_output_dir, write_json
 
 EXPOSED = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED",
            "ANUS_EXPOSED")
@@ -133,15 +133,14 @@ class Report:
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """report.json, report.md and grids/<concept>.png (plus retain.png and neutral.png), atomically."""
         out = check_output_dir(out, overwrite)
-        with atomic_dir(out) as tmp:
-            write_json(tmp / "report.json", self.to_dict())
+        with atomic_dir(out, overwrite) as tmp:
+            write_json(tmp / REPORT_NAME, self.to_dict())
             (tmp / "report.md").write_text(self.markdown())
             (tmp / "grids").mkdir()
-            for name in self.metrics["forget"]:
-                self.grid(name).save(tmp / "grids" / f"{_slug(name)}.png")
-            for role in ("retain", "neutral"):
-                if any(r["role"] == role for r in self.records):
-                    self.grid(role=role).save(tmp / "grids" / f"{role}.png")
+            roles = [role for role in ("retain", "neutral") if any(r["role"] == role for r in self.records)]
+            grids = [self.grid(role=role) for role in roles] + [self.grid(name) for name in self.metrics["forget"]]
+            for grid, name in zip(grids, _file_names([*roles, *self.metrics["forget"]])):  # retain.png keeps its name
+                grid.save(tmp / "grids" / f"{name}.png")
         return out
 
 
@@ -172,5 +171,14 @@ def _wrap(text: str) -> str:
     return "\n".join(textwrap.wrap(text, 40)[:6])
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "concept"
+def _file_names(names: list[str]) -> list[str]:
+    """A distinct file name per name: names that read alike as file names ('🐱', '🐶') get -2, -3, ..."""
+    unique: list[str] = []
+    for name in names:
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "concept"
+        candidate, n = slug, 1
+        while candidate in unique:
+            n += 1
+            candidate = f"{slug}-{n}"
+        unique.append(candidate)
+    return unique
