@@ -1,0 +1,252 @@
+"""Every bad input of issue 11, run as a user runs it, with a table: case, exit code, first line, written files.
+
+    HF_HUB_OFFLINE=1 python scripts/bad_inputs.py       # each CLI case in its own `python -m erase.cli` process
+
+Each case builds its inputs in a folder of its own and must be refused with exit code 2, one line on stderr
+(no traceback) and nothing written. tests/test_bad_input.py runs the same table through erase.cli.main().
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--set", "prompts_per_concept=2", "--set", "saliency_steps=2", "--quiet"]
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[Path, Path], list[str]]
+    """Builds the case's inputs in its folder (second argument) and returns the command's arguments; the first
+    argument is the shared folder with `model/` (a tiny SD pipeline) and `run/` (an erase run of it)."""
+    expect: str
+    """A fragment of the one line the case must be refused with."""
+
+
+def erase_args(shared: Path, case: Path, *extra: str, model: str | None = None) -> list[str]:
+    return ["--concepts", "church", "--model", model or str(shared / "model"), "--out", str(case / "out"), *FAST,
+            *extra]
+
+
+def write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def partial_model(shared: Path, case: Path) -> str:
+    """model_index.json and unet/ only, as a copy that stopped half-way leaves it."""
+    folder = case / "partial"
+    write(folder / "model_index.json", (shared / "model" / "model_index.json").read_text())
+    for item in (shared / "model" / "unet").iterdir():
+        (folder / "unet").mkdir(exist_ok=True)
+        (folder / "unet" / item.name).write_bytes(item.read_bytes())
+    return str(folder)
+
+
+def pickled_model(shared: Path, case: Path) -> str:
+    """The model with its UNet weights only as a .bin (a stand-in: it is refused by name, never unpickled)."""
+    folder = case / "pickled"
+    for item in (shared / "model").rglob("*"):
+        if item.is_file():
+            target = folder / item.relative_to(shared / "model")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if item.name == "diffusion_pytorch_model.safetensors" and item.parent.name == "unet":
+                target = target.with_suffix(".bin")
+            target.write_bytes(item.read_bytes())
+    return str(folder)
+
+
+def damaged_run(shared: Path, case: Path, change: Callable[[dict], object]) -> str:
+    """A copy of the shared run whose erase.json `change` rewrites (a dict to write as JSON, or raw text)."""
+    folder = case / "run"
+    folder.mkdir()
+    for item in (shared / "run").iterdir():
+        if item.is_file():
+            (folder / item.name).write_bytes(item.read_bytes())
+    record = change(json.loads((folder / "erase.json").read_text()))
+    (folder / "erase.json").write_text(record if isinstance(record, str) else json.dumps(record))
+    return str(folder)
+
+
+def locked_out(case: Path) -> str:
+    """--out whose lock another run holds (an open file description of our own: flock refuses it too)."""
+    out = case / "out"
+    fd = os.open(case / ".out.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    HELD.append(fd)
+    return str(out)
+
+
+HELD: list[int] = []  # lock files the current case holds, closed after it
+
+
+def user_folder(case: Path) -> str:
+    folder = case / "mine"
+    write(folder / "notes.txt", "a file of the user's")
+    return str(folder)
+
+
+def patch_with_header(shared: Path, case: Path, **header: str) -> str:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    patch = shared / "run" / "patch.safetensors"
+    with safe_open(str(patch), framework="pt") as f:
+        metadata = dict(f.metadata(), **header)
+    save_file(load_file(str(patch)), str(case / "patch.safetensors"), metadata=metadata)
+    return str(case / "patch.safetensors")
+
+
+CATALOG_WITH_UNKNOWN_SLOT = """kinds:
+  thing: {slot: place, concept_templates: ["a {nonexistent} {concept}"], base_templates: ["a {place}"], fillers: [road]}
+"""
+
+CASES = [
+    Case("--set value not YAML", lambda s, c: erase_args(s, c, "--set", "r2=["), "not valid YAML"),
+    Case("--config file not YAML", lambda s, c: erase_args(s, c, "--config", write(c / "bad.yaml", "r2: [")),
+         "not valid YAML"),
+    Case("--catalog file not YAML", lambda s, c: erase_args(s, c, "--catalog", write(c / "bad.yaml", "kinds: [")),
+         "not valid YAML"),
+    Case("catalog template names an unknown slot",
+         lambda s, c: erase_args(s, c, "--catalog", write(c / "cat.yaml", CATALOG_WITH_UNKNOWN_SLOT)),
+         "slot {nonexistent}"),
+    Case("--model folder with only some components", lambda s, c: erase_args(s, c, model=partial_model(s, c)),
+         "lacks the"),
+    Case("--model folder with pickle weights only", lambda s, c: erase_args(s, c, model=pickled_model(s, c)),
+         "only as a pickle"),
+    Case("--model path missing", lambda s, c: erase_args(s, c, model=str(c / "no-such-model")), "does not exist"),
+    Case("--device foo", lambda s, c: erase_args(s, c, "--device", "foo"), "unknown device"),
+    Case("--device meta", lambda s, c: erase_args(s, c, "--device", "meta"), "cannot run a model"),
+    Case("--device cpu:0 --dtype float16", lambda s, c: erase_args(s, c, "--device", "cpu:0", "--dtype", "float16"),
+         "float16 is not supported"),
+    Case('--out ""', lambda s, c: [*erase_args(s, c), "--out", ""], "--out is empty"),
+    Case("--out . --overwrite", lambda s, c: [*erase_args(s, c), "--out", ".", "--overwrite"], "working folder"),
+    Case("--out /proc/x", lambda s, c: [*erase_args(s, c), "--out", "/proc/x"], "cannot write in /proc"),
+    Case("--out /sys/x", lambda s, c: [*erase_args(s, c), "--out", "/sys/x"], "cannot write in /sys"),
+    Case("--out a user's folder --overwrite", lambda s, c: [*erase_args(s, c), "--out", user_folder(c), "--overwrite"],
+         "no erase run wrote"),
+    Case("--out locked by another run", lambda s, c: [*erase_args(s, c), "--out", locked_out(c)],
+         "another run is writing"),
+    Case("--set guidance_scale=.nan", lambda s, c: erase_args(s, c, "--set", "guidance_scale=.nan"),
+         "not a finite number"),
+    Case("--set guidance_scale=abc", lambda s, c: erase_args(s, c, "--set", "guidance_scale=abc"),
+         "not a finite number"),
+    Case("--method salun --set lr=.inf", lambda s, c: [*erase_args(s, c)[:6], "--method", "salun", "--set", "lr=.inf"],
+         "not a finite number"),
+    Case("--set resolution=7", lambda s, c: erase_args(s, c, "--set", "resolution=7"), "not a multiple of"),
+    Case("--set resolution=100000", lambda s, c: erase_args(s, c, "--set", "resolution=100000"), "needs more than"),
+    Case("concept longer than the text encoder reads",
+         lambda s, c: [*erase_args(s, c), "--concepts", "object:" + " ".join(["word"] * 80)], "too long for this model"),
+    Case("--eval --clip NoSuchArch", lambda s, c: erase_args(s, c, "--eval", "--clip", "NoSuchArch"),
+         "unknown CLIP model"),
+    Case("--eval --eval-set bogus=1", lambda s, c: erase_args(s, c, "--eval", "--eval-set", "bogus=1"),
+         "unknown setting 'bogus'"),
+    Case("evaluate RUN --out non-empty REPORT",
+         lambda s, c: ["evaluate", str(s / "run"), "--model", str(s / "model"), "--out", user_folder(c), "--quiet"],
+         "is not empty"),
+    Case("evaluate RUN, erase.json not JSON",
+         lambda s, c: ["evaluate", damaged_run(s, c, lambda r: "{not json"), "--model", str(s / "model"), "--quiet"],
+         "not valid JSON"),
+    Case("evaluate RUN, erase.json without concepts",
+         lambda s, c: ["evaluate", damaged_run(s, c, lambda r: {k: v for k, v in r.items() if k != "concepts"}),
+                       "--model", str(s / "model"), "--quiet"], "does not list its concepts"),
+    Case("evaluate RUN, erase.json with unknown keys",
+         lambda s, c: ["evaluate", damaged_run(s, c, lambda r: dict(r, concepts=[dict(r["concepts"][0], colour=1)])),
+                       "--model", str(s / "model"), "--quiet"], "does not list its concepts"),
+    Case("apply, patch header concepts not JSON",
+         lambda s, c: ["apply", "--patch", patch_with_header(s, c, concepts="[{"), "--model", str(s / "model"),
+                       "--out", str(c / "out"), "--quiet"], "corrupt header"),
+]
+
+
+def api_cases(pipe) -> list[tuple[str, Callable[[], object], str]]:
+    """(name, call, fragment) for the Python API: each call must raise EraseError with the fragment."""
+    import erase
+
+    return [
+        ("erase(object(), ...)", lambda: erase.erase(object(), "church"), "not a Stable Diffusion model"),
+        ("erase(pipe.unet, ...)", lambda: erase.erase(pipe.unet, "church"), "not a Stable Diffusion model"),
+        ("erase(None, ...)", lambda: erase.erase(None, "church"), "not a Stable Diffusion model"),
+        ("erase(pipe, None)", lambda: erase.erase(pipe, None), "a list of concept names"),
+        ("erase(pipe, [1, 2])", lambda: erase.erase(pipe, [1, 2]), "a list of concept names"),
+        ("erase(pipe, [None])", lambda: erase.erase(pipe, [None]), "a list of concept names"),
+        ("erase(pipe, ..., config=123)", lambda: erase.erase(pipe, "church", config=123), "config must be"),
+        ("erase(pipe, ..., guidance_scale=nan)", lambda: erase.erase(pipe, "church", guidance_scale=float("nan")),
+         "not a finite number"),
+    ]
+
+
+def prepare(shared: Path):
+    """model/ (a tiny SD pipeline saved as diffusers) and run/ (FIA on it) in `shared`; returns the pipeline."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import erase
+    from tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(shared / "model", safe_serialization=True)
+    erase.erase(pipe, "church", progress=False, prompts_per_concept=2, saliency_steps=2).save(shared / "run")
+    return pipe
+
+
+def files(folder: Path) -> set[str]:
+    """Every path below `folder` with its size: what a case must not change."""
+    return {f"{p.relative_to(folder)}:{p.stat().st_size if p.is_file() else 'dir'}" for p in folder.rglob("*")}
+
+
+def release_locks() -> None:
+    while HELD:
+        os.close(HELD.pop())
+
+
+def run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "erase.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    return done.returncode, done.stderr
+
+
+def verdict(code: int, stderr: str, expect: str, written: set[str]) -> str:
+    lines = stderr.strip().splitlines()
+    ok = code == 2 and len(lines) == 1 and "Traceback" not in stderr and expect in stderr and not written
+    return "refused, one line, nothing written" if ok else "NOT REFUSED AS PROMISED"
+
+
+def main() -> int:
+    shared = Path(tempfile.mkdtemp(prefix="bad-inputs-"))
+    pipe = prepare(shared)
+    rows = []
+    for i, case in enumerate(CASES):
+        folder = shared / f"case{i}"
+        folder.mkdir()
+        argv = case.argv(shared, folder)
+        before = files(shared)
+        code, stderr = run_cli(argv, folder)
+        release_locks()
+        written = files(shared) ^ before
+        rows.append((case.name, code, (stderr.strip().splitlines() or [""])[0], written,
+                     verdict(code, stderr, case.expect, written)))
+    from erase.errors import EraseError
+
+    for name, call, expect in api_cases(pipe):
+        try:
+            call()
+            rows.append((name, 0, "accepted", set(), "NOT REFUSED AS PROMISED"))
+        except EraseError as exc:
+            rows.append((name, "EraseError", str(exc), set(), verdict(2, str(exc), expect, set())))
+    print("| case | exit | first line | written | verdict |\n|---|---|---|---|---|")
+    for name, code, line, written, result in rows:
+        print(f"| {name} | {code} | {line[:150]} | {', '.join(sorted(written)) or '–'} | {result} |")
+    return 0 if all(row[-1].startswith("refused") for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
