@@ -5,17 +5,32 @@
     result = erase.erase(pipe, ["van gogh", "nudity"], method="fia", r2=0.02)
     result.save("runs/vg")
     report = erase.evaluate(pipe, result)
+
+The public names load on first use (PEP 562), so `erase-concepts --help`, a bad option or Ctrl-C during start-up
+answers before torch is imported.
 """
 
-from .api import EraseResult, erase
-from .concepts import Concept, load_catalog
-from .edits import MaskEdit, fingerprint
-from .errors import EraseError
-from .evaluation import evaluate
-from .export import apply_patch, read_patch
-from .methods import METHODS
-from .models import clip_tokenizer, load_pipeline
+import importlib
+
+_PUBLIC = {"EraseResult": "api", "erase": "api", "Concept": "concepts", "load_catalog": "concepts",
+           "MaskEdit": "edits", "fingerprint": "edits", "EraseError": "errors", "evaluate": "evaluation",
+           "apply_patch": "export", "read_patch": "export", "METHODS": "methods", "clip_tokenizer": "models",
+           "load_pipeline": "models"}
 
 __version__ = "0.1.0"
-__all__ = ["Concept", "EraseError", "EraseResult", "METHODS", "MaskEdit", "apply_patch", "clip_tokenizer", "erase",
-           "evaluate", "fingerprint", "load_catalog", "load_pipeline", "read_patch", "__version__"]
+__all__ = [*sorted(_PUBLIC), "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    try:  # erase.edits, erase.training, ...: submodules, as an eager package would have them
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-from . import export
 from .errors import EraseError, TrainingStopped
 
 EPILOG = """examples:
@@ -222,14 +221,17 @@ STOPPED = 75  # EX_TEMPFAIL: run the same command again to continue
 
 def on_disk() -> str:
     """What an interrupted command leaves: the outputs it had already put in place, if any."""
-    done = " and ".join(f"{path}/" for path in export.written)
+    export = sys.modules.get(f"{__package__}.export")  # not imported yet: interrupted during start-up
+    done = " and ".join(f"{path}/" for path in export.written) if export else ""
     return f"{done} had been written completely, nothing else was" if done else "nothing was written"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    export.written.clear()
     try:
+        from . import export  # heavy (torch): inside the try, so Ctrl-C during start-up is one line too
+
+        export.written.clear()
         commands = {"evaluate": (evaluate_parser, evaluate_run), "apply": (apply_parser, apply_run)}
         make_parser, command = commands.get(argv[0] if argv else "", (parser, run))
         args = make_parser().parse_args(argv[1:] if command is not run else argv)

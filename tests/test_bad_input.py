@@ -62,6 +62,23 @@ def test_a_missing_model_is_refused_before_diffusers_is_imported(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1 and "does not exist" in done.stderr
 
 
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """SIGINT while torch is being imported (its library mapped into the process, main() not yet running)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "erase.cli", "--concepts", "church", "--out", str(tmp_path / "run")],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    while proc.poll() is None and "libtorch" not in maps.read_text():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["erase-concepts: interrupted; nothing was written"], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwrite_replaces_an_earlier_run_and_keeps_umask_permissions(shared, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--concepts", "church", "--model", str(shared[0] / "model"), "--out", str(out), *FAST]
