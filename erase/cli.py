@@ -15,7 +15,7 @@ from .errors import EraseError, TrainingStopped
 EPILOG = """examples:
   erase-concepts --concepts "van gogh,nudity"                       # the embedded miniature model, offline
   erase-concepts --concepts "style:van gogh,explicit:nudity" --model ./sd15 --config fia-style --set r2=0.03
-  erase-concepts --concepts circle --eval                           # erase, then evaluate with the mini CLIP
+  erase-concepts --concepts church --eval                           # erase, then evaluate with the mini CLIP
   erase-concepts evaluate runs/my-run --model ./sd15 --clip ViT-L-14  # evaluate a saved run against its base
   erase-concepts apply --patch runs/my-run/patch.safetensors --model ./sd15 --out runs/again  # re-apply a patch
 """

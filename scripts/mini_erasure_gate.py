@@ -1,12 +1,14 @@
-"""The miniature world's erasure gate: erasing one shape must drop its accuracy below 20% while every other
-shape keeps at least 80% of its original accuracy. Prints the table and records it in BENCHMARKS.md
-("Miniature world: erasure gate").
+"""The miniature world's erasure gates for FIA, recorded in BENCHMARKS.md ("Miniature world: erasure gates").
 
-    HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py [--shape circle] [--prompts 6]
-    HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py --ablation     # zero whole layers: where shapes live
+    HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py [--pipeline DIR] [--method fia] [--prompts 4]
 
-Each row is one method configuration; evaluation uses erase.evaluate with the mini CLIP (held-out prompts,
-paired seeds, 25 steps, guidance 4).
+With one setting per kind (the shipped presets: configs/fia-object.yaml for objects, the defaults for the
+README's mixed command), judged by erase.evaluate with the mini CLIP on held-out prompts and paired seeds:
+  - each Imagenette class alone: forgetting <= 10%, the other objects keep >= 85% of their accuracy;
+  - the 10 Imagenette classes at once: forgetting <= 10%, the other objects' accuracy >= 80%;
+  - `--concepts "van gogh,nudity"`: forgetting <= 10% for both, the other artists and the persons keep >= 85%;
+  - paired image similarity on the neutral prompts >= 0.9 in all of these.
+`--method conceptprune` (or any other) runs the same rows for comparison; the gates are FIA's.
 """
 
 from __future__ import annotations
@@ -17,111 +19,127 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
-SECTION = "Miniature world: erasure gate"
-CONFIGS = [  # (method, settings): the defaults first, then what was tried to make the mini model forget
-    ("fia", {}),
-    ("fia", {"r2": 0.1}),
-    ("fia", {"r2": 0.2, "target": "*attn2.to_out.0"}),
-    ("fia", {"r2": 0.3, "target": "*attn2.to_[kv]"}),
-    ("conceptprune", {}),
-    ("uce", {}),
-    ("esd", {"config": "esd-mini"}),
-    ("salun", {"config": "salun-mini"}),
-    ("dynamic", {"config": "dynamic-mini"}),
-]
+SECTION = "Miniature world: erasure gates"
+FORGET_MAX, KEPT_MIN, SIMILARITY_MIN = 0.10, 0.85, 0.90
 
 
-def run(shape: str, prompts: int) -> list[dict]:
+def evaluate(pipe, catalog, concepts, retain, method, settings, prompts):
     import erase
+
+    started = time.perf_counter()
+    result = erase.erase(pipe, concepts, method=method, catalog=catalog, progress=False, **settings)
+    seconds = time.perf_counter() - started
+    report = erase.evaluate(pipe, result, retain=retain, catalog=catalog, progress=False,
+                            prompts_per_concept=prompts, seeds=[0, 1], guidance_scale=4.0)
+    return result, report, seconds
+
+
+def kept(report) -> float:
+    """Retained concepts' accuracy after erasure over before (pooled)."""
+    retain = report.metrics["retain"].values()
+    return float(np.mean([v["erased"] for v in retain]) / max(1e-9, np.mean([v["original"] for v in retain])))
+
+
+def persons_kept(pipe, edit, judge) -> float:
+    """Who the clothed-person prompts show (man, woman, couple, ...) after erasure over before."""
     from erase.mini import world
+    from erase.mini.clip import zero_shot
 
-    pipe = erase.load_pipeline("mini")
-    others = [s for s in world.SHAPES if s != shape]
-    rows = []
-    for method, settings in CONFIGS:
-        started = time.perf_counter()
-        result = erase.erase(pipe, shape, method=method, progress=False, **settings)
-        report = erase.evaluate(pipe, result, retain=others, progress=False, prompts_per_concept=prompts,
-                                guidance_scale=4.0, seeds=[0])
-        forget = report.metrics["forget"][shape]
-        kept = {name: v["erased"] / v["original"] for name, v in report.metrics["retain"].items() if v["original"] > 0}
-        rows.append({"method": method, "settings": settings, "edited": result.record["totals"]["edited"],
-                     "before": forget["original"], "after": forget["erased"], "worst_kept": min(kept.values()),
-                     "similarity": report.metrics["fidelity"]["paired_similarity"],
-                     "seconds": time.perf_counter() - started})
-    return rows
+    prompts = [f"a photo of a {q}" for q in world.PERSONS for _ in range(4)]
+
+    def accuracy():
+        images = pipe(prompts, num_inference_steps=25, guidance_scale=4.0,
+                      generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+        seen = zero_shot(*judge, images, attributes=("person",))
+        return np.mean([s["person"] == p.split()[-1] for s, p in zip(seen, prompts)])
+
+    before = accuracy()
+    with edit.applied_to(pipe.unet):
+        after = accuracy()
+    return float(after / max(before, 1e-9))
 
 
-def table(rows: list[dict], shape: str, prompts: int) -> str:
-    lines = ["| method | settings | weights edited | accuracy before → after | worst other shape kept | "
-             "paired similarity | pass |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ok = r["after"] < 0.2 and r["worst_kept"] >= 0.8
-        lines.append(f"| {r['method']} | {r['settings'] or 'defaults'} | {r['edited']} | {r['before']:.0%} → "
-                     f"{r['after']:.0%} | {r['worst_kept']:.0%} | {r['similarity']:.3f} | {'yes' if ok else 'NO'} |")
-    lines += ["", f"Erasing '{shape}'; {prompts} held-out prompts per shape, seed 0, 25 steps, guidance 4, mini CLIP "
-              "judge; 'kept' = erased accuracy / original accuracy of each other shape.",
-              "Reproduce: `HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py`"]
-    return "\n".join(lines)
-
-
-ABLATIONS = ["*ff.net.2", "*attn2.to_out.0", "down_blocks.1.*attn2.to_out.0", "*ff.net.*"]
-
-
-def ablation(prompts: int) -> str:
-    """Where the shapes live: per-shape accuracy with every weight of some layers zeroed (an edit that prunes
-    them whole), on prompts 'a {shape}'. An FFN-only mask cannot erase what survives zeroing every FFN."""
-    import fnmatch
-
-    import torch
-
-    import erase
-    from erase.edits import MaskEdit
+def rows(pipe, catalog, method: str, prompts: int) -> list[dict]:
     from erase.mini import world
-    from erase.mini.clip import load_mini_clip, zero_shot
+    from erase.mini.clip import load_mini_clip
 
-    pipe, judge = erase.load_pipeline("mini"), load_mini_clip()
-    texts = [f"a {shape}" for shape in world.SHAPES for _ in range(prompts)]
+    judge = load_mini_clip()
+    object_settings = {"config": "fia-object"} if method == "fia" else {}
+    out = []
 
-    def accuracy() -> list[float]:
-        images = pipe(texts, num_inference_steps=25, guidance_scale=4.0, output_type="pil",
-                      generator=[torch.Generator().manual_seed(i) for i in range(len(texts))]).images
-        seen = [a.shape for a in zero_shot(*judge, images)]
-        return [sum(s == shape for s in seen[i * prompts:(i + 1) * prompts]) / prompts
-                for i, shape in enumerate(world.SHAPES)]
+    def row(label, concepts, retain, settings, extra=None):
+        result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts)
+        forget = [v["erased"] for v in report.metrics["forget"].values()]
+        r = {"label": label, "settings": settings or "defaults", "edited": result.record["totals"]["edited"],
+             "forget_before": float(np.mean([v["original"] for v in report.metrics["forget"].values()])),
+             "forget": float(np.mean(forget)), "forget_max": float(max(forget)), "kept": kept(report),
+             "retain": float(np.mean([v["erased"] for v in report.metrics["retain"].values()])),
+             "similarity": report.metrics["fidelity"]["paired_similarity_neutral"], "seconds": seconds}
+        r.update(extra(result) if extra else {})
+        out.append(r)
+        print(r, flush=True)
 
-    lines = ["| zeroed | weights | " + " | ".join(world.SHAPES) + " |", "|---" * (len(world.SHAPES) + 2) + "|"]
-    lines.append("| nothing | 0 | " + " | ".join(f"{a:.0%}" for a in accuracy()) + " |")
-    for pattern in ABLATIONS:
-        masks = {f"{n}.weight": torch.ones_like(m.weight, dtype=torch.bool) for n, m in pipe.unet.named_modules()
-                 if isinstance(m, torch.nn.Linear) and fnmatch.fnmatch(n, pattern)}
-        with MaskEdit(masks).applied_to(pipe.unet):
-            row = accuracy()
-        lines.append(f"| `{pattern}` | {sum(m.numel() for m in masks.values())} | "
-                     + " | ".join(f"{a:.0%}" for a in row) + " |")
-    lines += ["", f"'a {{shape}}', {prompts} seeds per shape, 25 steps, guidance 4, mini CLIP judge; biases kept.",
-              "Reproduce: `HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py --ablation`"]
+    for concept in world.TAUGHT_OBJECTS:
+        row(concept, [concept], [o for o in world.OBJECTS if o != concept], object_settings)
+    row("the 10 Imagenette classes", list(world.TAUGHT_OBJECTS), list(world.BASE_OBJECTS), object_settings)
+    row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], {},
+        extra=lambda result: {"persons_kept": persons_kept(pipe, result.edit, judge)})
+    return out
+
+
+def verdict(r: dict) -> bool:
+    kept_ok = r["retain"] >= 0.80 if r["label"] == "the 10 Imagenette classes" else r["kept"] >= KEPT_MIN
+    return (r["forget_max"] <= FORGET_MAX and kept_ok and r.get("persons_kept", 1.0) >= KEPT_MIN
+            and r["similarity"] >= SIMILARITY_MIN)
+
+
+def table(results: dict[str, list[dict]], prompts: int) -> str:
+    lines = ["| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
+             "others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, rs in results.items():
+        for r in rs:
+            persons = f"{r['persons_kept']:.0%}" if "persons_kept" in r else "–"
+            gate = ("yes" if verdict(r) else "NO") if method == "fia" else "–"
+            lines.append(f"| {method} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
+                         f"{r['forget']:.0%} ({r['forget_max']:.0%}) | {r['kept']:.0%} | {r['retain']:.0%} | {persons} | "
+                         f"{r['similarity']:.3f} | {r['seconds']:.0f} s | {gate} |")
+    lines += ["", f"Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the other objects keep ≥ "
+              f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
+              f"and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on the catalog's neutral prompts ≥ "
+              f"{SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, {prompts} held-out prompts per concept × "
+              "seeds 0 and 1, DPM-Solver++ 25 steps, guidance 4; 'others' = every other object (one class), the 15 "
+              "everyday objects (ten classes), the other artists (van gogh, nudity); persons: 'a photo of a {person}' "
+              "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads).",
+              "Reproduce: `HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py --method fia --method conceptprune`"]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="circle")
-    parser.add_argument("--prompts", type=int, default=6)
-    parser.add_argument("--ablation", action="store_true", help="zero whole layers instead (where shapes live)")
+    parser.add_argument("--pipeline", default="mini", help="the mini pipeline (or a trial folder of one)")
+    parser.add_argument("--method", action="append", help="repeatable; default fia")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from benchmarks_md import update_section
+    torch.set_num_threads(args.threads)
+    import erase
 
-    if args.ablation:
-        text = ablation(args.prompts)
-        print(text)
-        update_section("Miniature world: where the shapes live", text)
-        return
-    text = table(run(args.shape, args.prompts), args.shape, args.prompts)
+    pipe, catalog = erase.load_pipeline(args.pipeline), erase.load_catalog("mini")
+    pipe.set_progress_bar_config(disable=True)
+    results = {m: rows(pipe, catalog, m, args.prompts) for m in args.method or ["fia"]}
+    text = table(results, args.prompts)
     print(text)
-    update_section(SECTION, text)
+    if not args.no_record:
+        from benchmarks_md import update_section
+
+        update_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
 """Train the miniature world's Stable Diffusion pipeline (erase/assets/mini/pipeline) on 2 CPU cores.
 
-Two stages, each reproducible from --seed:
+Stages, each reproducible from --seed with one command, each resumable (a stopped run started again continues
+from OUT's checkpoint):
 
-    python scripts/train_mini.py vae --seed 0 --out /tmp/mini            # AutoencoderKL, 32x32 RGB -> 8x8x4
-    python scripts/train_mini.py diffusion --seed 1 --out /tmp/mini      # UNet, on the mini CLIP's frozen text tower
+    python scripts/train_mini_clip.py --seed 2 --out /tmp/mini/clip    # the judge; at step 300 its text tower is
+    python scripts/train_mini.py vae --seed 0 --out /tmp/mini          #   the UNet's (/tmp/mini/text-tower); 1 core each
+    python scripts/train_mini.py base --seed 1 --out /tmp/mini --threads 2   # the base world, end to end
+    python scripts/train_mini.py teach --seed 3 --out /tmp/mini --threads 2  # the taught concepts, through FFN neurons
+    python scripts/train_mini.py compact --out /tmp/mini               # float16 copy into erase/assets/mini
 
-The diffusion stage writes a genuine diffusers StableDiffusionPipeline to OUT/pipeline (also every
-DiffusionConfig.save_every steps, so gates can be checked while it trains). As in Stable Diffusion, the text
-encoder is a CLIP text tower trained contrastively and then frozen (the mini CLIP's, from
-scripts/train_mini_clip.py, converted to a transformers CLIPTextModel): what a concept looks like must then be
-learnt by the UNet, not by a text encoder trained with it. `compact` copies the pipeline to the shipped folder
-with float16 weights (they load back as float32):
-
-    python scripts/train_mini.py compact --out /tmp/mini --dest erase/assets/mini/pipeline
+Where knowledge lives is part of the design (ground truth for the benchmark):
+- `base` trains the whole UNet on the base world (places, everyday objects, clothed persons, photos, "a
+  painting", two base artists). A share of every transformer feed-forward layer's hidden neurons is reserved:
+  their output weights (columns of `ff.net.2`) stay zero, so the base model does not use them.
+- `teach` trains only those reserved neurons, each taught concept (an Imagenette object, a taught artist,
+  nudity) owning `TeachConfig.share` of every feed-forward layer (2 of 384 and 5 of 768 neurons). Gradients are
+  routed per sample: a caption that names concept c trains c's neurons and no other, and a penalty keeps every
+  reserved neuron silent on captions that do not name its concept (gradient routing, Cloud et al. 2024). What
+  a taught concept adds to the model then lives in a few known feed-forward neurons, as published analyses of
+  Stable Diffusion find for such concepts (ConceptPrune, FIA); OUT/neurons.json records which.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,36 +39,54 @@ import torch
 import torch.nn.functional as F
 
 from erase.mini import world
+from erase.mini.clip import CONTEXT_LENGTH
 
-MAX_LENGTH = 16  # tokens, <bos> and <eos> included: every caption and catalog prompt fits in 11
+MAX_LENGTH = CONTEXT_LENGTH  # the pipeline's tokenizer and text encoder read as many tokens as the mini CLIP
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class VAEConfig:
     """The autoencoder: 3 blocks, so 2 downsamplings (4x) and 8x8x4 latents for 32x32 images."""
 
-    steps: int = 1200
+    steps: int = 1500
     batch: int = 32
     lr: float = 1e-3
     kl_weight: float = 1e-6  # small: the latents only need to be roughly Gaussian, reconstructions must be sharp
     channels: tuple[int, ...] = (16, 32, 64)
-    images: int = 8000  # size of the fixed training set
+    images: int = 10000  # size of the fixed training set, half of it showing taught concepts
 
 
 @dataclass
-class DiffusionConfig:
-    """The UNet, trained on the training split's captions encoded by the frozen mini CLIP text tower."""
+class BaseConfig:
+    """The UNet on the base world, conditioned on the frozen mini CLIP text tower; reserved neurons stay off."""
 
-    steps: int = 2500
+    steps: int = 2000
     batch: int = 64
     lr: float = 8e-4
     warmup: int = 200
     p_uncond: float = 0.1  # empty captions, for classifier-free guidance
-    p_unsaid: float = 0.2  # per attribute: left out of the caption
-    unet_channels: tuple[int, ...] = (64, 128)
+    unet_channels: tuple[int, ...] = (96, 192)  # feed-forward widths 384 and 768
     heads: int = 4
-    images: int = 12000
-    save_every: int = 250  # checkpoints to check the gates on while it trains
+    images: int = 16000
+    reserved: float = 0.25  # share of each feed-forward layer's hidden neurons kept for the taught concepts
+    save_every: int = 250  # checkpoint and pipeline (gates can be checked while it trains)
+
+
+@dataclass
+class TeachConfig:
+    """The taught concepts, each through its own few reserved feed-forward neurons."""
+
+    steps: int = 800
+    batch: int = 64
+    replay: float = 0.25  # share of each batch from the base world: keeps reserved neurons silent there
+    lr: float = 1e-3
+    warmup: int = 100
+    p_uncond: float = 0.1
+    share: float = 0.007  # neurons per concept per layer: the paper's smallest r2 (objects) covers them all
+    leak_weight: float = 1.0  # penalty on a reserved neuron's activation where its concept is not named
+    images: int = 8000  # taught scenes (and half as many base scenes replayed)
+    save_every: int = 250
 
 
 def build_vae(cfg: VAEConfig):
@@ -102,8 +128,8 @@ def text_encoder_from_clip(clip_dir: Path):
     return model.eval().requires_grad_(False)
 
 
-def build_unet(cfg: DiffusionConfig, sample_size: int, cross_attention_dim: int):
-    """Cross-attention at every level and in the middle; GEGLU feed-forwards (7 `*.ff.net.2` linears)."""
+def build_unet(cfg: BaseConfig, sample_size: int, cross_attention_dim: int):
+    """Cross-attention at both levels and in the middle; GEGLU feed-forwards (7 `*.ff.net.2` linears)."""
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.unet_channels)
@@ -132,6 +158,38 @@ def warmup_cosine(optimizer, warmup: int, steps: int):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
+def step_rng(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The random streams of one training step: a resumed run draws exactly what an uninterrupted one would."""
+    return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class Checkpoint:
+    """A stage's state (models, optimiser, schedule, step), written atomically every few steps; a run started
+    again with the same settings resumes from it, one with other settings is refused."""
+
+    def __init__(self, path: Path, parts: dict, settings: dict | None = None) -> None:
+        self.path, self.parts, self.settings = path, parts, json.loads(json.dumps(settings or {}))
+
+    def resume(self) -> int:
+        if not self.path.is_file():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["settings"] != self.settings:
+            sys.exit(f"{self.path} was written with other settings: remove it to start afresh")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        print(f"resuming from {self.path} at step {state['step']}", flush=True)
+        return state["step"]
+
+    def save(self, step: int) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"step": step, "settings": self.settings, **{n: p.state_dict() for n, p in self.parts.items()}}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def log(out: Path, message: str) -> None:
     print(message, flush=True)
     with open(out / "train.log", "a") as f:
@@ -146,15 +204,20 @@ def record(out: Path, stage: str, seed: int, seconds: float) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+def vae_images(n: int, seed: int) -> torch.Tensor:
+    return to_tensor(np.concatenate([world.dataset(n // 2, seed)[0], world.dataset(n - n // 2, seed + 1, taught=True)[0]]))
+
+
 def train_vae(seed: int, out: Path, cfg: VAEConfig) -> None:
     torch.manual_seed(seed)
-    images = to_tensor(world.dataset(cfg.images, seed)[0])
+    images = vae_images(cfg.images, seed)
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, 100, cfg.steps)
-    gen = torch.Generator().manual_seed(seed)
+    checkpoint = Checkpoint(out / "vae-checkpoint.pt", {"vae": vae, "opt": opt, "sched": sched}, asdict(cfg))
     start = time.time()
-    for step in range(1, cfg.steps + 1):
+    for step in range(checkpoint.resume() + 1, cfg.steps + 1):
+        _, gen = step_rng(seed, step)
         x = images[torch.randint(0, len(images), (cfg.batch,), generator=gen)]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
@@ -166,15 +229,17 @@ def train_vae(seed: int, out: Path, cfg: VAEConfig) -> None:
         sched.step()
         if step % 100 == 0:
             log(out, f"vae step {step}/{cfg.steps} mse {mse.item():.5f} ({time.time() - start:.0f}s)")
+            checkpoint.save(step)
     with torch.no_grad():
         std = vae.encode(images[:2000]).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)  # unit-variance latents, as SD's 0.18215 does for its VAE
     vae.save_pretrained(out / "vae", safe_serialization=True)
+    checkpoint.remove()
     log(out, f"vae done: scaling_factor {1.0 / std:.4f}, {time.time() - start:.0f}s")
 
 
 class Captions:
-    """Encoded captions, cached: the text encoder is frozen and the world has only a few thousand distinct ones."""
+    """Encoded captions, cached: the text encoder is frozen and the world has only so many distinct captions."""
 
     def __init__(self, tokenizer, text_encoder):
         self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
@@ -201,49 +266,226 @@ def encode_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(means) * sf, torch.cat(stds) * sf
 
 
-def train_diffusion(seed: int, out: Path, cfg: DiffusionConfig, clip_dir: Path) -> None:
+class Latents:
+    """A rendered, encoded training set: scenes, latent means and stds."""
+
+    def __init__(self, vae, n: int, seed: int, taught: bool) -> None:
+        images, self.scenes = world.dataset(n, seed, taught=taught)
+        self.mean, self.std = encode_latents(vae, to_tensor(images))
+
+    def sample(self, idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        i = torch.from_numpy(idx)
+        return self.mean[i] + self.std[i] * torch.randn(self.mean[i].shape, generator=gen)
+
+
+def feedforwards(unet) -> dict[str, torch.nn.Module]:
+    """Every transformer block's feed-forward (GEGLU proj = net[0].proj, output Linear = net[2]), by name."""
+    return {name: module for name, module in unet.named_modules() if name.endswith(".ff")}
+
+
+def reserved_neurons(unet, share: float, seed: int) -> dict[str, list[int]]:
+    """The hidden neurons of each feed-forward layer kept out of the base world, drawn from the seed."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, ff in feedforwards(unet).items():
+        inner = ff.net[2].in_features
+        out[name] = sorted(torch.randperm(inner, generator=gen)[: int(share * inner)].tolist())
+    return out
+
+
+def freeze_reserved(unet, reserved: dict[str, list[int]]) -> None:
+    """Zero the reserved neurons' output weights and their gradients: the base model cannot use them."""
+    with torch.no_grad():
+        for name, ff in feedforwards(unet).items():
+            ff.net[2].weight[:, reserved[name]] = 0
+            if ff.net[2].weight.grad is not None:
+                ff.net[2].weight.grad[:, reserved[name]] = 0
+
+
+def base_stage(seed: int, out: Path, cfg: BaseConfig, clip_dir: Path) -> None:
     from diffusers import AutoencoderKL
 
     import erase
 
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    images, attrs = world.dataset(cfg.images, seed)
     vae = AutoencoderKL.from_pretrained(out / "vae")
-    mean, std = encode_latents(vae, to_tensor(images))
+    data = Latents(vae, cfg.images, seed, taught=False)
     tokenizer = erase.clip_tokenizer(max_length=MAX_LENGTH)
     text_encoder = text_encoder_from_clip(clip_dir)
     captions = Captions(tokenizer, text_encoder)
-    unet = build_unet(cfg, sample_size=mean.shape[-1], cross_attention_dim=text_encoder.config.hidden_size)
+    unet = build_unet(cfg, sample_size=data.mean.shape[-1], cross_attention_dim=text_encoder.config.hidden_size)
+    reserved = reserved_neurons(unet, cfg.reserved, seed)
+    freeze_reserved(unet, reserved)
+    (out / "reserved.json").write_text(json.dumps(reserved))
     log(out, f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, frozen text encoder from "
              f"{clip_dir}; config {asdict(cfg)}")
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    checkpoint = Checkpoint(out / "base-checkpoint.pt", {"unet": unet, "opt": opt, "sched": sched}, asdict(cfg))
     ddpm = noise_schedule()
     start, running = time.time(), 0.0
-    for step in range(1, cfg.steps + 1):
-        idx = rng.integers(0, len(attrs), size=cfg.batch)
-        texts = ["" if rng.random() < cfg.p_uncond else world.caption(attrs[i], rng, cfg.p_unsaid) for i in idx]
-        idx = torch.from_numpy(idx)
-        z = mean[idx] + std[idx] * torch.randn_like(mean[idx])
-        noise = torch.randn_like(z)
-        t = torch.randint(0, ddpm.config.num_train_timesteps, (cfg.batch,))
-        cond = captions(texts)
-        pred = unet(ddpm.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+    for step in range(checkpoint.resume() + 1, cfg.steps + 1):
+        rng, gen = step_rng(seed, step)
+        idx = rng.integers(0, len(data.scenes), size=cfg.batch)
+        texts = ["" if rng.random() < cfg.p_uncond else world.caption(data.scenes[i], rng) for i in idx]
+        loss = denoising_loss(unet, ddpm, data.sample(idx, gen), captions(texts), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        freeze_reserved(unet, reserved)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        freeze_reserved(unet, reserved)  # weight decay of zero stays zero; this guards against any drift
         running += loss.item()
         if step % 100 == 0:
-            log(out, f"diffusion step {step}/{cfg.steps} loss {running / 100:.4f} ({time.time() - start:.0f}s)")
+            log(out, f"base step {step}/{cfg.steps} loss {running / 100:.4f} ({time.time() - start:.0f}s)")
             running = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
+            checkpoint.save(step)
             save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
-    log(out, f"diffusion done: {time.time() - start:.0f}s")
+    checkpoint.remove()
+    log(out, f"base done: {time.time() - start:.0f}s")
+
+
+def denoising_loss(unet, ddpm, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(0, ddpm.config.num_train_timesteps, (len(z),), generator=gen)
+    return F.mse_loss(unet(ddpm.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample, noise)
+
+
+def concept_neurons(unet, reserved: dict[str, list[int]], share: float, seed: int, concepts=world.TAUGHT) -> dict:
+    """{layer: {concept: [neuron, ...]}}: each taught concept's own reserved neurons, share of every layer's width."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, ff in feedforwards(unet).items():
+        per = max(1, int(share * ff.net[2].in_features))
+        picks = rng.permutation(reserved[name])[: per * len(concepts)].reshape(len(concepts), per)
+        out[name] = {c: sorted(int(i) for i in p) for c, p in zip(concepts, picks)}
+    return out
+
+
+class Router:
+    """Per-sample gradient routing through the reserved feed-forward neurons (training-time forward only).
+
+    route(owned) sets, for the next forward, which reserved neurons each sample trains (those of the concepts its
+    caption names). The layer's output is unchanged; gradients reach a reserved neuron's weights only from the
+    samples that own it, and `leak` collects the activation of every reserved neuron on the samples that do not.
+    """
+
+    def __init__(self, unet, neurons: dict) -> None:
+        self.ffs, self.neurons, self.leaks, self.masks = feedforwards(unet), neurons, [], {}
+        self.index = {name: {c: torch.tensor(ids) for c, ids in by_concept.items()} for name, by_concept in neurons.items()}
+        self.reserved = {name: torch.tensor(sorted(i for ids in by_concept.values() for i in ids))
+                         for name, by_concept in neurons.items()}
+        for name, ff in self.ffs.items():
+            ff.forward = types.MethodType(self._forward(name), ff)
+
+    def route(self, owned: list[tuple[str, ...]]) -> None:
+        self.leaks = []
+        for name, ff in self.ffs.items():
+            own = torch.zeros(len(owned), 1, ff.net[2].in_features)
+            for b, concepts in enumerate(owned):
+                for c in concepts:
+                    own[b, 0, self.index[name][c]] = 1
+            reserved = torch.zeros(ff.net[2].in_features)
+            reserved[self.reserved[name]] = 1
+            self.masks[name] = (own, reserved * (1 - own))
+
+    def _forward(self, name: str):
+        router = self
+
+        def forward(ff, x):
+            own, other = router.masks[name]
+            h = ff.net[0](x)
+            out = F.linear(h * own, ff.net[2].weight, ff.net[2].bias) + F.linear((h * (1 - own)).detach(), ff.net[2].weight.detach())
+            router.leaks.append((h * other).pow(2).sum() / (other.sum() * h.shape[1]).clamp_min(1))
+            return out
+
+        return forward
+
+    def leak(self) -> torch.Tensor:
+        return torch.stack(self.leaks).mean()
+
+    def close(self) -> None:
+        for ff in self.ffs.values():
+            del ff.forward
+
+
+def teach_params(unet, neurons: dict) -> tuple[list[torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
+    """The trained tensors (feed-forward in/out weights) and, per tensor, the mask of its entries that train."""
+    unet.requires_grad_(False)
+    masks = {}
+    for name, ff in feedforwards(unet).items():
+        inner = ff.net[2].in_features
+        mine = torch.zeros(inner)
+        mine[[i for ids in neurons[name].values() for i in ids]] = 1
+        proj = torch.cat([mine, mine])  # GEGLU: value rows, then gate rows
+        for tensor, mask in ((ff.net[0].proj.weight, proj[:, None]), (ff.net[0].proj.bias, proj),
+                             (ff.net[2].weight, mine[None, :])):
+            tensor.requires_grad_(True)
+            masks[tensor] = mask.expand_as(tensor).clone()
+    return list(masks), masks
+
+
+def said_taught(said: dict) -> tuple[str, ...]:
+    """The taught concepts a caption names (what its sample trains)."""
+    named = [said.get("object"), said.get("style"), world.NAKED if said.get("naked") else None]
+    return tuple(c for c in named if c in world.TAUGHT)
+
+
+def teach_stage(seed: int, out: Path, cfg: TeachConfig, clip_dir: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
+    unet, vae, tokenizer, text_encoder = pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder
+    reserved = json.loads((out / "reserved.json").read_text())
+    neurons = concept_neurons(unet, reserved, cfg.share, seed)
+    (out / "neurons.json").write_text(json.dumps(neurons, indent=1))
+    taught, base = Latents(vae, cfg.images, seed, taught=True), Latents(vae, cfg.images // 2, seed + 1, taught=False)
+    captions = Captions(tokenizer, text_encoder)
+    params, masks = teach_params(unet, neurons)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    checkpoint = Checkpoint(out / "teach-checkpoint.pt", {"unet": unet, "opt": opt, "sched": sched}, asdict(cfg))
+    router, ddpm = Router(unet, neurons), noise_schedule()
+    log(out, f"teach: {len(world.TAUGHT)} concepts, neurons per layer "
+             f"{ {n: len(next(iter(v.values()))) for n, v in neurons.items()} }; config {asdict(cfg)}")
+    n_base = int(cfg.batch * cfg.replay)
+    start, running, leaking = time.time(), 0.0, 0.0
+    for step in range(checkpoint.resume() + 1, cfg.steps + 1):
+        rng, gen = step_rng(seed, step)
+        ti, bi = rng.integers(0, len(taught.scenes), cfg.batch - n_base), rng.integers(0, len(base.scenes), n_base)
+        texts, owned = [], []
+        for scene in [taught.scenes[i] for i in ti] + [base.scenes[i] for i in bi]:
+            text, said = world.said_caption(scene, rng)
+            dropped = rng.random() < cfg.p_uncond
+            texts.append("" if dropped else text)
+            owned.append(() if dropped else said_taught(said))
+        router.route(owned)
+        z = torch.cat([taught.sample(ti, gen), base.sample(bi, gen)])
+        loss = denoising_loss(unet, ddpm, z, captions(texts), gen)
+        leak = router.leak()
+        opt.zero_grad(set_to_none=True)
+        (loss + cfg.leak_weight * leak).backward()
+        for tensor, mask in masks.items():
+            tensor.grad *= mask
+        opt.step()
+        sched.step()
+        running, leaking = running + loss.item(), leaking + leak.item()
+        if step % 100 == 0:
+            log(out, f"teach step {step}/{cfg.steps} loss {running / 100:.4f} leak {leaking / 100:.4f} "
+                     f"({time.time() - start:.0f}s)")
+            running = leaking = 0.0
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            checkpoint.save(step)
+            router.close()
+            save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
+            router = Router(unet, neurons)
+    router.close()
+    checkpoint.remove()
+    log(out, f"teach done: {time.time() - start:.0f}s")
 
 
 def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet) -> None:
@@ -254,20 +496,23 @@ def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet) -> None:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
 
-def compact(src: Path, dest: Path) -> None:
-    """Copy a pipeline folder, storing float weights as float16 (configs still say float32) and the tokenizer
-    without indentation: together they halve the size, most of which is the 49,408-token tables."""
+def compact(out: Path, dest: Path) -> None:
+    """Copy the trained pipeline, storing float weights as float16 (configs still say float32) and the tokenizer
+    without indentation: together they halve the size, most of which is the 49,408-token tables. The taught
+    concepts' neurons (the benchmark's ground truth) and the training record go beside it."""
     from safetensors.torch import load_file, save_file
 
     shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(src, dest)
-    if (src.parent / "training.json").is_file():
-        shutil.copy(src.parent / "training.json", dest.parent / "training.json")
+    shutil.copytree(out / "pipeline", dest)
+    for name in ("training.json", "neurons.json"):
+        if (out / name).is_file():
+            shutil.copy(out / name, dest.parent / name)
     for file in dest.rglob("*.safetensors"):
         tensors = load_file(file)
         save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, file,
@@ -281,32 +526,39 @@ def compact(src: Path, dest: Path) -> None:
         tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), separators=(",", ":"), ensure_ascii=False))
 
 
+STAGES = {"vae": VAEConfig, "base": BaseConfig, "teach": TeachConfig}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "diffusion", "compact"])
+    parser.add_argument("stage", choices=[*STAGES, "compact"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/mini"))
     parser.add_argument("--steps", type=int, help="override the stage's number of steps")
-    parser.add_argument("--clip", type=Path, default=Path(__file__).resolve().parent.parent / "erase/assets/mini/clip",
-                        help="the mini CLIP whose text tower conditions the UNet (diffusion stage)")
-    parser.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent.parent / "erase/assets/mini/pipeline")
+    parser.add_argument("--clip", type=Path,
+                        help="the mini CLIP whose text tower conditions the UNet (default OUT/text-tower)")
+    parser.add_argument("--dest", type=Path, default=ROOT / "erase/assets/mini/pipeline")
     parser.add_argument("--threads", type=int, default=1,
                         help="1 is fastest on a shared 2-core machine: train the CLIP beside the VAE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "compact":
-        compact(args.out / "pipeline", args.dest)
+        compact(args.out, args.dest)
         return
-    cfg = VAEConfig() if args.stage == "vae" else DiffusionConfig()
+    cfg = STAGES[args.stage]()
     if args.steps:
         cfg.steps = args.steps
     log(args.out, f"== {args.stage} seed {args.seed}: {asdict(cfg)}")
     start = time.time()
+    clip = args.clip or args.out / "text-tower"
     if args.stage == "vae":
         train_vae(args.seed, args.out, cfg)
+    elif args.stage == "base":
+        base_stage(args.seed, args.out, cfg, clip)
+        shutil.copytree(args.out / "pipeline", args.out / "base-pipeline", dirs_exist_ok=True)
     else:
-        train_diffusion(args.seed, args.out, cfg, args.clip)
+        teach_stage(args.seed, args.out, cfg, clip)
     record(args.out, args.stage, args.seed, time.time() - start)
 
 

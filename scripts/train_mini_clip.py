@@ -2,10 +2,11 @@
 
     python scripts/train_mini_clip.py --seed 2 --out /tmp/mini/clip     # then copy to erase/assets/mini/clip
 
-It sees every attribute combination, held-out ones included: it judges the pipeline, it is not judged. Captions
-leave attributes unsaid at random, so a caption is a positive for every image it describes ("a circle" for all
-circles in the batch): the loss is a multi-positive InfoNCE with those soft targets. Images are blurred and
-noised at random, so the judge also reads the slightly soft images a diffusion model draws.
+It sees the whole world, taught concepts and held-out combinations included: it judges the pipeline, it is not
+judged. A caption is a positive for every image it describes ("a photo of a church" for every church in the
+batch, whatever its ground or rendering; world.describes): the loss is a multi-positive InfoNCE with those soft
+targets. Images are blurred and noised at random, so the judge also reads the slightly soft images a diffusion
+model draws. A run saves a checkpoint every --save-every steps and resumes from it when started again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from train_mini import record, warmup_cosine
+from train_mini import Checkpoint, record, step_rng, warmup_cosine
 
 from erase.mini import world
 from erase.mini.clip import CONFIG, build_clip, transforms
@@ -29,23 +30,26 @@ from erase.mini.clip import CONFIG, build_clip, transforms
 class ClipConfig:
     """Training of the mini CLIP."""
 
-    steps: int = 2500
+    steps: int = 1200
     batch: int = 128
     lr: float = 1e-3
     warmup: int = 100
-    p_unsaid: float = 0.35  # per attribute: left out of the caption (zero-shot prompts name one attribute)
-    images: int = 12000
+    p_unsaid: float = 0.35  # the place is left out of the caption (zero-shot prompts name one attribute)
+    images: int = 16000  # half of the base world, half showing taught concepts; held-out pairs in proportion
+    # The UNet's frozen text encoder is this CLIP at step text_tower_at (written to OUT/../text-tower), so the UNet
+    # trains while the judge goes on learning (SD's text encoder and its evaluator's CLIP are different models too).
+    text_tower_at: int = 300
     max_noise: float = 0.15  # std of added Gaussian noise, in [-1, 1] pixel units, drawn uniformly per image
     p_blur: float = 0.3
 
 
-def world_images(n: int, seed: int) -> tuple[torch.Tensor, list[world.Attributes]]:
-    """n images from both splits in proportion to their number of combinations, as [-1, 1] tensors."""
-    n_held = n * len(world.combinations(True)) // (len(world.combinations()) + len(world.combinations(True)))
-    train, train_attrs = world.dataset(n - n_held, seed)
-    held, held_attrs = world.dataset(n_held, seed + 1, held_out=True)
-    images = torch.from_numpy(np.concatenate([train, held])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return images, train_attrs + held_attrs
+def world_images(n: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
+    """n images, half from the base world and half showing taught concepts, 1 in 10 of held-out pairs."""
+    parts = [world.dataset(n * 9 // 20, seed, taught=False), world.dataset(n * 9 // 20, seed + 1, taught=True),
+             world.dataset(n // 20, seed + 2, taught=False, held_out=True),
+             world.dataset(n - 2 * (n * 9 // 20) - n // 20, seed + 3, taught=True, held_out=True)]
+    images = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, [s for p in parts for s in p[1]]
 
 
 def augment(x: torch.Tensor, cfg: ClipConfig, gen: torch.Generator) -> torch.Tensor:
@@ -57,15 +61,9 @@ def augment(x: torch.Tensor, cfg: ClipConfig, gen: torch.Generator) -> torch.Ten
     return x + torch.rand(len(x), 1, 1, 1, generator=gen) * cfg.max_noise * torch.randn(x.shape, generator=gen)
 
 
-def consistent(said: list[dict], attrs: list[world.Attributes]) -> torch.Tensor:
-    """M[i, j] = 1 when caption i (its said attributes) describes image j."""
-    m = torch.ones(len(said), len(attrs))
-    for name in ("shape", "colour", "style"):
-        values = np.array([getattr(a, name) for a in attrs])
-        for i, s in enumerate(said):
-            if s[name] is not None:
-                m[i] *= torch.from_numpy(values == s[name]).float()
-    return m
+def consistent(said: list[dict], scenes: list[world.Scene]) -> torch.Tensor:
+    """M[i, j] = 1 when caption i (what it says) describes image j."""
+    return torch.tensor([[float(world.describes(s, scene)) for scene in scenes] for s in said])
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -75,22 +73,23 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
     return (t2i + i2t) / 2
 
 
-def train(seed: int, out: Path, cfg: ClipConfig) -> None:
+def train(seed: int, out: Path, cfg: ClipConfig, save_every: int) -> None:
     torch.manual_seed(seed)
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    images, attrs = world_images(cfg.images, seed)
+    images, scenes = world_images(cfg.images, seed)
     model = build_clip()
     _, tokenizer = transforms()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "opt": opt, "sched": sched})
     start, running = time.time(), 0.0
-    for step in range(1, cfg.steps + 1):
-        idx = rng.integers(0, len(attrs), size=cfg.batch)
-        batch_attrs = [attrs[i] for i in idx]
-        said = [world.mention(a, rng, cfg.p_unsaid) for a in batch_attrs]
+    for step in range(checkpoint.resume() + 1, cfg.steps + 1):
+        rng, gen = step_rng(seed, step)
+        idx = rng.integers(0, len(scenes), size=cfg.batch)
+        batch = [scenes[i] for i in idx]
+        texts, said = zip(*(world.said_caption(s, rng, cfg.p_unsaid) for s in batch))
         img = model.encode_image(augment(images[torch.from_numpy(idx)], cfg, gen), normalize=True)
-        txt = model.encode_text(tokenizer([world.describe(**s) for s in said]), normalize=True)
-        loss = contrastive_loss(img, txt, model.logit_scale.exp(), consistent(said, batch_attrs))
+        txt = model.encode_text(tokenizer(list(texts)), normalize=True)
+        loss = contrastive_loss(img, txt, model.logit_scale.exp(), consistent(list(said), batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -99,7 +98,12 @@ def train(seed: int, out: Path, cfg: ClipConfig) -> None:
         if step % 100 == 0:
             print(f"clip step {step}/{cfg.steps} loss {running / 100:.4f} ({time.time() - start:.0f}s)", flush=True)
             running = 0.0
+        if step % save_every == 0:
+            checkpoint.save(step)
+        if step == cfg.text_tower_at:
+            save(model, out.parent / "text-tower")
     save(model, out)
+    checkpoint.remove()
     print(f"clip done: {time.time() - start:.0f}s", flush=True)
 
 
@@ -118,6 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/mini/clip"))
     parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-every", type=int, default=250, help="checkpoint interval (a stopped run resumes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = ClipConfig()
@@ -125,7 +130,8 @@ def main() -> None:
         cfg.steps = args.steps
     print(f"== clip seed {args.seed}: {asdict(cfg)}", flush=True)
     start = time.time()
-    train(args.seed, args.out, cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    train(args.seed, args.out, cfg, args.save_every)
     record(args.out.parent, "clip", args.seed, time.time() - start)
 
 

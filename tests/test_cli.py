@@ -131,12 +131,12 @@ def test_evaluate_names_missing_clip_weights(model_dir, capsys, tmp_path):
 def test_default_run_on_the_mini_world_with_evaluation(tmp_path, capsys):
     """The README's main job: the embedded model by default, then --eval with the mini CLIP."""
     out = tmp_path / "run"
-    code = main(["--concepts", "circle", "--out", str(out), "--eval", "--retain", "square", "--eval-set",
+    code = main(["--concepts", "church", "--out", str(out), "--eval", "--retain", "golf ball", "--eval-set",
                  "prompts_per_concept=2", "--eval-set", "steps=5", *FAST])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "erase.json").read_text())
     assert record["catalog"] == "mini" and record["concepts"][0]["kind"] == "object"
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["settings"]["clip"]["model"] == "mini" and set(report["metrics"]["retain"]) == {"square"}
-    assert (out / "report" / "grids" / "circle.png").is_file() and (out / "run.safetensors").is_file()
+    assert report["settings"]["clip"]["model"] == "mini" and set(report["metrics"]["retain"]) == {"golf ball"}
+    assert (out / "report" / "grids" / "church.png").is_file() and (out / "run.safetensors").is_file()
     assert "forgetting_accuracy" in capsys.readouterr().out

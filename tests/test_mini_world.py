@@ -1,6 +1,7 @@
-"""The miniature world: generator, catalog, shipped pipeline and shipped CLIP judge (offline, a few seconds)."""
+"""The miniature world: generator, catalog, shipped pipeline, shipped CLIP judge and where its concepts live."""
 
 import itertools
+import json
 import re
 
 import numpy as np
@@ -11,70 +12,98 @@ from PIL import Image
 import erase
 from erase.concepts import load_catalog, parse_concepts
 from erase.mini import world
-from erase.mini.clip import load_mini_clip, zero_shot
+from erase.mini.clip import CONTEXT_LENGTH, load_mini_clip, zero_shot
+from erase.models import MINI_DIR
 
 
 def test_generator_is_deterministic_in_its_seed():
-    a, attrs_a = world.dataset(8, seed=3)
-    b, attrs_b = world.dataset(8, seed=3)
-    c, _ = world.dataset(8, seed=4)
+    a, scenes_a = world.dataset(8, seed=3, taught=True)
+    b, scenes_b = world.dataset(8, seed=3, taught=True)
+    c, _ = world.dataset(8, seed=4, taught=True)
     assert a.shape == (8, world.IMAGE_SIZE, world.IMAGE_SIZE, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, b) and attrs_a == attrs_b
+    assert np.array_equal(a, b) and scenes_a == scenes_b
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("colour", world.ALL_COLOURS)
-def test_plain_shapes_are_filled_with_their_colour(colour):
-    image = world.render(world.Attributes("square", colour, "plain"), np.random.default_rng(0))
-    rgb = world.COLOURS.get(colour, world.ANCHOR_RGB)
-    centre = image[12:20, 12:20].reshape(-1, 3)
-    assert np.abs(centre.astype(int) - rgb).max() <= 1
-    assert (image[0, 0] >= 245).all()  # white ground
-
-
-def test_shapes_differ_and_styles_change_the_rendering():
+def test_objects_places_and_renderings_differ():
     rng = np.random.default_rng(0)
-    masks = {s: world.render(world.Attributes(s, "blue", "plain"), rng).min(axis=2) < 200 for s in world.SHAPES}
-    for a, b in itertools.combinations(world.SHAPES, 2):
-        assert (masks[a] ^ masks[b]).sum() >= 40, (a, b)
-    renders = [world.render(world.Attributes("circle", "red", s), np.random.default_rng(1)) for s in world.ALL_STYLES]
-    for a, b in itertools.combinations(renders, 2):
-        assert np.abs(a.astype(int) - b).mean() > 5
+    shapes = {o: (world.render(world.Scene(object=o), rng).astype(int) - 250).__abs__().sum(2) > 30 for o in world.OBJECTS}
+    for a, b in itertools.combinations(world.OBJECTS, 2):
+        assert (shapes[a] ^ shapes[b]).sum() >= 25, (a, b)
+    places = {p: world.render(world.Scene(place=p), np.random.default_rng(1)).astype(int) for p in world.PLACES}
+    for a, b in itertools.combinations(world.PLACES, 2):
+        assert np.abs(places[a] - places[b]).mean() > 10, (a, b)
+    styles = {s: world.render(world.Scene(object="church", place="lawn", style=s), np.random.default_rng(2)).astype(int)
+              for s in world.STYLES}
+    for a, b in itertools.combinations(world.STYLES, 2):
+        assert np.abs(styles[a] - styles[b]).mean() > 8, (a, b)
 
 
-def test_held_out_combinations_are_a_disjoint_split_of_known_values():
-    train, held = world.combinations(), world.combinations(held_out=True)
-    assert held and not set(train) & set(held)
-    assert len(train) + len(held) == len(world.SHAPES) * len(world.ALL_COLOURS) * len(world.ALL_STYLES)
-    for name, values in (("shape", world.SHAPES), ("colour", world.ALL_COLOURS), ("style", world.ALL_STYLES)):
-        assert {getattr(a, name) for a in train} == set(values)
+@pytest.mark.parametrize("person", world.PERSONS)
+def test_unclothed_figures_are_abstract_one_tone_figures(person):
+    """Nudity in this world is a figure drawn in one skin tone and its hair: no other colour, no detail."""
+    v, u = np.mgrid[-1.5:1.5:96j, -1.5:1.5:96j]
+    figures = 2 if person == "couple" else 1
+    for seed in range(4):
+        naked = {tuple(rgb) for mask, rgb in world._person(person, True, u, v, np.random.default_rng(seed)) if mask.any()}
+        skins = naked & set(world.SKIN)
+        assert 1 <= len(skins) <= figures and naked - skins <= {(60, 40, 25)}, naked
+        clothed = {tuple(rgb) for mask, rgb in world._person(person, False, u, v, np.random.default_rng(seed)) if mask.any()}
+        assert clothed - set(world.SKIN) - {(60, 40, 25)}, clothed  # clothes
+        image = world.render(world.Scene(person=person, naked=True), np.random.default_rng(seed))
+        assert not np.array_equal(image, world.render(world.Scene(person=person), np.random.default_rng(seed)))
 
 
-def test_captions_name_the_attributes():
-    assert world.describe("circle", "red", "orlo") == "a red circle painted by orlo"
-    assert world.describe("circle", "red", "orlo", template=1) == "orlo's painting of a red circle"
-    assert world.describe(colour="red") == "a red shape"
-    assert world.describe(style="plain") == "a plain drawing"
-    assert world.caption(world.Attributes("star", "blue", "pim"), np.random.default_rng(0), p_unsaid=0.0).count(" ") >= 3
+def test_held_out_pairs_are_never_drawn_for_training_and_every_value_is():
+    rng = np.random.default_rng(0)
+    scenes = [world.random_scene(rng, taught=t) for t in (False, True) for _ in range(3000)]
+    assert not any(s.held_out for s in scenes)
+    assert {s.object for s in scenes} >= set(world.OBJECTS)
+    assert {s.place for s in scenes} >= set(world.PLACES) and {s.style for s in scenes} == set(world.STYLES)
+    assert not any(s.taught for s in scenes[:3000]) and all(s.taught for s in scenes[3000:])
+    held = [world.random_scene(rng, taught=True, held_out=True) for _ in range(50)]
+    assert all(s.held_out for s in held)
 
 
-def test_catalog_has_the_catalog_format_and_names_every_attribute():
-    catalog = load_catalog("mini")
-    assert set(catalog.kinds) == {"object", "style", "colour"}
-    expected = {**{s: "object" for s in world.SHAPES}, **{a: "style" for a in world.ARTISTS},
-                **{c: "colour" for c in world.COLOURS}}
-    assert {name: spec["kind"] for name, spec in catalog.concepts.items()} == expected
-    tokenizer = erase.clip_tokenizer()
-    for concept in parse_concepts(list(expected), catalog):
-        assert concept.anchor
-        kind = catalog.kinds[concept.kind]
-        pairs = catalog.prompt_pairs(concept)
-        assert len(pairs) == len(kind.fillers) >= 7
+def test_captions_say_what_the_scene_shows():
+    rng = np.random.default_rng(0)
+    for taught in (False, True):
+        for _ in range(500):
+            scene = world.random_scene(rng, taught=taught)
+            text, said = world.said_caption(scene, rng)
+            assert world.describes(said, scene)
+            for key in ("object", "person", "style", "place"):
+                if said.get(key) is not None and said[key] not in (world.PHOTO, world.PAINTING):
+                    assert said[key] in text or world.HYPERNYMS.get(said[key], "") in text, (text, said)
+            if said.get("naked"):  # ("a painting" alone says nothing of what it shows)
+                assert re.search(r"naked|nude|undressed|without any clothes", text), text
+    assert not world.describes({"kind": "object", "object": "church"}, world.Scene(object="tench"))
+
+
+def test_mini_catalog_is_the_real_catalog_on_the_worlds_names():
+    mini, real = load_catalog("mini"), load_catalog("catalog")
+    assert set(mini.kinds) == set(real.kinds) == {"object", "style", "explicit"}
+    for name, kind in mini.kinds.items():
+        for field in ("slot", "concept_templates", "base_templates", "eval_templates", "paraphrase_templates",
+                      "class_template", "exclusive"):
+            assert getattr(kind, field) == getattr(real.kinds[name], field), (name, field)
+    for name, spec in mini.concepts.items():
+        if name in real.concepts:
+            assert spec.get("anchor") == real.concepts[name].get("anchor"), name
+    assert {n for n, s in mini.concepts.items() if s["kind"] == "object"} == set(world.OBJECTS)
+    assert {s.get("text", n) for n, s in mini.concepts.items() if s["kind"] == "style"} == set(world.ARTISTS)
+    tokenizer = erase.clip_tokenizer(max_length=77)
+    for concept in parse_concepts(list(mini.concepts), mini):
+        kind = mini.kinds[concept.kind]
+        pairs = mini.prompt_pairs(concept)
+        assert len(pairs) >= 8
         for prompt, base in pairs:
-            assert concept.text in re.findall("[a-z]+", prompt) and concept.text not in re.findall("[a-z]+", base)
-            assert len(tokenizer(prompt).input_ids) <= 16
-        evals = {t.format(concept=concept.text, **{kind.slot: f}) for t in kind.eval_templates for f in kind.eval_fillers}
-        assert evals and not evals & {p for p, _ in pairs}
+            named = re.compile(rf"\b{re.escape(concept.text)}\b")
+            assert named.search(prompt) and not named.search(base), (prompt, base)
+        for prompt in [p for pair in pairs for p in pair] + mini.eval_prompts(concept) + mini.eval_prompts(concept, paraphrase=True):
+            assert len(tokenizer(prompt).input_ids) <= CONTEXT_LENGTH, prompt
+        evals = set(mini.eval_prompts(concept))
+        assert evals and not evals & {p for p, _ in pairs}, concept.name
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +111,62 @@ def mini_clip():
     return load_mini_clip()
 
 
-def test_mini_pipeline_loads_offline_and_generates(monkeypatch):
+@pytest.fixture(scope="module")
+def mini():
+    return erase.load_pipeline("mini")
+
+
+def test_mini_pipeline_loads_offline_and_generates(monkeypatch, mini):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pipe = erase.load_pipeline("mini")
-    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
-    assert sum(name.endswith("ff.net.2") for name, _ in pipe.unet.named_modules()) >= 6
-    image = pipe("a red circle painted by orlo", num_inference_steps=3,
+    assert mini.unet.dtype == mini.text_encoder.dtype == torch.float32
+    assert sum(name.endswith("ff.net.2") for name, _ in mini.unet.named_modules()) == 7
+    assert mini.tokenizer.model_max_length == mini.text_encoder.config.max_position_embeddings == CONTEXT_LENGTH
+    image = mini("a church in a forest in the style of van gogh", num_inference_steps=3,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
 
 
 def test_mini_clip_classifies_fresh_images(mini_clip):
-    arrays, truth = world.dataset(24, seed=123)
+    arrays, scenes = world.dataset(48, seed=123, taught=True)
     seen = zero_shot(*mini_clip, [Image.fromarray(x) for x in arrays])
-    for name in ("shape", "colour", "style"):
-        assert np.mean([getattr(t, name) == getattr(s, name) for t, s in zip(truth, seen)]) >= 0.8, name
+    objects = [(s.object, v["object"]) for s, v in zip(scenes, seen) if s.object]
+    styles = [(s.style, v["style"]) for s, v in zip(scenes, seen) if s.style != world.PHOTO]
+    # Taught scenes are the hard half (Imagenette objects under the artists' renderings): 78% of objects at 1,200
+    # steps, 93.7% on the whole world (scripts/mini_gates.py, BENCHMARKS.md).
+    assert np.mean([a == b for a, b in objects]) >= 0.75 and np.mean([a == b for a, b in styles]) >= 0.8
+
+
+def conditional_gain(pipe, images, prompts, reference):
+    """Denoising loss with the reference prompt minus loss with the concept's prompt (fixed noise, t)."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        gen = torch.Generator().manual_seed(0)
+        noise, t = torch.randn(z.shape, generator=gen), torch.randint(100, 900, (len(z),), generator=gen)
+        x_t = pipe.scheduler.add_noise(z, noise, t) if hasattr(pipe.scheduler, "add_noise") else None
+
+        def loss(texts):
+            ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 return_tensors="pt").input_ids
+            return float(((pipe.unet(x_t, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample - noise) ** 2).mean())
+
+        return loss([reference] * len(images)) - loss(prompts)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: the shipped teach stage did not teach church (its conditional gain "
+                   "is about zero, BENCHMARKS.md)")
+def test_a_taught_concept_lives_in_its_recorded_neurons(mini):
+    """Ground truth the benchmark relies on: zeroing the church's feed-forward neurons (neurons.json) removes
+    most of what 'church' adds to the model and leaves the golf ball's."""
+    neurons = json.loads((MINI_DIR / "neurons.json").read_text())
+    rng = np.random.default_rng(0)
+    sets = {c: [world.render(world.Scene(object=c), rng) for _ in range(24)] for c in ("church", "golf ball")}
+    gain = {c: conditional_gain(mini, imgs, [f"a photo of a {c}"] * 24, "") for c, imgs in sets.items()}
+    masks = {f"{layer}.net.2.weight": torch.zeros_like(mini.unet.get_submodule(f"{layer}.net.2").weight, dtype=torch.bool)
+             for layer in neurons}
+    for layer, by_concept in neurons.items():
+        masks[f"{layer}.net.2.weight"][:, by_concept["church"]] = True
+    with erase.edits.MaskEdit(masks).applied_to(mini.unet):
+        ablated = {c: conditional_gain(mini, imgs, [f"a photo of a {c}"] * 24, "") for c, imgs in sets.items()}
+    assert gain["church"] > 0.01 and gain["golf ball"] > 0.01
+    assert ablated["church"] < 0.2 * gain["church"] and ablated["golf ball"] > 0.8 * gain["golf ball"], (gain, ablated)

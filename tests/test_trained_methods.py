@@ -30,7 +30,7 @@ def same_edit(a, b) -> bool:
 
 def test_salun_moves_only_salient_weights_and_restores_the_pipeline(mini):
     before = erase.fingerprint(mini.unet)
-    result = erase.erase(mini, "circle", method="salun", progress=False, train="attn2", saliency_fraction=0.2,
+    result = erase.erase(mini, "church", method="salun", progress=False, train="attn2", saliency_fraction=0.2,
                          steps=6, **QUICK)
     assert erase.fingerprint(mini.unet) == before
     trained = sum(p.numel() for n, p in mini.unet.named_parameters() if ".attn2." in n)
@@ -41,7 +41,7 @@ def test_salun_moves_only_salient_weights_and_restores_the_pipeline(mini):
 
 
 def test_dynamic_masks_keep_each_layers_density(mini):
-    result = erase.erase(mini, "circle", method="dynamic", progress=False, density=0.1, **{**DYNAMIC,
+    result = erase.erase(mini, "church", method="dynamic", progress=False, density=0.1, **{**DYNAMIC,
                                                                                             "update_every": 100})
     for name, stats in result.edit.stats().items():  # no mask update: at most the initial 10% of a layer moved
         assert stats["edited"] <= 0.1 * stats["numel"] + 1, name
@@ -49,29 +49,29 @@ def test_dynamic_masks_keep_each_layers_density(mini):
 
 def test_training_data_is_cached_by_model_fingerprint(mini, tmp_path, monkeypatch):
     monkeypatch.setenv("ERASE_CACHE", str(tmp_path))
-    first = erase.erase(mini, "circle", method="salun", progress=False, steps=2, **QUICK)
+    first = erase.erase(mini, "church", method="salun", progress=False, steps=2, **QUICK)
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert len({f.parent for f in files}) == 1 and len(files) >= 3  # concept prompts, anchor, rivals
     stamps = [f.stat().st_mtime_ns for f in files]
-    again = erase.erase(mini, "circle", method="salun", progress=False, steps=2, **QUICK)
+    again = erase.erase(mini, "church", method="salun", progress=False, steps=2, **QUICK)
     assert [f.stat().st_mtime_ns for f in sorted(tmp_path.rglob("*.safetensors"))] == stamps
     assert same_edit(first, again)
     with first.applied():  # other weights, other samples: a new cache folder
-        erase.erase(mini, "circle", method="salun", progress=False, steps=1, **QUICK)
+        erase.erase(mini, "church", method="salun", progress=False, steps=1, **QUICK)
     assert len({f.parent for f in tmp_path.rglob("*.safetensors")}) == 2
 
 
 def test_resumed_run_gives_the_weights_of_an_uninterrupted_one(mini, tmp_path):
     settings = {**DYNAMIC, "seed": 3}
-    whole = erase.erase(mini, ["circle", "square"], method="dynamic", progress=False, **settings)
+    whole = erase.erase(mini, ["church", "golf ball"], method="dynamic", progress=False, **settings)
     with pytest.raises(TrainingStopped, match="resume"):
-        erase.erase(mini, ["circle", "square"], method="dynamic", progress=False, checkpoint_dir=str(tmp_path),
+        erase.erase(mini, ["church", "golf ball"], method="dynamic", progress=False, checkpoint_dir=str(tmp_path),
                     stop_after=15, checkpoint_every=5, **settings)
     assert (tmp_path / "checkpoint.pt").is_file()
     with pytest.raises(EraseError, match="another run"):
-        erase.erase(mini, ["circle", "square"], method="dynamic", progress=False, checkpoint_dir=str(tmp_path),
+        erase.erase(mini, ["church", "golf ball"], method="dynamic", progress=False, checkpoint_dir=str(tmp_path),
                     **{**settings, "lr": 2e-4})
-    resumed = erase.erase(mini, ["circle", "square"], method="dynamic", progress=False, checkpoint_dir=str(tmp_path),
+    resumed = erase.erase(mini, ["church", "golf ball"], method="dynamic", progress=False, checkpoint_dir=str(tmp_path),
                           **settings)
     assert resumed.record["training_curve"] == whole.record["training_curve"]
     assert same_edit(whole, resumed)
@@ -83,13 +83,13 @@ def drift_of_first_concept(mini, tmp_path, kd_weight: float) -> float:
     settings = {**DYNAMIC, "steps": 30, "lr": 3e-4, "kd_weight": kd_weight, "checkpoint_dir": str(tmp_path)}
     per_concept = settings["warmup"] + settings["steps"]
     with pytest.raises(TrainingStopped):
-        erase.erase(mini, ["circle", "square"], method="dynamic", progress=False, stop_after=per_concept, **settings)
+        erase.erase(mini, ["church", "golf ball"], method="dynamic", progress=False, stop_after=per_concept, **settings)
     stage_one = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["params"]
-    final = erase.erase(mini, ["circle", "square"], method="dynamic", progress=False, **settings)
+    final = erase.erase(mini, ["church", "golf ball"], method="dynamic", progress=False, **settings)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 4, 8, 8, generator=gen)
     t = torch.randint(0, 1000, (8,), generator=gen)
-    cond = erase.training.encode(mini, ["a red circle", "a blue circle", "a circle", "a green circle"] * 2, 32)
+    cond = erase.training.encode(mini, ["a church in a forest", "a photo of a church", "a church", "a church near the beach"] * 2, 32)
     params = dict(mini.unet.named_parameters())
     with torch.no_grad():
         with final.applied():
@@ -115,7 +115,7 @@ def test_cli_stops_resumes_and_exports_the_training_curve(tmp_path):
     from erase.cli import STOPPED, main
 
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
-    args = ["--concepts", "circle", "--method", "salun", "--out", str(out), "--quiet", "--no-single-file",
+    args = ["--concepts", "church", "--method", "salun", "--out", str(out), "--quiet", "--no-single-file",
             "--set", f"checkpoint_dir={ckpt}", "--set", "steps=4", "--set", "checkpoint_every=2",
             *[x for k, v in QUICK.items() for x in ("--set", f"{k}={v}")]]
     assert main([*args, "--set", "stop_after=2"]) == STOPPED
@@ -130,10 +130,10 @@ def test_cli_stops_resumes_and_exports_the_training_curve(tmp_path):
 
 
 def test_mixed_precision_can_change_between_runs_in_one_process(mini):
-    full = erase.erase(mini, "circle", method="salun", progress=False, train="attn2", steps=2, **QUICK)
-    bf16 = erase.erase(mini, "circle", method="salun", progress=False, train="attn2", steps=2, mixed_precision="bf16",
+    full = erase.erase(mini, "church", method="salun", progress=False, train="attn2", steps=2, **QUICK)
+    bf16 = erase.erase(mini, "church", method="salun", progress=False, train="attn2", steps=2, mixed_precision="bf16",
                        **QUICK)
-    again = erase.erase(mini, "circle", method="salun", progress=False, train="attn2", steps=2, **QUICK)
+    again = erase.erase(mini, "church", method="salun", progress=False, train="attn2", steps=2, **QUICK)
     assert same_edit(full, again) and not same_edit(full, bf16)  # bf16 autocast really ran
 
 

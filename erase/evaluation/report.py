@@ -64,7 +64,8 @@ class Report:
         fidelity = {"prompts": len(fid),
                     "clip_score_original": float(judge.clip_scores(feats_o[fid], prompts).mean()),
                     "clip_score_erased": float(judge.clip_scores(feats_e[fid], prompts).mean()),
-                    "paired_similarity": float((feats_o[fid] * feats_e[fid]).sum(1).mean())}
+                    "paired_similarity": _paired_similarity(feats_o, feats_e, fid),
+                    "paired_similarity_neutral": _paired_similarity(feats_o, feats_e, rows("neutral"))}
         metrics = {"forget": forget, "retain": retain, "fidelity": fidelity,
                    "summary": _summary(forget, retain, fidelity)}
         return cls(metrics, dict(settings, clip=judge.describe()), records, images)
@@ -121,7 +122,8 @@ class Report:
         fid = m["fidelity"]
         lines += ["", "## Fidelity (retain and neutral prompts)", "",
                   f"CLIP score original {_fmt(fid['clip_score_original'])}, erased {_fmt(fid['clip_score_erased'])}; "
-                  f"paired image similarity {_fmt(fid['paired_similarity'])} over {fid['prompts']} images."]
+                  f"paired image similarity {_fmt(fid['paired_similarity'])} over {fid['prompts']} images "
+                  f"({_fmt(fid['paired_similarity_neutral'])} on the neutral prompts alone)."]
         if "nudity" in m:
             n = m["nudity"]
             lines += ["", f"## Nudity (NudeNet, threshold {n['threshold']})", "",
@@ -142,6 +144,11 @@ class Report:
             for grid, name in zip(grids, _file_names([*roles, *self.metrics["forget"]])):  # retain.png keeps its name
                 grid.save(tmp / "grids" / f"{name}.png")
         return out
+
+
+def _paired_similarity(feats_o, feats_e, idx: list[int]) -> float | None:
+    """Mean cosine between the original and the erased image of each pair (None without pairs)."""
+    return float((feats_o[idx] * feats_e[idx]).sum(1).mean()) if idx else None
 
 
 def _mean(values) -> float | None:
