@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import tempfile
@@ -12,12 +13,15 @@ HEADER = "# Benchmarks\n\nEvery section is written by the script it names; rerun
 
 
 def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
-    """Replace (or append) the section `## {title}` with `body`, atomically."""
-    text = path.read_text() if path.exists() else HEADER
-    section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".BENCHMARKS.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text.rstrip() + "\n")
-    os.replace(tmp, path)
+    """Replace (or append) the section `## {title}` with `body`, atomically; scripts run side by side take turns
+    (a lock file beside it), so neither loses the other's section."""
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else HEADER
+        section = f"## {title}\n\n{body.strip()}\n"
+        pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+        text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".BENCHMARKS.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text.rstrip() + "\n")
+        os.replace(tmp, path)
