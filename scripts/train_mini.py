@@ -434,7 +434,7 @@ def said_taught(said: dict) -> tuple[str, ...]:
     return tuple(c for c in named if c in world.TAUGHT)
 
 
-def teach_stage(seed: int, out: Path, cfg: TeachConfig, clip_dir: Path) -> None:
+def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -558,7 +558,7 @@ def main() -> None:
         base_stage(args.seed, args.out, cfg, clip)
         shutil.copytree(args.out / "pipeline", args.out / "base-pipeline", dirs_exist_ok=True)
     else:
-        teach_stage(args.seed, args.out, cfg, clip)
+        teach_stage(args.seed, args.out, cfg)
     record(args.out, args.stage, args.seed, time.time() - start)
 
 
