@@ -3,6 +3,8 @@
 import itertools
 import json
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from erase.concepts import load_catalog, parse_concepts
 from erase.mini import world
 from erase.mini.clip import CONTEXT_LENGTH, load_mini_clip, zero_shot
 from erase.models import MINI_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from mini_gates import conditional_gains  # noqa: E402  (the gates' measure, not a copy of it)
 
 
 def test_generator_is_deterministic_in_its_seed():
@@ -136,23 +141,6 @@ def test_mini_clip_classifies_fresh_images(mini_clip):
     assert np.mean([a == b for a, b in objects]) >= 0.75 and np.mean([a == b for a, b in styles]) >= 0.8
 
 
-def conditional_gain(pipe, images, prompts, reference):
-    """Denoising loss with the reference prompt minus loss with the concept's prompt (fixed noise, t)."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-        gen = torch.Generator().manual_seed(0)
-        noise, t = torch.randn(z.shape, generator=gen), torch.randint(100, 900, (len(z),), generator=gen)
-        x_t = pipe.scheduler.add_noise(z, noise, t) if hasattr(pipe.scheduler, "add_noise") else None
-
-        def loss(texts):
-            ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 return_tensors="pt").input_ids
-            return float(((pipe.unet(x_t, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample - noise) ** 2).mean())
-
-        return loss([reference] * len(images)) - loss(prompts)
-
-
 @pytest.mark.xfail(strict=True, reason="issue 14: the shipped teach stage did not teach church (its conditional gain "
                    "is about zero, BENCHMARKS.md)")
 def test_a_taught_concept_lives_in_its_recorded_neurons(mini):
@@ -161,12 +149,13 @@ def test_a_taught_concept_lives_in_its_recorded_neurons(mini):
     neurons = json.loads((MINI_DIR / "neurons.json").read_text())
     rng = np.random.default_rng(0)
     sets = {c: [world.render(world.Scene(object=c), rng) for _ in range(24)] for c in ("church", "golf ball")}
-    gain = {c: conditional_gain(mini, imgs, [f"a photo of a {c}"] * 24, "") for c, imgs in sets.items()}
+    triples = {c: ("", [(img, f"a photo of a {c}", "") for img in imgs]) for c, imgs in sets.items()}
+    gain = conditional_gains(mini, triples, None)
     masks = {f"{layer}.net.2.weight": torch.zeros_like(mini.unet.get_submodule(f"{layer}.net.2").weight, dtype=torch.bool)
              for layer in neurons}
     for layer, by_concept in neurons.items():
         masks[f"{layer}.net.2.weight"][:, by_concept["church"]] = True
     with erase.edits.MaskEdit(masks).applied_to(mini.unet):
-        ablated = {c: conditional_gain(mini, imgs, [f"a photo of a {c}"] * 24, "") for c, imgs in sets.items()}
+        ablated = conditional_gains(mini, triples, None)
     assert gain["church"] > 0.01 and gain["golf ball"] > 0.01
     assert ablated["church"] < 0.2 * gain["church"] and ablated["golf ball"] > 0.8 * gain["golf ball"], (gain, ablated)
