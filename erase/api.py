@@ -21,7 +21,7 @@ from .errors import EraseError
 from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, nbytes, read_patch,
                      save_patch, write_json)
 from .methods import get_method
-from .models import MINI_PIPELINE_DIR, check_pipeline, image_side
+from .models import MINI_PIPELINE_DIR, check_pipeline, image_side, model_record
 from .single_file import save_single_file, unsupported
 
 
@@ -102,7 +102,8 @@ def result_from_patch(pipe, patch: str | Path) -> EraseResult:
     edit, metadata = read_patch(patch)
     base = check_patch_base(pipe, patch, metadata)
     concepts = concepts_from_record(json.loads(metadata.get("concepts", "[]")), f"the header of {patch}")
-    record = {"erase_version": versions()["erase"], "applied_patch": str(patch), "base_fingerprint": base,
+    record = {"erase_version": versions()["erase"], "applied_patch": str(patch), "model": model_record(pipe),
+              "base_fingerprint": base,
               "catalog": default_catalog(pipe),
               "method": metadata.get("method"), "concepts": [c.as_dict() for c in concepts],
               "patch_erase_version": metadata.get("erase_version"), "layers": edit.stats(), "timings": {},
@@ -186,8 +187,7 @@ def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> 
     return {
         "erase_version": versions()["erase"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"source": str(getattr(pipe, "name_or_path", "") or "in-memory pipeline"),
-                  "pipeline": type(pipe).__name__, "dtype": str(pipe.unet.dtype), "device": str(pipe.unet.device)},
+        "model": model_record(pipe),
         "base_fingerprint": base,
         "method": method,
         "config": as_dict(config),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -222,10 +223,56 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict):
     if cls is StableDiffusionXLPipeline:
         extra["tokenizer_2"] = clip_tokenizer(_text_length(config_dir / "text_encoder_2"))
     try:
-        return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, **extra, **kwargs)
+        if any(k.startswith(SD1_TEXT) for k in keys):
+            extra["text_encoder"] = _sd1_text_encoder(path, keys, config_dir, kwargs.get("torch_dtype"))
+        pipe = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, **extra, **kwargs)
     except Exception as exc:
         raise EraseError(f"{path.name} could not be loaded as a Stable Diffusion checkpoint ({exc}); "
                          "pass --model-config with the diffusers folder of its base model") from exc
+    pipe.register_to_config(_name_or_path=str(path))
+    pipe.source_sha256 = file_sha256(path)
+    return pipe
+
+
+SD1_TEXT = "cond_stage_model.transformer."
+"""Prefix of the SD1.x CLIP text encoder in a single file. Under it, A1111's and released checkpoints write
+`text_model.embeddings.*`; diffusers' own converter under transformers 5 (flattened CLIPTextModel) writes
+`embeddings.*`. Both load; diffusers' loader recognises only the first."""
+
+
+def sd1_text_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SD1.x text encoder's tensors of a single file in the layout diffusers reads (`text_model.` restored)."""
+    return {SD1_TEXT + "text_model." + k[len(SD1_TEXT):].removeprefix("text_model."): v
+            for k, v in tensors.items() if k.startswith(SD1_TEXT)}
+
+
+def _sd1_text_encoder(path: Path, keys: list[str], config_dir: Path, dtype):
+    """The SD1.x text encoder of either layout, built by diffusers' own converter from the normalised tensors."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in keys if k.startswith(SD1_TEXT)}
+    return create_diffusers_clip_model_from_ldm(CLIPTextModel, sd1_text_state(tensors), subfolder="text_encoder",
+                                                config=str(config_dir), torch_dtype=dtype, local_files_only=True)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes, as given (not of the tensors): what `sha256sum` prints, with a `sha256:` prefix."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def model_record(pipe) -> dict:
+    """erase.json's `model`: source (path or hub id; for a single file also the file's sha256), pipeline, dtype, device."""
+    record = {"source": str(getattr(pipe, "name_or_path", "") or "in-memory pipeline")}
+    if getattr(pipe, "source_sha256", None):
+        record["sha256"] = pipe.source_sha256
+    return {**record, "pipeline": type(pipe).__name__, "dtype": str(pipe.unet.dtype), "device": str(pipe.unet.device)}
 
 
 def _text_length(text_encoder: Path) -> int:
@@ -243,8 +290,8 @@ def _shipped_config_for(keys: list[str], path: Path) -> Path:
         raise EraseError(f"{path.name} is an SDXL checkpoint and erase ships no SDXL config yet: pass --model-config with "
                          "the diffusers folder of its base model")
     if any(k.startswith("cond_stage_model.model.") for k in keyset):
-        name = "sd2"  # the 768-v model; an SD2 base (512, epsilon) checkpoint needs --config
-    elif "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keyset:
+        name = "sd2"  # the 768-v model; an SD2 base (512, epsilon) checkpoint needs --model-config
+    elif {SD1_TEXT + "text_model.embeddings.token_embedding.weight", SD1_TEXT + "embeddings.token_embedding.weight"} & keyset:
         name = "sd15"
     else:
         raise EraseError(f"{path.name} is not a recognised Stable Diffusion checkpoint (no SD1.x, SD2.x or SDXL "

@@ -1,11 +1,13 @@
 """Single-file checkpoints (original SD layout) read back by diffusers' from_single_file, and `apply`."""
 
+import hashlib
 import json
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import erase
@@ -73,6 +75,62 @@ def test_sd15_architecture_round_trip(tmp_path):
     save_configs(pipe, tmp_path / "base")
     save_single_file(pipe, tmp_path / "sd15.safetensors", {"method": "none"})
     assert_same_weights(pipe, load_single_file(tmp_path / "sd15.safetensors", tmp_path / "base"))
+
+
+SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+            "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+            "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+def write_layout(source, path, text_model: bool, released: bool) -> None:
+    """`source` (erase's layout) rewritten as other tools write SD1.x: the text encoder without `text_model.` (diffusers'
+    converter under transformers 5), and the EMA copy, position ids and DDPM schedule of released checkpoints."""
+    state = load_file(str(source))
+    text = "cond_stage_model.transformer."
+    if not text_model:
+        state = {k.replace(text + "text_model.", text): v for k, v in state.items()}
+    if released:
+        state.update({f"model_ema.{k[len('model.'):].replace('.', '')}": v + 1  # EMA weights that must not be loaded
+                      for k, v in state.items() if k.startswith("model.diffusion_model.")})
+        state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
+        state.update({name: torch.rand(1000, dtype=torch.float64) for name in SCHEDULE})
+        state[text + ("text_model." if text_model else "") + "embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(state, str(path))
+
+
+def fingerprints(pipe) -> dict:
+    return {name: erase.fingerprint(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder")}
+
+
+@pytest.mark.parametrize("text_model", [True, False], ids=["text_model", "flat-text"])
+@pytest.mark.parametrize("released", [False, True], ids=["bare", "ema-schedule"])
+def test_every_sd1_layout_loads_to_the_folder_fingerprint(erased_run, tmp_path, text_model, released):
+    pipe, _, _, root = erased_run
+    save_single_file(pipe, tmp_path / "ours.safetensors", {"method": "none"})
+    write_layout(tmp_path / "ours.safetensors", tmp_path / "model.safetensors", text_model, released)
+    loaded = erase.load_pipeline(tmp_path / "model.safetensors", config=root / "base")
+    assert fingerprints(loaded) == fingerprints(erase.load_pipeline(root / "base"))
+
+
+def test_a_flat_text_layout_is_recognised_as_sd15_without_a_model_config(erased_run, tmp_path):
+    """Recognised (the shipped SD1.5 config is tried), so the error names --model-config, not an unknown file."""
+    save_single_file(erased_run[0], tmp_path / "ours.safetensors", {"method": "none"})
+    write_layout(tmp_path / "ours.safetensors", tmp_path / "model.safetensors", text_model=False, released=False)
+    with pytest.raises(erase.EraseError, match="could not be loaded as a Stable Diffusion checkpoint .*--model-config"):
+        erase.load_pipeline(tmp_path / "model.safetensors")
+
+
+def test_a_run_on_a_single_file_records_its_path_and_sha256(erased_run, tmp_path, capsys):
+    pipe, _, _, root = erased_run
+    save_single_file(pipe, tmp_path / "ours.safetensors", {"method": "none"})
+    model = tmp_path / "model.safetensors"
+    write_layout(tmp_path / "ours.safetensors", model, text_model=False, released=True)
+    assert main(["--concepts", "church", "--model", str(model), "--model-config", str(root / "base"), "--out",
+                 str(tmp_path / "out"), "--quiet", *(f"--set={k}={v}" for k, v in FAST.items())]) == 0
+    record = json.loads((tmp_path / "out" / "erase.json").read_text())
+    assert record["model"]["source"] == str(model)
+    assert record["model"]["sha256"] == "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
+    assert record["base_fingerprint"] == erase.fingerprint(erase.load_pipeline(root / "base").unet)
 
 
 def test_sd2_shaped_pipeline_records_why_there_is_no_single_file(pipe_sd2, tmp_path):
