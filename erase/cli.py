@@ -87,9 +87,39 @@ def apply_parser() -> argparse.ArgumentParser:
 
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-single-file", dest="single_file", action="store_false", default=None,
-                   help="skip <out>/<name>.safetensors (the original-layout single file for A1111/ComfyUI)")
+    single = p.add_mutually_exclusive_group()
+    single.add_argument("--single-file", dest="single_file", action="store_true", default=None,
+                        help="require <out>/<name>.safetensors: a model without a single-file layout is refused "
+                             "before any work (default: written where the model has one)")
+    single.add_argument("--no-single-file", dest="single_file", action="store_false", default=None,
+                        help="skip <out>/<name>.safetensors (the original-layout single file for A1111/ComfyUI)")
     p.add_argument("--half", action="store_true", help="store the single file in float16")
+
+
+def load_model_to_export(args: argparse.Namespace):
+    """The model, after refusing --single-file for a model that has no single-file layout (before any work)."""
+    from .single_file import unsupported
+
+    pipe = load_model(args)
+    if args.single_file and unsupported(pipe):
+        raise EraseError(f"--single-file asked for a file this model cannot have: {unsupported(pipe)}, or drop "
+                         "--single-file")
+    return pipe
+
+
+def save_and_report(args: argparse.Namespace, result, out: Path) -> None:
+    """Save the result; say on the console why there is no single file, if there is none."""
+    result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
+    single = result.record["single_file"]
+    if single["name"] is None:
+        half = " (--half had no effect)" if args.half else ""
+        print(f"note: no single file written{half}: {single['why']}", file=sys.stderr)
+
+
+def wrote(out: Path) -> str:
+    """The last console line: the folder and every file and folder in it."""
+    names = sorted(f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir())
+    return f"wrote {out}/: {', '.join(names)}"
 
 
 def apply_run(args: argparse.Namespace) -> None:
@@ -100,10 +130,8 @@ def apply_run(args: argparse.Namespace) -> None:
     check_model_options(args)
     out = check_output_dir(args.out, args.overwrite)
     with reserved(out, args.overwrite):
-        pipe = load_model(args)
-        result_from_patch(pipe, args.patch).save(out, overwrite=args.overwrite, single_file=args.single_file,
-                                                 half=args.half)
-    print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
+        save_and_report(args, result_from_patch(load_model_to_export(args), args.patch), out)
+    print(wrote(out))
 
 
 def check_eval_options(args: argparse.Namespace, catalog) -> dict:
@@ -133,7 +161,6 @@ def run_evaluation(args: argparse.Namespace, pipe, erased, out: Path, settings: 
                       progress=not args.quiet, **settings)
     report.save(out, overwrite=args.overwrite)
     print("\n".join(report.markdown().split("\n## Forgetting")[0].splitlines()[2:]))
-    print(f"wrote {out}/ (report.json, report.md, grids/)")
 
 
 def default_out(method: str, concepts: str) -> Path:
@@ -171,15 +198,15 @@ def run(args: argparse.Namespace) -> Path:
     main_process = is_main_process()
     # A second run for this --out is refused now, not after its work.
     with reserved(out, args.overwrite) if main_process else contextlib.nullcontext():
-        pipe = load_model(args)
+        pipe = load_model_to_export(args)
         result = erase(pipe, concepts, method=args.method, config=config, catalog=catalog, progress=not args.quiet)
         if not main_process:  # a data-parallel launch: all processes hold the same edit; one writes
             return out
-        result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
         print(result.summary())
-        print(f"wrote {out}/ (unet/, patch.safetensors, erase.json)")
+        save_and_report(args, result, out)
         if args.eval:
             run_evaluation(args, pipe, result, out / "report", eval_settings)
+    print(wrote(out))
     return out
 
 
@@ -194,6 +221,7 @@ def evaluate_run(args: argparse.Namespace) -> None:
     out = check_output_dir(Path(args.out) if args.out else run_dir / "report", args.overwrite)
     with reserved(out, args.overwrite):
         run_evaluation(args, load_model(args), run_dir, out, settings)
+    print(wrote(out))
 
 
 def check_model_options(args: argparse.Namespace) -> None:

@@ -31,7 +31,46 @@ def test_full_run_writes_the_checkpoint(model_dir, tmp_path, capsys):
     assert record["concepts"][1] == {"name": "church", "kind": "object", "anchor": "building", "text": "church"}
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     printed = capsys.readouterr().out
-    assert "total" in printed and f"wrote {out}" in printed
+    assert "total" in printed
+    assert printed.splitlines()[-1] == f"wrote {out}/: erase.json, patch.safetensors, run.safetensors, unet/"
+
+
+@pytest.fixture(scope="module")
+def sd2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-sd2"
+    tiny_pipeline(sd2=True).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_a_run_without_a_single_file_says_why_and_that_half_did_nothing(sd2_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--concepts", "church", "--model", str(sd2_dir), "--out", str(out), "--half", *FAST]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "single file" in line]
+    assert len(notes) == 1 and "--half had no effect" in notes[0] and "supports SD1.x" in notes[0]
+    assert captured.out.splitlines()[-1] == f"wrote {out}/: erase.json, patch.safetensors, unet/"
+    assert sorted(p.name for p in out.iterdir()) == ["erase.json", "patch.safetensors", "unet"]
+
+
+def test_single_file_is_required_before_any_work(sd2_dir, tmp_path, capsys, monkeypatch):
+    import erase.api
+
+    monkeypatch.setattr(erase.api, "erase", lambda *a, **k: pytest.fail("the erasure ran before the refusal"))
+    bad(["--concepts", "church", "--model", str(sd2_dir), "--single-file"], capsys, tmp_path,
+        "--single-file asked for a file this model cannot have")
+
+
+def test_every_flag_that_model_errors_name_exists():
+    """A user who follows an error's advice must not get 'unrecognized arguments' (--config vs --model-config)."""
+    import re
+
+    import erase.models
+    from erase.cli import apply_parser, evaluate_parser, parser
+
+    known = set.intersection(*({option for action in make()._actions for option in action.option_strings}
+                               for make in (parser, evaluate_parser, apply_parser)))  # models.py serves all three
+    named = set(re.findall(r"--[a-z][a-z-]*", Path(erase.models.__file__).read_text()))
+    assert named and named <= known, named - known
 
 
 def bad(args: list[str], capsys, tmp_path, match: str) -> None:
@@ -139,4 +178,6 @@ def test_default_run_on_the_mini_world_with_evaluation(tmp_path, capsys):
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["settings"]["clip"]["model"] == "mini" and set(report["metrics"]["retain"]) == {"golf ball"}
     assert (out / "report" / "grids" / "church.png").is_file() and (out / "run.safetensors").is_file()
-    assert "forgetting_accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "forgetting_accuracy" in printed
+    assert printed.splitlines()[-1] == f"wrote {out}/: erase.json, patch.safetensors, report/, run.safetensors, unet/"

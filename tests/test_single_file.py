@@ -147,10 +147,12 @@ def test_apply_reproduces_the_run_and_refuses_another_base(erased_run, tmp_path,
     again = tmp_path / "again"
     assert main(["apply", "--patch", str(out / "patch.safetensors"), "--model", str(root / "base"),
                  "--out", str(again), "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {again}/: again.safetensors, erase.json, patch.safetensors, unet/"
     first = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
     second = UNet2DConditionModel.from_pretrained(again / "unet").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     record = json.loads((again / "erase.json").read_text())
+    assert record["model"]["source"] == str(root / "base")
     assert record["erased_fingerprint"] == json.loads((out / "erase.json").read_text())["erased_fingerprint"]
 
     other = tmp_path / "other-base"
