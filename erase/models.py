@@ -268,7 +268,7 @@ def file_sha256(path: Path) -> str:
 
 
 def model_record(pipe) -> dict:
-    """erase.json's `model`: source (path or hub id; for a single file also the file's sha256), pipeline, dtype, device."""
+    """erase.json's `model`: source (path or hub id; a single file's sha256 too), pipeline, dtype, device."""
     record = {"source": str(getattr(pipe, "name_or_path", "") or "in-memory pipeline")}
     if getattr(pipe, "source_sha256", None):
         record["sha256"] = pipe.source_sha256
@@ -291,7 +291,7 @@ def _shipped_config_for(keys: list[str], path: Path) -> Path:
                          "the diffusers folder of its base model")
     if any(k.startswith("cond_stage_model.model.") for k in keyset):
         name = "sd2"  # the 768-v model; an SD2 base (512, epsilon) checkpoint needs --model-config
-    elif {SD1_TEXT + "text_model.embeddings.token_embedding.weight", SD1_TEXT + "embeddings.token_embedding.weight"} & keyset:
+    elif {f"{SD1_TEXT}{inner}embeddings.token_embedding.weight" for inner in ("text_model.", "")} & keyset:
         name = "sd15"
     else:
         raise EraseError(f"{path.name} is not a recognised Stable Diffusion checkpoint (no SD1.x, SD2.x or SDXL "

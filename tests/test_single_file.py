@@ -147,7 +147,8 @@ def test_apply_reproduces_the_run_and_refuses_another_base(erased_run, tmp_path,
     again = tmp_path / "again"
     assert main(["apply", "--patch", str(out / "patch.safetensors"), "--model", str(root / "base"),
                  "--out", str(again), "--quiet"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {again}/: again.safetensors, erase.json, patch.safetensors, unet/"
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"wrote {again}/: again.safetensors, erase.json, patch.safetensors, unet/"
     first = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
     second = UNet2DConditionModel.from_pretrained(again / "unet").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
