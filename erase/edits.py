@@ -14,7 +14,7 @@ from torch import nn
 from .errors import EraseError
 from .masks import pack_bits, unpack_bits
 
-PATCH_FORMAT = "erase.mask/1"
+PATCH_FORMAT = "erase.mask/1"  # specified in docs/PATCH_FORMAT.md: masks and optional `:values`; bump on any change
 VALUES = ":values"
 
 

@@ -1,6 +1,8 @@
 """Export: the diffusers UNet, the patch and erase.json — read back as a user would."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +59,35 @@ def test_patch_reapplied_to_the_base_reproduces_the_erased_weights(saved):
         assert torch.equal(tensor, exported[name]), name
     record = json.loads((out / "erase.json").read_text())
     assert erase.fingerprint(base.unet) == record["erased_fingerprint"]
+
+
+PATCH_DOC = Path(__file__).parent.parent / "docs" / "PATCH_FORMAT.md"
+
+
+def reference_reader() -> dict:
+    """The reader docs/PATCH_FORMAT.md gives, run as written."""
+    code = PATCH_DOC.read_text().split("## Reference reader", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, str(PATCH_DOC), "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("method", ["fia", "uce"])
+def test_the_documented_reader_decodes_every_patch_we_write(saved, tmp_path, method):
+    """A reader written from the format's page alone, on a masking (FIA) and a value-setting (UCE) patch."""
+    out = saved[1] if method == "fia" else erase.erase(tiny_pipeline(), "van gogh", method="uce", progress=False,
+                                                        preserve=["claude monet"]).save(tmp_path / "uce")
+    doc = reference_reader()
+    edits, header = doc["read_erase_patch"](out / "patch.safetensors")
+    assert any(values is not None for _, values in edits.values()) == (method == "uce")
+    base = tiny_pipeline().unet
+    assert header["base_fingerprint"] == erase.fingerprint(base)
+    state = base.state_dict()
+    doc["apply_erase_patch"](state, edits)
+    assert erase.fingerprint(base) == header["erased_fingerprint"] == json.loads((out / "erase.json").read_text())[
+        "erased_fingerprint"]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", PATCH_DOC.read_text(), re.M))
+    assert set(header) == documented
 
 
 def test_patch_is_refused_on_another_base(saved):
