@@ -67,8 +67,8 @@ class EraseResult:
              half: bool = False) -> Path:
         """Write unet/ (diffusers), <out name>.safetensors (original SD layout), patch.safetensors and erase.json.
 
-        single_file: None writes the single file where the architecture has one (SD1.x) and records why not
-        otherwise; True requires it; False skips it. half: store the single file in float16. Atomic.
+        single_file: None writes the single file where the model has an original layout (SD1.x, SD2.x, SDXL) and
+        records why not otherwise; True requires it; False skips it. half: store the single file in float16. Atomic.
         """
         out = check_output_dir(out, overwrite)
         if single_file and unsupported(self.pipe):
@@ -76,7 +76,8 @@ class EraseResult:
         started = time.perf_counter()
         record = dict(self.record)
         single = single_file is not False and not unsupported(self.pipe)
-        components = nbytes(self.pipe.unet, self.pipe.vae, self.pipe.text_encoder) // (1 + half) if single else 0
+        text_encoders = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
+        components = nbytes(self.pipe.unet, self.pipe.vae, *text_encoders) // (1 + half) if single else 0
         with atomic_dir(out, overwrite, size=nbytes(self.pipe.unet) + components) as tmp:
             with self.applied() as pipe:
                 pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)

@@ -1,8 +1,8 @@
 """Single-file checkpoints in the original Stable Diffusion layout (A1111, ComfyUI, diffusers' from_single_file).
 
 diffusers ships only the original → diffusers conversion; the reverse is written here as data: renames inside
-a block (tables below) and a block-prefix table derived from the UNet/VAE config. The round trip through
-`from_single_file` is what the tests check.
+a block (tables below) and a block-prefix table derived from the UNet/VAE/text-encoder config. SD1.x, SD2.x and
+SDXL; the round trip through `from_single_file` is what the tests check.
 """
 
 from __future__ import annotations
@@ -15,16 +15,23 @@ from safetensors.torch import save_file
 
 from .errors import EraseError
 
-UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
 # diffusers name → original name, inside a block.
 UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-VAE_FIXED = {"conv_norm_out": "norm_out"}
+VAE_FIXED = {"conv_norm_out": "norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
+# OpenCLIP's text transformer (SD2.x's cond_stage_model.model, SDXL's conditioner.embedders.1.model); q, k and v are
+# fused into attn.in_proj_* before renaming, position and projection are bare tensors (see open_clip_layout).
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn": "attn", "mlp.fc1": "mlp.c_fc",
+                   "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_FIXED = {"embeddings.token_embedding": "token_embedding", "embeddings.position_embedding": "positional_embedding",
+                   "final_layer_norm": "ln_final", "text_projection": "text_projection"}
 
 
 def unet_block_prefixes(config) -> dict[str, tuple[str, dict]]:
@@ -73,6 +80,14 @@ def vae_block_prefixes(config) -> dict[str, tuple[str, dict]]:
             table[f"{coder}.mid_block.resnets.{k}"] = (f"{coder}.mid.block_{k + 1}", VAE_RESNET)
         table[f"{coder}.mid_block.attentions.0"] = (f"{coder}.mid.attn_1", VAE_ATTENTION)
         table.update({f"{coder}.{k}": (f"{coder}.{v}", {}) for k, v in VAE_FIXED.items()})
+    table.update({name: (name, {}) for name in ("quant_conv", "post_quant_conv")})
+    return table
+
+
+def open_clip_prefixes(config) -> dict[str, tuple[str, dict]]:
+    table = {f"encoder.layers.{i}": (f"transformer.resblocks.{i}", OPEN_CLIP_LAYER)
+             for i in range(config.num_hidden_layers)}
+    table.update({k: (v, {}) for k, v in OPEN_CLIP_FIXED.items()})
     return table
 
 
@@ -95,16 +110,63 @@ def rename(state: dict[str, torch.Tensor], table: dict[str, tuple[str, dict]]) -
     return out
 
 
+def unmapped(state: dict, table: dict[str, tuple[str, dict]]) -> list[str]:
+    """Keys under no table prefix: tensors the original layout has no name for."""
+    return [key for key in state if not any(key.startswith(prefix + ".") for prefix in table)]
+
+
+def clip_layout(text_encoder) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP (SD1.x, SDXL's first encoder): transformers' own names under `text_model.`."""
+    return {"text_model." + k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+
+
+def open_clip_layout(text_encoder) -> dict[str, torch.Tensor]:
+    """OpenCLIP (SD2.x, SDXL's second encoder): q/k/v fused into in_proj, `positional_embedding` and the transposed
+    `text_projection` as bare tensors."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    fused = {}
+    for key, tensor in state.items():
+        layer, _, inner = key.partition(".self_attn.")  # inner: q_proj.weight, out_proj.bias, ... or ""
+        proj, _, kind = inner.partition("_proj.")
+        if proj == "q":
+            fused[f"{layer}.self_attn.in_proj_{kind}"] = torch.cat([state[f"{layer}.self_attn.{p}_proj.{kind}"]
+                                                                    for p in "qkv"])
+        elif proj not in ("k", "v"):
+            fused[key] = tensor
+    out = rename(fused, open_clip_prefixes(text_encoder.config))
+    out["positional_embedding"] = out.pop("positional_embedding.weight")
+    if "text_projection.weight" in out:
+        out["text_projection"] = out.pop("text_projection.weight").T
+    return out
+
+
+def text_layouts(pipe) -> list[tuple[str, object, object]]:
+    """(original prefix, layout function, text encoder) of each text encoder: SD1.x, SD2.x or SDXL."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return [("conditioner.embedders.0.transformer.", clip_layout, pipe.text_encoder),
+                ("conditioner.embedders.1.model.", open_clip_layout, pipe.text_encoder_2)]
+    if pipe.unet.config.use_linear_projection:  # SD2.x, as A1111 and ComfyUI tell it from SD1.x: OpenCLIP
+        return [("cond_stage_model.model.", open_clip_layout, pipe.text_encoder)]
+    return [("cond_stage_model.transformer.", clip_layout, pipe.text_encoder)]
+
+
 def unsupported(pipe) -> str | None:
-    """Why this pipeline has no single-file export, or None when it has one (SD1.x layouts)."""
-    if hasattr(pipe, "text_encoder_2") or pipe.unet.config.use_linear_projection:
-        return ("single-file export supports SD1.x pipelines (SD2's and SDXL's OpenCLIP text encoders need another "
-                "layout): use the diffusers unet/ folder or the patch")
+    """Why this pipeline has no single-file export (a tensor the original layout cannot name, a text encoder that is
+    not CLIP), or None when it has one."""
+    for name, table in (("unet", unet_block_prefixes(pipe.unet.config)), ("vae", vae_block_prefixes(pipe.vae.config))):
+        missing = unmapped(getattr(pipe, name).state_dict(), table)
+        if missing:
+            return (f"the original Stable Diffusion layout has no name for {name}.{missing[0]} (an SD1.x, SD2.x or "
+                    "SDXL single file cannot hold this model): use the diffusers unet/ folder or the patch")
+    for _, _, encoder in text_layouts(pipe):
+        if type(encoder).__name__ not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            return (f"the original Stable Diffusion layout holds CLIP text encoders, not {type(encoder).__name__}: "
+                    "use the diffusers unet/ folder or the patch")
     return None
 
 
 def original_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and text encoder as one state dict in the original SD1.x layout."""
+    """The pipeline's UNet, VAE and text encoder(s) as one state dict in the original SD layout."""
     reason = unsupported(pipe)
     if reason:
         raise EraseError(reason)
@@ -113,11 +175,10 @@ def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     for key, tensor in vae.items():  # the original VAE attention uses 1x1 convolutions
         if ".mid.attn_1." in key and key.endswith("weight") and tensor.dim() == 2:
             vae[key] = tensor[:, :, None, None]
-    text = {f"text_model.{k}" if not k.startswith("text_model.") else k: v
-            for k, v in pipe.text_encoder.state_dict().items()}
     state = {UNET_PREFIX + k: v for k, v in unet.items()}
     state.update({VAE_PREFIX + k: v for k, v in vae.items()})
-    state.update({TEXT_PREFIX + k: v for k, v in text.items()})
+    for prefix, layout, encoder in text_layouts(pipe):
+        state.update({prefix + k: v for k, v in layout(encoder).items()})
     return state
 
 

@@ -36,27 +36,28 @@ def test_full_run_writes_the_checkpoint(model_dir, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def sd2_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-sd2"
-    tiny_pipeline(sd2=True).save_pretrained(path, safe_serialization=True)
+def lcm_dir(tmp_path_factory):
+    """A UNet with a guidance embedding (time_cond_proj_dim, as LCM-distilled models have): no single-file layout."""
+    path = tmp_path_factory.mktemp("models") / "tiny-lcm"
+    tiny_pipeline(time_cond_proj_dim=8).save_pretrained(path, safe_serialization=True)
     return path
 
 
-def test_a_run_without_a_single_file_says_why_and_that_half_did_nothing(sd2_dir, tmp_path, capsys):
+def test_a_run_without_a_single_file_says_why_and_that_half_did_nothing(lcm_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["--concepts", "church", "--model", str(sd2_dir), "--out", str(out), "--half", *FAST]) == 0
+    assert main(["--concepts", "church", "--model", str(lcm_dir), "--out", str(out), "--half", *FAST]) == 0
     captured = capsys.readouterr()
     notes = [line for line in captured.err.splitlines() if "single file" in line]
-    assert len(notes) == 1 and "--half had no effect" in notes[0] and "supports SD1.x" in notes[0]
+    assert len(notes) == 1 and "--half had no effect" in notes[0] and "unet.time_embedding.cond_proj" in notes[0]
     assert captured.out.splitlines()[-1] == f"wrote {out}/: erase.json, patch.safetensors, unet/"
     assert sorted(p.name for p in out.iterdir()) == ["erase.json", "patch.safetensors", "unet"]
 
 
-def test_single_file_is_required_before_any_work(sd2_dir, tmp_path, capsys, monkeypatch):
+def test_single_file_is_required_before_any_work(lcm_dir, tmp_path, capsys, monkeypatch):
     import erase.api
 
     monkeypatch.setattr(erase.api, "erase", lambda *a, **k: pytest.fail("the erasure ran before the refusal"))
-    bad(["--concepts", "church", "--model", str(sd2_dir), "--single-file"], capsys, tmp_path,
+    bad(["--concepts", "church", "--model", str(lcm_dir), "--single-file"], capsys, tmp_path,
         "--single-file asked for a file this model cannot have")
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import erase
 from erase.cli import main
 from erase.single_file import save_single_file
-from tiny import MODEL_CONFIGS, save_configs, tiny_pipeline
+from tiny import MODEL_CONFIGS, save_configs, tiny_pipeline, tiny_sdxl_pipeline
 
 FAST = {"prompts_per_concept": 2, "saliency_steps": 2}
 
@@ -23,8 +23,8 @@ def load_single_file(path, config_dir):
                                                     tokenizer=erase.clip_tokenizer())
 
 
-def assert_same_weights(expected, loaded):
-    for name in ("unet", "vae", "text_encoder"):
+def assert_same_weights(expected, loaded, more=()):
+    for name in ("unet", "vae", "text_encoder", *more):
         a, b = getattr(expected, name).state_dict(), getattr(loaded, name).state_dict()
         assert set(a) == set(b), name
         for key in a:
@@ -133,11 +133,56 @@ def test_a_run_on_a_single_file_records_its_path_and_sha256(erased_run, tmp_path
     assert record["base_fingerprint"] == erase.fingerprint(erase.load_pipeline(root / "base").unet)
 
 
-def test_sd2_shaped_pipeline_records_why_there_is_no_single_file(pipe_sd2, tmp_path):
-    result = erase.erase(pipe_sd2, "church", progress=False, **FAST)
-    record = json.loads((result.save(tmp_path / "sd2") / "erase.json").read_text())
-    assert record["single_file"]["name"] is None and "SD1.x" in record["single_file"]["why"]
-    with pytest.raises(erase.EraseError, match="single-file export supports SD1.x"):
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+def test_sd2_and_sdxl_single_files_load_back_identically(kind, tmp_path):
+    """SD2.x: OpenCLIP under cond_stage_model.model; SDXL: CLIP-L and OpenCLIP with text_projection, label_emb."""
+    pipe = tiny_pipeline(sd2=True) if kind == "sd2" else tiny_sdxl_pipeline(width_2=48)
+    save_configs(pipe, tmp_path / "base")
+    save_single_file(pipe, tmp_path / "model.safetensors", {"method": "none"})
+    cls, extra = (StableDiffusionPipeline, {}) if kind == "sd2" else (StableDiffusionXLPipeline,
+                                                                      {"tokenizer_2": erase.clip_tokenizer()})
+    loaded = cls.from_single_file(str(tmp_path / "model.safetensors"), config=str(tmp_path / "base"),
+                                  local_files_only=True, tokenizer=erase.clip_tokenizer(), **extra)
+    assert_same_weights(pipe, loaded, ("text_encoder_2",) if kind == "sdxl" else ())
+    through_erase = erase.load_pipeline(tmp_path / "model.safetensors", config=tmp_path / "base")  # --model FILE
+    assert_same_weights(pipe, through_erase, ("text_encoder_2",) if kind == "sdxl" else ())
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    text = "cond_stage_model.model." if kind == "sd2" else "conditioner.embedders.1.model."
+    assert f"{text}transformer.resblocks.1.attn.in_proj_weight" in keys and f"{text}positional_embedding" in keys
+    assert kind == "sd2" or {"conditioner.embedders.1.model.text_projection",
+                             "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                             "model.diffusion_model.label_emb.0.2.weight"} <= keys
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl"])
+def test_every_tensor_of_the_real_unets_has_an_original_name_diffusers_maps_back(arch):
+    """The real architectures, on the meta device: diffusers' own converter turns our names back into the UNet's."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from erase.single_file import UNET_PREFIX, rename, unet_block_prefixes, unmapped
+    from test_sdxl import SDXL_UNET
+    from tiny import real_unet_on_meta
+
+    if arch == "sdxl":
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(SDXL_UNET)
+    else:
+        unet = real_unet_on_meta(arch)
+    table = unet_block_prefixes(unet.config)
+    assert unmapped(unet.state_dict(), table) == []
+    original = {UNET_PREFIX + k: v for k, v in rename(unet.state_dict(), table).items()}
+    assert set(convert_ldm_unet_checkpoint(original, dict(unet.config))) == set(unet.state_dict())
+
+
+def test_a_unet_without_an_original_layout_records_why_there_is_no_single_file(tmp_path):
+    pipe = tiny_pipeline(time_cond_proj_dim=8)  # LCM's guidance embedding: time_embedding.cond_proj
+    result = erase.erase(pipe, "church", progress=False, **FAST)
+    record = json.loads((result.save(tmp_path / "lcm") / "erase.json").read_text())
+    assert record["single_file"]["name"] is None and "unet.time_embedding.cond_proj" in record["single_file"]["why"]
+    with pytest.raises(erase.EraseError, match="original Stable Diffusion layout has no name"):
         result.save(tmp_path / "required", single_file=True)
     assert not (tmp_path / "required").exists()
 

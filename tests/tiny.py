@@ -14,8 +14,9 @@ import erase
 MODEL_CONFIGS = Path(erase.__file__).parent / "model_configs"
 
 
-def tiny_pipeline(sd2: bool = False, seed: int = 0) -> StableDiffusionPipeline:
-    """SD1.x-shaped (768→32-d text, conv projections) or SD2.x-shaped (linear projections, wider text) tiny pipeline."""
+def tiny_pipeline(sd2: bool = False, seed: int = 0, **unet_options) -> StableDiffusionPipeline:
+    """SD1.x-shaped (768→32-d text, conv projections) or SD2.x-shaped (linear projections, wider text) tiny pipeline;
+    `unet_options` go to the UNet (e.g. time_cond_proj_dim=8: an LCM-distilled UNet, which no single file holds)."""
     torch.manual_seed(seed)
     text_dim = 48 if sd2 else 32
     unet = UNet2DConditionModel(
@@ -23,7 +24,7 @@ def tiny_pipeline(sd2: bool = False, seed: int = 0) -> StableDiffusionPipeline:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=text_dim, attention_head_dim=(2, 4) if sd2 else 8, norm_num_groups=8,
-        use_linear_projection=sd2)
+        use_linear_projection=sd2, **unet_options)
     vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=32)
@@ -54,11 +55,14 @@ def save_configs(pipe, folder: Path) -> None:
     pipe.save_config(folder)
     for name in ("unet", "vae", "scheduler"):
         getattr(pipe, name).save_config(folder / name)
-    pipe.text_encoder.config.save_pretrained(folder / "text_encoder")
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).config.save_pretrained(folder / name)
 
 
-def tiny_sdxl_pipeline(seed: int = 0):
-    """An SDXL-shaped tiny pipeline: two text encoders, pooled embeddings and size/crop conditioning."""
+def tiny_sdxl_pipeline(seed: int = 0, width_2: int = 32):
+    """An SDXL-shaped tiny pipeline: two text encoders, pooled embeddings and size/crop conditioning. `width_2`: the
+    second encoder's width (diffusers' single-file loader tells the two apart by width: pass another than 32)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -68,7 +72,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=8)
+        cross_attention_dim=32 + width_2, norm_num_groups=8)
     vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=32)
@@ -77,7 +81,8 @@ def tiny_sdxl_pipeline(seed: int = 0):
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
-                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**{**config,
+                                                                                                  "hidden_size": width_2})),
                                      tokenizer=erase.clip_tokenizer(), tokenizer_2=erase.clip_tokenizer(),
                                      scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
