@@ -27,7 +27,8 @@ class Case:
     name: str
     argv: Callable[[Path, Path], list[str]]
     """Builds the case's inputs in its folder (second argument) and returns the command's arguments; the first
-    argument is the shared folder with `model/` (a tiny SD pipeline) and `run/` (an erase run of it)."""
+    argument is the shared folder with `model/` (a tiny SD pipeline), `lcm/` (one without a single-file layout) and
+    `run/` (an erase run of model/)."""
     expect: str
     """A fragment of the one line the case must be refused with."""
 
@@ -125,6 +126,8 @@ CASES = [
     Case("--model folder with pickle weights only", lambda s, c: erase_args(s, c, model=pickled_model(s, c)),
          "only as a pickle"),
     Case("--model path missing", lambda s, c: erase_args(s, c, model=str(c / "no-such-model")), "does not exist"),
+    Case("--single-file for a model without one", lambda s, c: erase_args(s, c, "--single-file", model=str(s / "lcm")),
+         "--single-file asked for a file this model cannot have"),
     Case("--device foo", lambda s, c: erase_args(s, c, "--device", "foo"), "unknown device"),
     Case("--device meta", lambda s, c: erase_args(s, c, "--device", "meta"), "cannot run a model"),
     Case("--device cpu:0 --dtype float16", lambda s, c: erase_args(s, c, "--device", "cpu:0", "--dtype", "float16"),
@@ -187,13 +190,15 @@ def api_cases(pipe) -> list[tuple[str, Callable[[], object], str]]:
 
 
 def prepare(shared: Path):
-    """model/ (a tiny SD pipeline saved as diffusers) and run/ (FIA on it) in `shared`; returns the pipeline."""
+    """model/ (a tiny SD pipeline saved as diffusers), lcm/ and run/ (FIA on model/) in `shared`; returns the pipeline."""
     sys.path.insert(0, str(ROOT / "tests"))
     import erase
     from tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
     pipe.save_pretrained(shared / "model", safe_serialization=True)
+    # A UNet with a guidance embedding (as LCM-distilled ones have), which no single file holds.
+    tiny_pipeline(time_cond_proj_dim=8).save_pretrained(shared / "lcm", safe_serialization=True)
     erase.erase(pipe, "church", progress=False, prompts_per_concept=2, saliency_steps=2).save(shared / "run")
     return pipe
 
