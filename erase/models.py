@@ -223,8 +223,7 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict):
     if cls is StableDiffusionXLPipeline:
         extra["tokenizer_2"] = clip_tokenizer(_text_length(config_dir / "text_encoder_2"))
     try:
-        if any(k.startswith(SD1_TEXT) for k in keys):
-            extra["text_encoder"] = _sd1_text_encoder(path, keys, config_dir, kwargs.get("torch_dtype"))
+        extra.update(_clip_text_encoder(path, keys, config_dir, kwargs.get("torch_dtype")))
         pipe = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, **extra, **kwargs)
     except Exception as exc:
         raise EraseError(f"{path.name} could not be loaded as a Stable Diffusion checkpoint ({exc}); "
@@ -234,28 +233,33 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict):
     return pipe
 
 
-SD1_TEXT = "cond_stage_model.transformer."
-"""Prefix of the SD1.x CLIP text encoder in a single file. Under it, A1111's and released checkpoints write
-`text_model.embeddings.*`; diffusers' own converter under transformers 5 (flattened CLIPTextModel) writes
-`embeddings.*`. Both load; diffusers' loader recognises only the first."""
+SD1_TEXT, SDXL_TEXT = "cond_stage_model.transformer.", "conditioner.embedders.0.transformer."
+"""Prefixes of the OpenAI CLIP text encoder in a single file (SD1.x; SDXL's first). Under them, A1111's and released
+checkpoints write `text_model.embeddings.*`; diffusers' own converters under transformers 5 (flattened
+CLIPTextModel) write `embeddings.*`. Both load; diffusers' loader recognises only the first."""
 
 
-def sd1_text_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The SD1.x text encoder's tensors of a single file in the layout diffusers reads (`text_model.` restored)."""
-    return {SD1_TEXT + "text_model." + k[len(SD1_TEXT):].removeprefix("text_model."): v
-            for k, v in tensors.items() if k.startswith(SD1_TEXT)}
+def clip_text_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The CLIP text encoder's tensors under `prefix` in the layout diffusers reads (`text_model.` restored)."""
+    return {prefix + "text_model." + k[len(prefix):].removeprefix("text_model."): v
+            for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _sd1_text_encoder(path: Path, keys: list[str], config_dir: Path, dtype):
-    """The SD1.x text encoder of either layout, built by diffusers' own converter from the normalised tensors."""
+def _clip_text_encoder(path: Path, keys: list[str], config_dir: Path, dtype) -> dict:
+    """{"text_encoder": the OpenAI CLIP text encoder of either layout}, built by diffusers' own converter from the
+    normalised tensors; {} when the file has none (SD2.x)."""
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from safetensors import safe_open
     from transformers import CLIPTextModel
 
+    prefix = next((p for p in (SD1_TEXT, SDXL_TEXT) if any(k.startswith(p) for k in keys)), None)
+    if prefix is None:
+        return {}
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in keys if k.startswith(SD1_TEXT)}
-    return create_diffusers_clip_model_from_ldm(CLIPTextModel, sd1_text_state(tensors), subfolder="text_encoder",
-                                                config=str(config_dir), torch_dtype=dtype, local_files_only=True)
+        tensors = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+    return {"text_encoder": create_diffusers_clip_model_from_ldm(
+        CLIPTextModel, clip_text_state(tensors, prefix), subfolder="text_encoder", config=str(config_dir),
+        torch_dtype=dtype, local_files_only=True)}
 
 
 def file_sha256(path: Path) -> str:
