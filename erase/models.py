@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import EraseError
+from .single_file import SD1_TEXT, SD2_TEXT, SDXL_TEXT
 
 MINI_DIR = Path(__file__).parent / "assets" / "mini"
 MINI_PIPELINE_DIR = MINI_DIR / "pipeline"
@@ -233,12 +234,6 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict):
     return pipe
 
 
-SD1_TEXT, SDXL_TEXT = "cond_stage_model.transformer.", "conditioner.embedders.0.transformer."
-"""Prefixes of the OpenAI CLIP text encoder in a single file (SD1.x; SDXL's first). Under them, A1111's and released
-checkpoints write `text_model.embeddings.*`; diffusers' own converters under transformers 5 (flattened
-CLIPTextModel) write `embeddings.*`. Both load; diffusers' loader recognises only the first."""
-
-
 def clip_text_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The CLIP text encoder's tensors under `prefix` in the layout diffusers reads (`text_model.` restored)."""
     return {prefix + "text_model." + k[len(prefix):].removeprefix("text_model."): v
@@ -246,8 +241,12 @@ def clip_text_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, 
 
 
 def _clip_text_encoder(path: Path, keys: list[str], config_dir: Path, dtype) -> dict:
-    """{"text_encoder": the OpenAI CLIP text encoder of either layout}, built by diffusers' own converter from the
-    normalised tensors; {} when the file has none (SD2.x)."""
+    """{"text_encoder": the OpenAI CLIP text encoder (SD1.x; SDXL's first) of either layout}, built by diffusers' own
+    converter from the normalised tensors; {} when the file has none (SD2.x).
+
+    Under its prefix, A1111's and released checkpoints write `text_model.embeddings.*`; diffusers' own converters
+    under transformers 5 (flattened CLIPTextModel) write `embeddings.*`. diffusers' loader recognises only the first.
+    """
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from safetensors import safe_open
     from transformers import CLIPTextModel
@@ -293,7 +292,7 @@ def _shipped_config_for(keys: list[str], path: Path) -> Path:
     if any(k.startswith("conditioner.embedders.") for k in keyset):
         raise EraseError(f"{path.name} is an SDXL checkpoint and erase ships no SDXL config yet: pass --model-config with "
                          "the diffusers folder of its base model")
-    if any(k.startswith("cond_stage_model.model.") for k in keyset):
+    if any(k.startswith(SD2_TEXT) for k in keyset):
         name = "sd2"  # the 768-v model; an SD2 base (512, epsilon) checkpoint needs --model-config
     elif {f"{SD1_TEXT}{inner}embeddings.token_embedding.weight" for inner in ("text_model.", "")} & keyset:
         name = "sd15"

@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from .errors import EraseError
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
+SDXL_TEXT, SDXL_TEXT_2 = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
 # diffusers name → original name, inside a block.
 UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -30,8 +32,8 @@ VAE_FIXED = {"conv_norm_out": "norm_out", "conv_in": "conv_in", "conv_out": "con
 # fused into attn.in_proj_* before renaming, position and projection are bare tensors (see open_clip_layout).
 OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn": "attn", "mlp.fc1": "mlp.c_fc",
                    "mlp.fc2": "mlp.c_proj"}
-OPEN_CLIP_FIXED = {"embeddings.token_embedding": "token_embedding", "embeddings.position_embedding": "positional_embedding",
-                   "final_layer_norm": "ln_final", "text_projection": "text_projection"}
+OPEN_CLIP_FIXED = {"embeddings.token_embedding": "token_embedding", "final_layer_norm": "ln_final",
+                   "embeddings.position_embedding": "positional_embedding", "text_projection": "text_projection"}
 
 
 def unet_block_prefixes(config) -> dict[str, tuple[str, dict]]:
@@ -143,11 +145,10 @@ def open_clip_layout(text_encoder) -> dict[str, torch.Tensor]:
 def text_layouts(pipe) -> list[tuple[str, object, object]]:
     """(original prefix, layout function, text encoder) of each text encoder: SD1.x, SD2.x or SDXL."""
     if getattr(pipe, "text_encoder_2", None) is not None:
-        return [("conditioner.embedders.0.transformer.", clip_layout, pipe.text_encoder),
-                ("conditioner.embedders.1.model.", open_clip_layout, pipe.text_encoder_2)]
+        return [(SDXL_TEXT, clip_layout, pipe.text_encoder), (SDXL_TEXT_2, open_clip_layout, pipe.text_encoder_2)]
     if pipe.unet.config.use_linear_projection:  # SD2.x, as A1111 and ComfyUI tell it from SD1.x: OpenCLIP
-        return [("cond_stage_model.model.", open_clip_layout, pipe.text_encoder)]
-    return [("cond_stage_model.transformer.", clip_layout, pipe.text_encoder)]
+        return [(SD2_TEXT, open_clip_layout, pipe.text_encoder)]
+    return [(SD1_TEXT, clip_layout, pipe.text_encoder)]
 
 
 def unsupported(pipe) -> str | None:
