@@ -149,6 +149,10 @@ def test_refusals(run, judge, tmp_path):
         evaluate(pipe, tmp_path, clip=judge, progress=False, **SETTINGS)
     with pytest.raises(erase.EraseError, match="unknown CLIP model 'ViT-Nope'"):
         evaluate(pipe, result, clip="ViT-Nope", progress=False, **SETTINGS)
+    with pytest.raises(erase.EraseError, match=r"max_cross_retain=-1 is out of range: it must be a whole number ≥ 0"):
+        evaluate(pipe, result, clip=judge, progress=False, max_cross_retain=-1, **SETTINGS)
+    with pytest.raises(erase.EraseError, match=r"confidence=1.5 is out of range: it must lie in \(0, 1\), e.g. 0.95"):
+        evaluate(pipe, result, clip=judge, progress=False, confidence=1.5, **SETTINGS)
     if importlib.util.find_spec("nudenet") is None:  # the `nudity` extra is not part of the test install
         with pytest.raises(erase.EraseError, match="NudeNet is not installed"):
             evaluate(pipe, result, clip=judge, progress=False, nudity=True, **SETTINGS)
