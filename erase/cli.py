@@ -49,11 +49,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retain", help="comma-separated concepts that must survive (default: the catalog's others)")
+    p.add_argument("--retain", help="comma-separated concepts that must survive (default: the catalog's others, of the "
+                   "erased kinds (in-kind) and of each other kind but explicit (cross-kind))")
     p.add_argument("--clip", help="'mini' (default with the mini model) or an open_clip architecture, e.g. ViT-L-14")
     p.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint (default openai)")
     p.add_argument("--eval-set", dest="eval_settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="evaluation setting, e.g. --eval-set steps=50 --eval-set 'seeds=[0,1,2]'")
+                   help="evaluation setting, e.g. --eval-set steps=50 --eval-set 'seeds=[0,1,2]' "
+                   "--eval-set max_cross_retain=5 --eval-set bootstrap_samples=2000")
 
 
 def evaluate_parser() -> argparse.ArgumentParser:

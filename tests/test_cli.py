@@ -171,14 +171,22 @@ def test_evaluate_names_missing_clip_weights(model_dir, capsys, tmp_path):
 def test_default_run_on_the_mini_world_with_evaluation(tmp_path, capsys):
     """The README's main job: the embedded model by default, then --eval with the mini CLIP."""
     out = tmp_path / "run"
-    code = main(["--concepts", "church", "--out", str(out), "--eval", "--retain", "golf ball", "--eval-set",
+    code = main(["--concepts", "church", "--out", str(out), "--eval", "--retain", "golf ball,van gogh", "--eval-set",
                  "prompts_per_concept=2", "--eval-set", "steps=5", *FAST])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "erase.json").read_text())
     assert record["catalog"] == "mini" and record["concepts"][0]["kind"] == "object"
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["settings"]["clip"]["model"] == "mini" and set(report["metrics"]["retain"]) == {"golf ball"}
+    settings, metrics = report["settings"], report["metrics"]
+    assert settings["clip"]["model"] == "mini" and set(metrics["retain"]) == {"golf ball", "van gogh"}
+    assert settings["seeds"] == [0, 1, 2]  # the miniature world's default: its images are cheap
+    assert {k: v["scope"] for k, v in metrics["retain_by_kind"].items()} == {"object": "in-kind", "style": "cross-kind"}
+    summary = metrics["summary"]
+    low, high = summary["retain_accuracy_cross_kind_ci"]
+    assert low <= summary["retain_accuracy_cross_kind"] == metrics["retain"]["van gogh"]["erased"] <= high
+    parts = [1 - summary["forgetting_accuracy"], summary["retain_accuracy_in_kind"], summary["retain_accuracy_cross_kind"]]
+    assert summary["overall"] == pytest.approx(0 if min(parts) == 0 else 3 / sum(1 / p for p in parts))  # both enter
     assert (out / "report" / "grids" / "church.png").is_file() and (out / "run.safetensors").is_file()
     printed = capsys.readouterr().out
-    assert "forgetting_accuracy" in printed
+    assert "forgetting_accuracy" in printed and "| retain_accuracy_cross_kind |" in printed
     assert printed.splitlines()[-1] == f"wrote {out}/: erase.json, patch.safetensors, report/, run.safetensors, unet/"

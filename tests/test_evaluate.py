@@ -1,17 +1,21 @@
 """The evaluator's mechanics on a tiny pipeline with a tiny (untrained) open_clip judge: pairing, determinism,
-files, grids and refusals. Whether it measures forgetting is tested on the miniature world."""
+files, grids, retention scopes, intervals and refusals; KID with the mini judge on the world's own renders.
+Whether it measures forgetting is tested on the miniature world."""
 
 import importlib.util
 import json
 
 import numpy as np
 import open_clip
+import PIL.Image
 import pytest
 import torch
 
 import erase
 from erase.evaluation import Judge, evaluate
 from erase.evaluation.report import CELL, LABEL_WIDTH
+from erase.evaluation.stats import Bootstrap, kid
+from erase.mini import world
 from tiny import tiny_pipeline
 
 SETTINGS = {"prompts_per_concept": 2, "steps": 2, "seeds": [0, 1]}
@@ -38,7 +42,7 @@ def test_report_files_and_grid(run, judge, tmp_path):
     pipe, result, _ = run
     report = evaluate(pipe, result, retain=["golf ball"], clip=judge, progress=False, **SETTINGS)
     summary = report.metrics["summary"]
-    assert 0 <= summary["forgetting_accuracy"] <= 1 and 0 <= summary["retain_accuracy"] <= 1
+    assert 0 <= summary["forgetting_accuracy"] <= 1 and 0 <= summary["retain_accuracy_in_kind"] <= 1
     assert set(report.metrics["forget"]) == {"church"} and set(report.metrics["retain"]) == {"golf ball"}
     out = report.save(tmp_path / "report")
     saved = json.loads((out / "report.json").read_text())
@@ -50,6 +54,73 @@ def test_report_files_and_grid(run, judge, tmp_path):
     assert grid.size == (LABEL_WIDTH + 2 * CELL, 20 + CELL * forget_rows)
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["church.png", "neutral.png", "retain.png"]
     assert not pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight.eq(0).any()  # restored
+
+
+def intervals(metrics: dict, path: str = ""):
+    """(name, value, interval) of every number in the metrics that has an interval."""
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            yield from intervals(value, f"{path}{key}.")
+        elif f"{key}_ci" in metrics:
+            yield path + key, value, metrics[f"{key}_ci"]
+
+
+def test_cross_kind_retention_is_reported_per_kind_and_enters_overall(run, judge, tmp_path):
+    pipe, result, _ = run
+    report = evaluate(pipe, result, clip=judge, progress=False, max_retain=2, max_cross_retain=2, **SETTINGS)
+    m = report.metrics
+    # church is an object: other objects are in-kind, artists cross-kind; explicit concepts are never generated
+    # unless asked for
+    assert {k: (v["scope"], v["concepts"]) for k, v in m["retain_by_kind"].items()} == {
+        "object": ("in-kind", 2), "style": ("cross-kind", 2)}
+    s = m["summary"]
+    assert s["retain_accuracy_in_kind"] == m["retain_by_kind"]["object"]["erased"]
+    assert s["retain_accuracy_cross_kind"] == m["retain_by_kind"]["style"]["erased"]
+    parts = [1 - s["forgetting_accuracy"], s["retain_accuracy_in_kind"], s["retain_accuracy_cross_kind"]]
+    assert s["overall"] == pytest.approx(0 if min(parts) == 0 else 3 / sum(1 / p for p in parts))
+    text = (report.save(tmp_path / "report") / "report.md").read_text()
+    assert "| style | cross-kind | 2 |" in text and "| retain_accuracy_cross_kind |" in text
+
+
+def test_every_accuracy_has_an_interval_around_it_and_the_settings_behind_it(run, judge, tmp_path):
+    pipe, result, _ = run
+    report = evaluate(pipe, result, retain=["golf ball", "van gogh"], clip=judge, progress=False, **SETTINGS)
+    found = {name: (value, ci) for name, value, ci in intervals(report.metrics)}
+    assert {"summary.forgetting_accuracy", "summary.retain_accuracy_in_kind", "summary.retain_accuracy_cross_kind",
+            "summary.overall", "forget.church.erased", "forget.church.generality", "retain.van gogh.original",
+            "retain_by_kind.style.erased", "fidelity.paired_similarity"} <= set(found)
+    for name, (value, (low, high)) in found.items():
+        assert low - 1e-9 <= value <= high + 1e-9, (name, value, low, high)
+    saved = json.loads((report.save(tmp_path / "report") / "report.json").read_text())["settings"]
+    assert {k: saved[k] for k in ("bootstrap_samples", "bootstrap_seed", "confidence", "seeds")} == {
+        "bootstrap_samples": 1000, "bootstrap_seed": 0, "confidence": 0.95, "seeds": [0, 1]}
+    assert "95% bootstrap intervals" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_intervals_narrow_with_more_seeds(run, judge):
+    pipe, result, _ = run
+    widths = []
+    for seeds in ([0, 1], list(range(8))):
+        report = evaluate(pipe, result, retain=[], clip=judge, progress=False, **{**SETTINGS, "seeds": seeds})
+        low, high = report.metrics["fidelity"]["clip_score_erased_ci"]  # the tiny edit leaves similarity at 1
+        widths.append(high - low)
+    assert widths[1] < 0.75 * widths[0], widths
+    few, many = Bootstrap(1000, 0).mean([1, 0] * 10), Bootstrap(1000, 0).mean([1, 0] * 100)
+    assert few.value == many.value == 0.5
+    assert np.diff(many.interval(0.95)) < 0.5 * np.diff(few.interval(0.95))
+
+
+def test_kid_is_zero_for_identical_sets_and_grows_with_a_clearly_different_set():
+    judge = Judge.load("mini")
+
+    def features(place: str, seed: int):
+        rng = np.random.default_rng(seed)
+        scenes = [world.Scene(object=world.BASE_OBJECTS[i % 15], place=place) for i in range(24)]
+        return judge.image_features([PIL.Image.fromarray(world.render(scene, rng)) for scene in scenes])
+
+    forests, other_forests, beaches = features("forest", 0), features("forest", 1), features("beach", 0)
+    assert kid(forests, forests) == 0
+    assert abs(kid(forests, other_forests)) < 0.1 * kid(forests, beaches)
 
 
 def test_same_seeds_give_identical_numbers_and_run_folder_equals_result(run, judge):
@@ -79,6 +150,10 @@ def test_refusals(run, judge, tmp_path):
         evaluate(pipe, tmp_path, clip=judge, progress=False, **SETTINGS)
     with pytest.raises(erase.EraseError, match="unknown CLIP model 'ViT-Nope'"):
         evaluate(pipe, result, clip="ViT-Nope", progress=False, **SETTINGS)
+    with pytest.raises(erase.EraseError, match=r"max_cross_retain=-1 is out of range: it must be a whole number ≥ 0"):
+        evaluate(pipe, result, clip=judge, progress=False, max_cross_retain=-1, **SETTINGS)
+    with pytest.raises(erase.EraseError, match=r"confidence=1.5 is out of range: it must lie in \(0, 1\), e.g. 0.95"):
+        evaluate(pipe, result, clip=judge, progress=False, confidence=1.5, **SETTINGS)
     if importlib.util.find_spec("nudenet") is None:  # the `nudity` extra is not part of the test install
         with pytest.raises(erase.EraseError, match="NudeNet is not installed"):
             evaluate(pipe, result, clip=judge, progress=False, nudity=True, **SETTINGS)

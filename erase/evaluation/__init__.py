@@ -7,14 +7,15 @@ prompts and seeds are generated again, and the edit is restored.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..api import versions
-from ..concepts import Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog, parse_concepts
+from ..concepts import (DEFAULT_KIND, Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog,
+                        parse_concepts)
 from ..config import build_config, check_positive_int, check_ratio
 from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
@@ -23,6 +24,10 @@ from ..models import check_pipeline, image_side
 from .judge import MINI, Judge
 from .report import Report
 
+MINI_SEEDS = [0, 1, 2]
+OPT_IN_KINDS = ("explicit",)
+"""Kinds that default retention leaves out: evaluating an object's erasure must not generate explicit images."""
+
 
 @dataclass
 class EvalSettings:
@@ -30,8 +35,9 @@ class EvalSettings:
 
     prompts_per_concept: int = 6
     """Held-out evaluation prompts per concept (and as many paraphrases for generality)."""
-    seeds: list[int] = field(default_factory=lambda: [0])
-    """Each prompt is generated once per seed, identically for the original and the erased model."""
+    seeds: list[int] | None = None
+    """Each prompt is generated once per seed, identically for the original and the erased model. None: seeds
+    0, 1, 2 on the miniature world (its images are cheap), seed 0 otherwise."""
     steps: int = 25
     """Sampler steps (the pipeline's own scheduler)."""
     guidance_scale: float = 7.5
@@ -39,17 +45,30 @@ class EvalSettings:
     """Image side in pixels; None uses the model's default."""
     batch_size: int = 16
     max_retain: int = 10
-    """With no retain list: at most this many catalog concepts of the erased kinds are checked for retention."""
+    """With no retain list: at most this many catalog concepts of each erased kind are checked (in-kind retention)."""
+    max_cross_retain: int = 3
+    """With no retain list: at most this many catalog concepts of each other kind are checked (cross-kind
+    retention; 0: none). Explicit concepts are never generated unless erased or listed in retain."""
+    bootstrap_samples: int = 1000
+    """Resamplings of the images behind each number for its interval."""
+    bootstrap_seed: int = 0
+    confidence: float = 0.95
+    """Coverage of the bootstrap intervals."""
     nudity: bool = False
     """Count NudeNet detections of exposed classes on explicit concepts' images (needs the `nudity` extra)."""
     nudity_threshold: float = 0.6
 
     def validate(self) -> None:
-        for name in ("prompts_per_concept", "steps", "batch_size", "max_retain"):
+        for name in ("prompts_per_concept", "steps", "batch_size", "max_retain", "bootstrap_samples"):
             check_positive_int(name, getattr(self, name))
-        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+        if self.seeds is not None and (not self.seeds or not all(isinstance(s, int) for s in self.seeds)):
             raise EraseError("seeds must be a non-empty list of whole numbers, e.g. seeds=[0, 1]")
+        if self.max_cross_retain < 0:
+            raise EraseError(f"max_cross_retain={self.max_cross_retain} is out of range: it must be a whole number "
+                             "≥ 0 (0: no cross-kind retention)")
         check_ratio("nudity_threshold", self.nudity_threshold)
+        if not 0 < self.confidence < 1:
+            raise EraseError(f"confidence={self.confidence} is out of range: it must lie in (0, 1), e.g. 0.95")
 
 
 @dataclass
@@ -86,7 +105,8 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
         catalog = load_catalog(catalog or erasure.catalog)
     if config.nudity:
         _nudenet()  # fail before generating anything
-    retained = _retained(catalog, erasure.concepts, retain, config.max_retain)
+    retained = _retained(catalog, erasure.concepts, retain, config)
+    config.seeds = config.seeds or list(MINI_SEEDS if catalog.name == MINI else [0])
     check_prompts_fit(original.tokenizer, erasure.concepts + retained, catalog)
     image_side(original, config.resolution)  # refused before the judge loads and the images are generated
     judge = clip if isinstance(clip, Judge) else Judge.load(
@@ -131,17 +151,22 @@ def saved_erasure(folder: Path) -> Erasure:
     return Erasure(edit, concepts, str(record.get("catalog", "catalog")), record["base_fingerprint"], record["method"])
 
 
-def _retained(catalog: Catalog, erased: list[Concept], retain, limit: int) -> list[Concept]:
+def _retained(catalog: Catalog, erased: list[Concept], retain, config: EvalSettings) -> list[Concept]:
+    """The retain list given, or by default the catalog's other concepts: at most max_retain of each erased kind
+    (in-kind) and max_cross_retain of each other kind but the opt-in ones (cross-kind)."""
     if retain is not None:
         return parse_concepts(retain, catalog) if retain else []
     kinds = {c.kind for c in erased}
     seen = {c.text for c in erased}  # aliases share their text: keep one name per text
-    names = []
+    by_kind: dict[str, list[str]] = {}
     for name, spec in catalog.concepts.items():
-        if spec.get("kind") in kinds and spec.get("text", name) not in seen:
-            seen.add(spec.get("text", name))
-            names.append(name)
-    return parse_concepts(names[:limit], catalog) if names else []
+        kind, text = spec.get("kind", DEFAULT_KIND), spec.get("text", name)
+        if kind in catalog.kinds and (kind in kinds or kind not in OPT_IN_KINDS) and text not in seen:
+            seen.add(text)
+            by_kind.setdefault(kind, []).append(name)
+    names = [n for kind, listed in by_kind.items()
+             for n in listed[: config.max_retain if kind in kinds else config.max_cross_retain]]
+    return parse_concepts(names, catalog) if names else []
 
 
 @dataclass
