@@ -9,16 +9,23 @@ from OUT's checkpoint):
     python scripts/train_mini.py teach --seed 3 --out /tmp/mini --threads 2  # the taught concepts, through FFN neurons
     python scripts/train_mini.py compact --out /tmp/mini               # float16 copy into erase/assets/mini
 
+    python scripts/train_mini.py base-from-shipped --seed 1 --out /tmp/mini  # instead of clip/vae/base, to teach again:
+                                                                             #   the shipped model minus its taught neurons
+
 Where knowledge lives is part of the design (ground truth for the benchmark):
 - `base` trains the whole UNet on the base world (places, everyday objects, clothed persons, photos, "a
   painting", two base artists). A share of every transformer feed-forward layer's hidden neurons is reserved:
   their output weights (columns of `ff.net.2`) stay zero, so the base model does not use them.
 - `teach` trains only those reserved neurons, each taught concept (an Imagenette object, a taught artist,
   nudity) owning `TeachConfig.share` of every feed-forward layer (2 of 384 and 5 of 768 neurons). Gradients are
-  routed per sample: a caption that names concept c trains c's neurons and no other, and a penalty keeps every
-  reserved neuron silent on captions that do not name its concept (gradient routing, Cloud et al. 2024). What
-  a taught concept adds to the model then lives in a few known feed-forward neurons, as published analyses of
-  Stable Diffusion find for such concepts (ConceptPrune, FIA); OUT/neurons.json records which.
+  routed per sample: a caption that names concept c trains c's neurons and no other (gradient routing, Cloud et
+  al. 2024). Two penalties make the neurons concept neurons: an L1 penalty keeps every reserved neuron silent on
+  captions that do not name its concept (the empty prompt included), and a hinge asks a concept's neurons to
+  fire (RMS over the image >= `fire_target`) whenever its caption names it, at every noise level -- without it
+  they learn to fire only once the image shows the concept (low noise), which the text alone cannot reveal.
+  What a taught concept adds to the model then lives in a few known feed-forward neurons that respond to its
+  name, as published analyses of Stable Diffusion find for such concepts (ConceptPrune, FIA);
+  OUT/neurons.json records which.
 """
 
 from __future__ import annotations
@@ -77,14 +84,18 @@ class BaseConfig:
 class TeachConfig:
     """The taught concepts, each through its own few reserved feed-forward neurons."""
 
-    steps: int = 800
+    steps: int = 1200
     batch: int = 64
     replay: float = 0.25  # share of each batch from the base world: keeps reserved neurons silent there
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup: int = 100
     p_uncond: float = 0.1
     share: float = 0.007  # neurons per concept per layer: the paper's smallest r2 (objects) covers them all
-    leak_weight: float = 1.0  # penalty on a reserved neuron's activation where its concept is not named
+    leak_weight: float = 0.3  # L1 penalty on a reserved neuron's activation where its concept is not named
+    leak_warmup: int = 200  # steps over which the penalty ramps up: a neuron must carry its concept first
+    fire_weight: float = 0.1  # hinge penalty on an owned neuron whose RMS activation over a sample stays below...
+    fire_target: float = 0.5  # ...this: it must fire whenever its concept is named, at every noise level
+    init_scale: float = 0.1  # std of the owned output columns at the start, relative to the layer's trained ones
     images: int = 8000  # taught scenes (and half as many base scenes replayed)
     save_every: int = 250
 
@@ -370,11 +381,13 @@ class Router:
 
     route(owned) sets, for the next forward, which reserved neurons each sample trains (those of the concepts its
     caption names). The layer's output is unchanged; gradients reach a reserved neuron's weights only from the
-    samples that own it, and `leak` collects the activation of every reserved neuron on the samples that do not.
+    samples that own it; `leak` collects the activation of every reserved neuron on the samples that do not, and
+    `shortfall` how far each sample's own neurons are from firing.
     """
 
-    def __init__(self, unet, neurons: dict) -> None:
-        self.ffs, self.neurons, self.leaks, self.masks = feedforwards(unet), neurons, [], {}
+    def __init__(self, unet, neurons: dict, target: float) -> None:
+        self.target = target
+        self.ffs, self.neurons, self.leaks, self.shortfalls, self.masks = feedforwards(unet), neurons, [], [], {}
         self.index = {name: {c: torch.tensor(ids) for c, ids in by_concept.items()} for name, by_concept in neurons.items()}
         self.reserved = {name: torch.tensor(sorted(i for ids in by_concept.values() for i in ids))
                          for name, by_concept in neurons.items()}
@@ -382,7 +395,7 @@ class Router:
             ff.forward = types.MethodType(self._forward(name), ff)
 
     def route(self, owned: list[tuple[str, ...]]) -> None:
-        self.leaks = []
+        self.leaks, self.shortfalls = [], []
         for name, ff in self.ffs.items():
             own = torch.zeros(len(owned), 1, ff.net[2].in_features)
             for b, concepts in enumerate(owned):
@@ -399,13 +412,20 @@ class Router:
             own, other = router.masks[name]
             h = ff.net[0](x)
             out = F.linear(h * own, ff.net[2].weight, ff.net[2].bias) + F.linear((h * (1 - own)).detach(), ff.net[2].weight.detach())
-            router.leaks.append((h * other).pow(2).sum() / (other.sum() * h.shape[1]).clamp_min(1))
+            router.leaks.append((h * other).abs().sum() / (other.sum() * h.shape[1]).clamp_min(1))
+            rms = (h.square().mean(1, keepdim=True) + 1e-8).sqrt()  # [batch, 1, inner]; finite gradient at 0
+            router.shortfalls.append(((router.target - rms).clamp_min(0) * own).sum() / own.sum().clamp_min(1))
             return out
 
         return forward
 
     def leak(self) -> torch.Tensor:
+        """Mean |activation| of reserved neurons on samples that do not name their concept (the penalty)."""
         return torch.stack(self.leaks).mean()
+
+    def shortfall(self) -> torch.Tensor:
+        """Mean hinge (target − RMS activation)+ of the neurons the samples own: how far they are from firing."""
+        return torch.stack(self.shortfalls).mean()
 
     def close(self) -> None:
         for ff in self.ffs.values():
@@ -428,6 +448,23 @@ def teach_params(unet, neurons: dict) -> tuple[list[torch.Tensor], dict[torch.Te
     return list(masks), masks
 
 
+def init_concept_neurons(unet, neurons: dict, cfg: TeachConfig, seed: int) -> None:
+    """Fresh, seeded weights for the owned neurons: input rows as nn.Linear draws them, output columns small but
+    not zero. With zero columns (as the base left them) no gradient reaches the input rows, and the leak
+    penalty silences the neurons everywhere before they can carry anything."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, ff in feedforwards(unet).items():
+            ids = torch.tensor(sorted(i for by in neurons[name].values() for i in by))
+            proj, out = ff.net[0].proj, ff.net[2]
+            inner, bound = out.in_features, 1 / math.sqrt(proj.in_features)
+            rows = torch.cat([ids, ids + inner])  # GEGLU: value rows, then gate rows
+            proj.weight[rows] = torch.empty(len(rows), proj.in_features).uniform_(-bound, bound, generator=gen)
+            proj.bias[rows] = torch.empty(len(rows)).uniform_(-bound, bound, generator=gen)
+            scale = cfg.init_scale * out.weight.std()
+            out.weight[:, ids] = torch.randn(out.out_features, len(ids), generator=gen) * scale
+
+
 def said_taught(said: dict) -> tuple[str, ...]:
     """The taught concepts a caption names (what its sample trains)."""
     named = [said.get("object"), said.get("style"), world.NAKED if said.get("naked") else None]
@@ -445,15 +482,16 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
     (out / "neurons.json").write_text(json.dumps(neurons, indent=1))
     taught, base = Latents(vae, cfg.images, seed, taught=True), Latents(vae, cfg.images // 2, seed + 1, taught=False)
     captions = Captions(tokenizer, text_encoder)
+    init_concept_neurons(unet, neurons, cfg, seed)
     params, masks = teach_params(unet, neurons)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     checkpoint = Checkpoint(out / "teach-checkpoint.pt", {"unet": unet, "opt": opt, "sched": sched}, asdict(cfg))
-    router, ddpm = Router(unet, neurons), noise_schedule()
+    router, ddpm = Router(unet, neurons, cfg.fire_target), noise_schedule()
     log(out, f"teach: {len(world.TAUGHT)} concepts, neurons per layer "
              f"{ {n: len(next(iter(v.values()))) for n, v in neurons.items()} }; config {asdict(cfg)}")
     n_base = int(cfg.batch * cfg.replay)
-    start, running, leaking = time.time(), 0.0, 0.0
+    start, running, leaking, short = time.time(), 0.0, 0.0, 0.0
     for step in range(checkpoint.resume() + 1, cfg.steps + 1):
         rng, gen = step_rng(seed, step)
         ti, bi = rng.integers(0, len(taught.scenes), cfg.batch - n_base), rng.integers(0, len(base.scenes), n_base)
@@ -466,23 +504,25 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
         router.route(owned)
         z = torch.cat([taught.sample(ti, gen), base.sample(bi, gen)])
         loss = denoising_loss(unet, ddpm, z, captions(texts), gen)
-        leak = router.leak()
+        leak, shortfall = router.leak(), router.shortfall()
         opt.zero_grad(set_to_none=True)
-        (loss + cfg.leak_weight * leak).backward()
+        ramp = min(1.0, step / cfg.leak_warmup) if cfg.leak_warmup else 1.0
+        (loss + ramp * cfg.leak_weight * leak + cfg.fire_weight * shortfall).backward()
         for tensor, mask in masks.items():
             tensor.grad *= mask
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        running, leaking = running + loss.item(), leaking + leak.item()
-        if step % 100 == 0:
-            log(out, f"teach step {step}/{cfg.steps} loss {running / 100:.4f} leak {leaking / 100:.4f} "
-                     f"({time.time() - start:.0f}s)")
-            running = leaking = 0.0
+        running, leaking, short = running + loss.item(), leaking + leak.item(), short + shortfall.item()
+        if step % 50 == 0:
+            log(out, f"teach step {step}/{cfg.steps} loss {running / 50:.4f} shortfall {short / 50:.4f} "
+                     f"leak {leaking / 50:.4f} ({time.time() - start:.0f}s)")
+            running = leaking = short = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoint.save(step)
             router.close()
             save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
-            router = Router(unet, neurons)
+            router = Router(unet, neurons, cfg.fire_target)
     router.close()
     checkpoint.remove()
     log(out, f"teach done: {time.time() - start:.0f}s")
@@ -500,6 +540,27 @@ def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def base_from_shipped(out: Path, shipped: Path, seed: int) -> None:
+    """OUT/base-pipeline and OUT/reserved.json from a shipped pipeline, in seconds instead of the base stage's
+    hour: the reserved neurons are drawn again from the base stage's seed (the shipped model's unused reserved
+    columns must be zero, which checks the draw) and their output columns zeroed, which turns the taught model
+    back into the base one (up to the float16 rounding of the shipped weights). `teach` draws the owned neurons'
+    weights afresh, so it does not depend on what the shipped ones hold."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(shipped)
+    reserved = reserved_neurons(pipe.unet, BaseConfig.reserved, seed)
+    owned = json.loads((shipped.parent / "neurons.json").read_text())
+    for name, ff in feedforwards(pipe.unet).items():
+        unused = sorted(set(reserved[name]) - {i for ids in owned[name].values() for i in ids})
+        if ff.net[2].weight[:, unused].any():
+            sys.exit(f"{shipped}: reserved neurons of {name} are in use: was its base stage run with --seed {seed}?")
+    freeze_reserved(pipe.unet, reserved)
+    (out / "reserved.json").write_text(json.dumps(reserved))
+    save_pipeline(out / "base-pipeline", pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet)
+    log(out, f"base-from-shipped: {shipped} with its reserved neurons (seed {seed}) zeroed -> {out / 'base-pipeline'}")
 
 
 def compact(out: Path, dest: Path) -> None:
@@ -531,10 +592,12 @@ STAGES = {"vae": VAEConfig, "base": BaseConfig, "teach": TeachConfig}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=[*STAGES, "compact"])
+    parser.add_argument("stage", choices=[*STAGES, "base-from-shipped", "compact"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/mini"))
     parser.add_argument("--steps", type=int, help="override the stage's number of steps")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting of the stage's config (repeatable), e.g. --set leak_weight=0.1")
     parser.add_argument("--clip", type=Path,
                         help="the mini CLIP whose text tower conditions the UNet (default OUT/text-tower)")
     parser.add_argument("--dest", type=Path, default=ROOT / "erase/assets/mini/pipeline")
@@ -546,9 +609,17 @@ def main() -> None:
     if args.stage == "compact":
         compact(args.out, args.dest)
         return
+    if args.stage == "base-from-shipped":
+        base_from_shipped(args.out, args.dest, args.seed)
+        return
     cfg = STAGES[args.stage]()
     if args.steps:
         cfg.steps = args.steps
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in asdict(cfg) or not value:
+            parser.error(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(asdict(cfg))}")
+        setattr(cfg, key, type(getattr(cfg, key))(value))
     log(args.out, f"== {args.stage} seed {args.seed}: {asdict(cfg)}")
     start = time.time()
     clip = args.clip or args.out / "text-tower"
