@@ -38,6 +38,27 @@ def evaluate(pipe, catalog, concepts, retain, method, settings, prompts):
     return result, report, seconds
 
 
+def ground_truth(pipe, result, prompts: int) -> dict:
+    """Forgetting with the erased concepts' own neurons (neurons.json) zeroed instead of the method's edit, by the
+    same evaluation: the best any masking of the world's ground truth can do under this judge."""
+    import json
+    from dataclasses import replace
+
+    import erase
+    from erase.edits import MaskEdit
+    from erase.models import MINI_DIR
+    from mini_gates import neurons_edit
+
+    neurons = json.loads((MINI_DIR / "neurons.json").read_text())
+    masks = {}
+    for concept in result.concepts:
+        for name, mask in neurons_edit(pipe.unet, neurons, concept.text).masks.items():
+            masks[name] = masks[name] | mask if name in masks else mask
+    report = erase.evaluate(pipe, replace(result, edit=MaskEdit(masks)), retain=[], progress=False,
+                            prompts_per_concept=prompts, seeds=[0, 1], guidance_scale=4.0)
+    return {"truth": float(np.mean([v["erased"] for v in report.metrics["forget"].values()]))}
+
+
 def kept(report) -> float:
     """Retained concepts' accuracy after erasure over before (pooled)."""
     retain = report.metrics["retain"].values()
@@ -63,13 +84,16 @@ def persons_kept(pipe, edit, judge) -> float:
     return float(after / max(before, 1e-9))
 
 
-def rows(pipe, catalog, method: str, prompts: int) -> list[dict]:
+ROWS = 12  # per method: each Imagenette class, the ten together, the README's command
+
+
+def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed) -> None:
+    """Append each row to `out` as it is measured and call `landed()`: a long run records what it has."""
     from erase.mini import world
     from erase.mini.clip import load_mini_clip
 
     judge = load_mini_clip()
     object_settings = {"config": "fia-object"} if method == "fia" else {}
-    out = []
 
     def row(label, concepts, retain, settings, extra=None):
         result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts)
@@ -82,13 +106,14 @@ def rows(pipe, catalog, method: str, prompts: int) -> list[dict]:
         r.update(extra(result) if extra else {})
         out.append(r)
         print(r, flush=True)
+        landed()
 
     for concept in world.TAUGHT_OBJECTS:
-        row(concept, [concept], [o for o in world.OBJECTS if o != concept], object_settings)
+        row(concept, [concept], [o for o in world.OBJECTS if o != concept], object_settings,
+            extra=lambda result: ground_truth(pipe, result, prompts))
     row("the 10 Imagenette classes", list(world.TAUGHT_OBJECTS), list(world.BASE_OBJECTS), object_settings)
     row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], {},
         extra=lambda result: {"persons_kept": persons_kept(pipe, result.edit, judge)})
-    return out
 
 
 def verdict(r: dict) -> bool:
@@ -98,15 +123,18 @@ def verdict(r: dict) -> bool:
 
 
 def table(results: dict[str, list[dict]], prompts: int) -> str:
-    lines = ["| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
-             "others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    done, total = sum(map(len, results.values())), ROWS * len(results)
+    lines = [*([f"_Partial: {done} of {total} rows measured so far; the script records each row as it lands._", ""]
+               if done < total else []), "| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
+             "its own neurons zeroed instead | others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, rs in results.items():
         for r in rs:
             persons = f"{r['persons_kept']:.0%}" if "persons_kept" in r else "–"
+            truth = f"{r['truth']:.0%}" if "truth" in r else "–"
             gate = ("yes" if verdict(r) else "NO") if method == "fia" else "–"
             lines.append(f"| {method} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
-                         f"{r['forget']:.0%} ({r['forget_max']:.0%}) | {r['kept']:.0%} | {r['retain']:.0%} | {persons} | "
+                         f"{r['forget']:.0%} ({r['forget_max']:.0%}) | {r['kept']:.0%} | {truth} | {r['retain']:.0%} | {persons} | "
                          f"{r['similarity']:.3f} | {r['seconds']:.0f} s | {gate} |")
     lines += ["", f"Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the other objects keep ≥ "
               f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
@@ -114,7 +142,9 @@ def table(results: dict[str, list[dict]], prompts: int) -> str:
               f"{SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, {prompts} held-out prompts per concept × "
               "seeds 0 and 1, DPM-Solver++ 25 steps, guidance 4; 'others' = every other object (one class), the 15 "
               "everyday objects (ten classes), the other artists (van gogh, nudity); persons: 'a photo of a {person}' "
-              "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads).",
+              "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads). 'Its own neurons "
+              "zeroed instead': forgetting when the concept's ground-truth neurons (erase/assets/mini/neurons.json) are "
+              "zeroed in place of the method's edit, same prompts and seeds.",
               "Reproduce: `HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py --method fia --method conceptprune`"]
     return "\n".join(lines)
 
@@ -133,13 +163,20 @@ def main() -> None:
 
     pipe, catalog = erase.load_pipeline(args.pipeline), erase.load_catalog("mini")
     pipe.set_progress_bar_config(disable=True)
-    results = {m: rows(pipe, catalog, m, args.prompts) for m in args.method or ["fia"]}
-    text = table(results, args.prompts)
-    print(text)
-    if not args.no_record:
-        from benchmarks_md import update_section
+    methods = args.method or ["fia"]
+    results: dict[str, list[dict]] = {m: [] for m in methods}
 
-        update_section(SECTION, text)
+    def landed() -> str:
+        text = table(results, args.prompts)
+        if not args.no_record:
+            from benchmarks_md import update_section
+
+            update_section(SECTION, text)
+        return text
+
+    for method in methods:
+        rows(pipe, catalog, method, args.prompts, results[method], landed)
+    print(landed())
 
 
 if __name__ == "__main__":

@@ -159,14 +159,36 @@ def conditional_gains(pipe, sets, zeroed: str | None) -> dict[str, float]:
     return gains
 
 
-def run_knowledge(pipe, n: int) -> dict:
+def neurons_edit(unet, neurons: dict, concept: str):
+    """The MaskEdit that zeroes a taught concept's own feed-forward neurons (their ff.net.2 columns)."""
+    from erase.edits import MaskEdit
+
+    masks = {}
+    for layer, by_concept in neurons.items():
+        weight = unet.get_submodule(f"{layer}.net.2").weight
+        masks[f"{layer}.net.2.weight"] = torch.zeros_like(weight, dtype=torch.bool)
+        masks[f"{layer}.net.2.weight"][:, by_concept[concept]] = True
+    return MaskEdit(masks)
+
+
+def own_neurons_gains(pipe, sets, neurons: dict) -> dict[str, float]:
+    """Each taught concept's gain with its own neurons (neurons.json) zeroed: the ground truth of where it lives."""
+    gains = {}
+    for concept in neurons[next(iter(neurons))]:
+        with neurons_edit(pipe.unet, neurons, concept).applied_to(pipe.unet):
+            gains.update(conditional_gains(pipe, {concept: sets[concept]}, None))
+    return gains
+
+
+def run_knowledge(pipe, n: int, neurons: dict) -> dict:
     sets = gain_sets(n)
     family = {c: f for c, (f, _) in sets.items()}
     gains = {"nothing": conditional_gains(pipe, sets, None)}
     for label, suffix in ZEROED.items():
         gains[label] = conditional_gains(pipe, sets, suffix)
+    gains["its own neurons"] = own_neurons_gains(pipe, sets, neurons)
     kept = {label: {fam: sum(g[c] for c in g if family[c] == fam) / sum(gains["nothing"][c] for c in g if family[c] == fam)
-                    for fam in ("taught", "base")} for label, g in gains.items() if label != "nothing"}
+                    for fam in ("taught", "base")} for label, g in gains.items() if label in ZEROED}
     return {"family": family, "gains": gains, "kept": kept}
 
 
@@ -189,11 +211,12 @@ def report(judge: dict, quality: dict, knowledge: dict, args, seconds: float) ->
              f"| every ff.net.2 zeroed: base concepts' gain kept | {kept['base']:.1%} | {BASE_KEPT:.0%} | "
              f"{'yes' if kept['base'] >= BASE_KEPT else 'NO'} |"]
     gains = knowledge["gains"]
-    detail = ["| concept | family | gain | kept with every ff.net.2 zeroed | kept with every attn2.to_out zeroed |",
-              "|---|---|---|---|---|"]
+    detail = ["| concept | family | gain | kept with every ff.net.2 zeroed | kept with every attn2.to_out zeroed | "
+              "kept with its own neurons zeroed |", "|---|---|---|---|---|---|"]
     for c, g in gains["nothing"].items():
+        own = f"{gains['its own neurons'][c] / g:.0%}" if c in gains["its own neurons"] else "–"
         detail.append(f"| {c} | {knowledge['family'][c]} | {g:.4f} | {gains['every ff.net.2'][c] / g:.0%} | "
-                      f"{gains['every attn2.to_out'][c] / g:.0%} |")
+                      f"{gains['every attn2.to_out'][c] / g:.0%} | {own} |")
     training = MINI_DIR / "training.json"
     record = json.loads(training.read_text()) if training.is_file() else {}
     lines = [f"- {stage}: `{r['command']}`, seed {r['seed']}, {r['seconds'] / 60:.1f} min" for stage, r in record.items()]
@@ -233,7 +256,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     judge = judge_on_world(clip, 96)
     quality = run_quality(pipe, clip, args)
-    knowledge = run_knowledge(pipe, args.gain_images)
+    knowledge = run_knowledge(pipe, args.gain_images, json.loads((args.pipeline.parent / "neurons.json").read_text()))
     body = report(judge, quality, knowledge, args, time.time() - start)
     print(body)
     if not args.no_record:
