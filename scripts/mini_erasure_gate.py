@@ -87,8 +87,9 @@ def persons_kept(pipe, edit, judge) -> float:
 ROWS = 12  # per method: each Imagenette class, the ten together, the README's command
 
 
-def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed) -> None:
-    """Append each row to `out` as it is measured and call `landed()`: a long run records what it has."""
+def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed, only: list[str] | None = None) -> None:
+    """Append each row to `out` as it is measured and call `landed()`: a long run records what it has. `only`:
+    the labels of the rows to measure (default all)."""
     from erase.mini import world
     from erase.mini.clip import load_mini_clip
 
@@ -96,6 +97,8 @@ def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed) -> N
     object_settings = {"config": "fia-object"} if method == "fia" else {}
 
     def row(label, concepts, retain, settings, extra=None):
+        if only and label not in only:
+            return
         result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts)
         forget = [v["erased"] for v in report.metrics["forget"].values()]
         r = {"label": label, "settings": settings or "defaults", "edited": result.record["totals"]["edited"],
@@ -155,6 +158,8 @@ def main() -> None:
     parser.add_argument("--method", action="append", help="repeatable; default fia")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", action="append", metavar="LABEL",
+                        help="measure only this row (repeatable), e.g. --only church --only 'van gogh, nudity'")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -175,7 +180,7 @@ def main() -> None:
         return text
 
     for method in methods:
-        rows(pipe, catalog, method, args.prompts, results[method], landed)
+        rows(pipe, catalog, method, args.prompts, results[method], landed, args.only)
     print(landed())
 
 
