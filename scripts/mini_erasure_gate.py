@@ -45,16 +45,12 @@ def ground_truth(pipe, result, prompts: int) -> dict:
     from dataclasses import replace
 
     import erase
-    from erase.edits import MaskEdit
     from erase.models import MINI_DIR
     from mini_gates import neurons_edit
 
     neurons = json.loads((MINI_DIR / "neurons.json").read_text())
-    masks = {}
-    for concept in result.concepts:
-        for name, mask in neurons_edit(pipe.unet, neurons, concept.text).masks.items():
-            masks[name] = masks[name] | mask if name in masks else mask
-    report = erase.evaluate(pipe, replace(result, edit=MaskEdit(masks)), retain=[], progress=False,
+    edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
+    report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
                             prompts_per_concept=prompts, seeds=[0, 1], guidance_scale=4.0)
     return {"truth": float(np.mean([v["erased"] for v in report.metrics["forget"].values()]))}
 

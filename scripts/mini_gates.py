@@ -159,15 +159,15 @@ def conditional_gains(pipe, sets, zeroed: str | None) -> dict[str, float]:
     return gains
 
 
-def neurons_edit(unet, neurons: dict, concept: str):
-    """The MaskEdit that zeroes a taught concept's own feed-forward neurons (their ff.net.2 columns)."""
+def neurons_edit(unet, neurons: dict, *concepts: str):
+    """The MaskEdit that zeroes taught concepts' own feed-forward neurons (their ff.net.2 columns)."""
     from erase.edits import MaskEdit
 
     masks = {}
     for layer, by_concept in neurons.items():
         weight = unet.get_submodule(f"{layer}.net.2").weight
         masks[f"{layer}.net.2.weight"] = torch.zeros_like(weight, dtype=torch.bool)
-        masks[f"{layer}.net.2.weight"][:, by_concept[concept]] = True
+        masks[f"{layer}.net.2.weight"][:, [i for c in concepts for i in by_concept[c]]] = True
     return MaskEdit(masks)
 
 
