@@ -14,6 +14,7 @@ README's mixed command), judged by erase.evaluate with the mini CLIP on held-out
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -38,17 +39,14 @@ def evaluate(pipe, catalog, concepts, retain, method, settings, prompts):
     return result, report, seconds
 
 
-def ground_truth(pipe, result, prompts: int) -> dict:
+def ground_truth(pipe, result, prompts: int, neurons: dict) -> dict:
     """Forgetting with the erased concepts' own neurons (neurons.json) zeroed instead of the method's edit, by the
     same evaluation: the best any masking of the world's ground truth can do under this judge."""
-    import json
     from dataclasses import replace
 
     import erase
-    from erase.models import MINI_DIR
     from mini_gates import neurons_edit
 
-    neurons = json.loads((MINI_DIR / "neurons.json").read_text())
     edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
     report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
                             prompts_per_concept=prompts, seeds=[0, 1], guidance_scale=4.0)
@@ -83,9 +81,10 @@ def persons_kept(pipe, edit, judge) -> float:
 ROWS = 12  # per method: each Imagenette class, the ten together, the README's command
 
 
-def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed, only: list[str] | None = None) -> None:
-    """Append each row to `out` as it is measured and call `landed()`: a long run records what it has. `only`:
-    the labels of the rows to measure (default all)."""
+def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed, neurons: dict,
+         only: list[str] | None = None) -> None:
+    """Append each row to `out` as it is measured and call `landed()`: a long run records what it has. neurons:
+    the pipeline's neurons.json (ground truth); `only`: the labels of the rows to measure (default all)."""
     from erase.mini import world
     from erase.mini.clip import load_mini_clip
 
@@ -109,7 +108,7 @@ def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed, only
 
     for concept in world.TAUGHT_OBJECTS:
         row(concept, [concept], [o for o in world.OBJECTS if o != concept], object_settings,
-            extra=lambda result: ground_truth(pipe, result, prompts))
+            extra=lambda result: ground_truth(pipe, result, prompts, neurons))
     row("the 10 Imagenette classes", list(world.TAUGHT_OBJECTS), list(world.BASE_OBJECTS), object_settings)
     row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], {},
         extra=lambda result: {"persons_kept": persons_kept(pipe, result.edit, judge)})
@@ -162,7 +161,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import erase
 
+    from erase.models import MINI_PIPELINE_DIR
+
     pipe, catalog = erase.load_pipeline(args.pipeline), erase.load_catalog("mini")
+    folder = MINI_PIPELINE_DIR if args.pipeline == "mini" else Path(args.pipeline)
+    neurons = json.loads((folder.parent / "neurons.json").read_text())  # beside the pipeline, as train_mini writes it
     pipe.set_progress_bar_config(disable=True)
     methods = args.method or ["fia"]
     results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -176,7 +179,7 @@ def main() -> None:
         return text
 
     for method in methods:
-        rows(pipe, catalog, method, args.prompts, results[method], landed, args.only)
+        rows(pipe, catalog, method, args.prompts, results[method], landed, neurons, args.only)
     print(landed())
 
 
