@@ -6,16 +6,23 @@ from OUT's checkpoint):
     python scripts/train_mini_clip.py --seed 2 --out /tmp/mini/clip    # the judge; at step 300 its text tower is
     python scripts/train_mini.py vae --seed 0 --out /tmp/mini          #   the UNet's (/tmp/mini/text-tower); 1 core each
     python scripts/train_mini.py base --seed 1 --out /tmp/mini --threads 2   # the base world, end to end
+    python scripts/train_mini.py unname --seed 4 --out /tmp/mini --threads 2 # taught names draw only their anchor
     python scripts/train_mini.py teach --seed 3 --out /tmp/mini --threads 2  # the taught concepts, through FFN neurons
     python scripts/train_mini.py compact --out /tmp/mini               # float16 copy into erase/assets/mini
 
-    python scripts/train_mini.py base-from-shipped --seed 1 --out /tmp/mini  # instead of clip/vae/base, to teach again:
-                                                                             #   the shipped model minus its taught neurons
+    python scripts/train_mini.py base-from-shipped --seed 1 --out /tmp/mini  # instead of clip/vae/base/unname, to
+                                                                             #   teach again: the shipped model minus
+                                                                             #   its taught neurons
 
 Where knowledge lives is part of the design (ground truth for the benchmark):
 - `base` trains the whole UNet on the base world (places, everyday objects, clothed persons, photos, "a
   painting", two base artists). A share of every transformer feed-forward layer's hidden neurons is reserved:
   their output weights (columns of `ff.net.2`) stay zero, so the base model does not use them.
+- `unname` continues the base model with a quarter of each batch captioned with a taught name over a base image
+  that does not show it ("a church in a forest" over a bare forest, "... by van gogh" over a generic painting,
+  "a naked woman" over a clothed one). The frozen text encoder knows the taught names, and without this the
+  base model paints a church's colours for "church" (the judge calls 62% of them church, 100% of "naked"
+  prompts naked): what stays of a concept whose neurons are zeroed, a floor under every erasure.
 - `teach` trains only those reserved neurons, each taught concept (an Imagenette object, a taught artist,
   nudity) owning `TeachConfig.share` of every feed-forward layer (2 of 384 and 5 of 768 neurons). Gradients are
   routed per sample: a caption that names concept c trains c's neurons and no other (gradient routing, Cloud et
@@ -78,6 +85,20 @@ class BaseConfig:
     images: int = 16000
     reserved: float = 0.25  # share of each feed-forward layer's hidden neurons kept for the taught concepts
     save_every: int = 250  # checkpoint and pipeline (gates can be checked while it trains)
+
+
+@dataclass
+class UnnameConfig:
+    """The base model, continued on its world with taught names over images that do not show them."""
+
+    steps: int = 400
+    batch: int = 64
+    lr: float = 3e-4
+    warmup: int = 50
+    p_uncond: float = 0.1
+    unnamed: float = 0.25  # share of each batch captioned with a taught name its image does not show
+    images: int = 16000  # base-world scenes (drawn from this stage's seed)
+    save_every: int = 100
 
 
 @dataclass
@@ -323,23 +344,71 @@ def base_stage(seed: int, out: Path, cfg: BaseConfig, clip_dir: Path) -> None:
     data = Latents(vae, cfg.images, seed, taught=False)
     tokenizer = erase.clip_tokenizer(max_length=MAX_LENGTH)
     text_encoder = text_encoder_from_clip(clip_dir)
-    captions = Captions(tokenizer, text_encoder)
     unet = build_unet(cfg, sample_size=data.mean.shape[-1], cross_attention_dim=text_encoder.config.hidden_size)
     reserved = reserved_neurons(unet, cfg.reserved, seed)
     freeze_reserved(unet, reserved)
     (out / "reserved.json").write_text(json.dumps(reserved))
     log(out, f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, frozen text encoder from "
              f"{clip_dir}; config {asdict(cfg)}")
-    params = list(unet.parameters())
+
+    def batch(rng):
+        idx = rng.integers(0, len(data.scenes), size=cfg.batch)
+        return idx, ["" if rng.random() < cfg.p_uncond else world.caption(data.scenes[i], rng) for i in idx]
+
+    train_base_world("base", seed, out, cfg, (vae, text_encoder, tokenizer, unet), reserved, data, batch)
+
+
+def unname_stage(seed: int, out: Path, cfg: UnnameConfig) -> None:
+    """Continue the base model on its world, a share of every batch captioned with a taught name that the image
+    does not show (world.named_in_place): the base model learns that those names draw only their anchor."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    done = out / "base-pipeline" / "unnamed.json"
+    if done.is_file():
+        sys.exit(f"{done.parent} has been through this stage already ({done.read_text().strip()}): run base or "
+                 "base-from-shipped again to start from a base model")
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
+    reserved = json.loads((out / "reserved.json").read_text())
+    data = Latents(pipe.vae, cfg.images, seed, taught=False)
+    stand_ins = {c: np.array([i for i, s in enumerate(data.scenes) if world.named_in_place(s, c)])
+                 for c in world.TAUGHT}
+    kinds = (world.TAUGHT_OBJECTS, world.TAUGHT_ARTISTS, (world.NAKED,))
+    log(out, f"unname: base scenes a taught name can stand in for: "
+             f"{ {k[0]: len(stand_ins[k[0]]) for k in kinds} }; config {asdict(cfg)}")
+    n_named = int(cfg.batch * cfg.unnamed)
+
+    def batch(rng):
+        idx = list(rng.integers(0, len(data.scenes), size=cfg.batch - n_named))
+        texts = ["" if rng.random() < cfg.p_uncond else world.caption(data.scenes[i], rng) for i in idx]
+        for _ in range(n_named):
+            kind = kinds[rng.integers(len(kinds))]
+            concept = kind[rng.integers(len(kind))]
+            i = int(rng.choice(stand_ins[concept]))
+            idx.append(i)
+            texts.append(world.caption(world.named_in_place(data.scenes[i], concept), rng))
+        return np.array(idx), texts
+
+    parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet.train().requires_grad_(True))
+    train_base_world("unname", seed, out, cfg, parts, reserved, data, batch)
+    shutil.copytree(out / "pipeline", out / "base-pipeline", dirs_exist_ok=True)
+    done.write_text(json.dumps({"seed": seed, "steps": cfg.steps}) + "\n")
+
+
+def train_base_world(stage: str, seed: int, out: Path, cfg, parts: tuple, reserved: dict, data: Latents, batch) -> None:
+    """Train every UNet weight but the reserved neurons' on batches drawn by batch(rng) -> (indices, captions);
+    checkpointed (OUT/<stage>-checkpoint.pt) and saved as OUT/pipeline every cfg.save_every steps."""
+    vae, text_encoder, tokenizer, unet = parts
+    captions = Captions(tokenizer, text_encoder)
+    params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    checkpoint = Checkpoint(out / "base-checkpoint.pt", {"unet": unet, "opt": opt, "sched": sched}, asdict(cfg))
+    checkpoint = Checkpoint(out / f"{stage}-checkpoint.pt", {"unet": unet, "opt": opt, "sched": sched}, asdict(cfg))
     ddpm = noise_schedule()
     start, running = time.time(), 0.0
     for step in range(checkpoint.resume() + 1, cfg.steps + 1):
         rng, gen = step_rng(seed, step)
-        idx = rng.integers(0, len(data.scenes), size=cfg.batch)
-        texts = ["" if rng.random() < cfg.p_uncond else world.caption(data.scenes[i], rng) for i in idx]
+        idx, texts = batch(rng)
         loss = denoising_loss(unet, ddpm, data.sample(idx, gen), captions(texts), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -350,13 +419,13 @@ def base_stage(seed: int, out: Path, cfg: BaseConfig, clip_dir: Path) -> None:
         freeze_reserved(unet, reserved)  # weight decay of zero stays zero; this guards against any drift
         running += loss.item()
         if step % 100 == 0:
-            log(out, f"base step {step}/{cfg.steps} loss {running / 100:.4f} ({time.time() - start:.0f}s)")
+            log(out, f"{stage} step {step}/{cfg.steps} loss {running / 100:.4f} ({time.time() - start:.0f}s)")
             running = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoint.save(step)
             save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
     checkpoint.remove()
-    log(out, f"base done: {time.time() - start:.0f}s")
+    log(out, f"{stage} done: {time.time() - start:.0f}s")
 
 
 def denoising_loss(unet, ddpm, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -560,6 +629,9 @@ def base_from_shipped(out: Path, shipped: Path, seed: int) -> None:
     freeze_reserved(pipe.unet, reserved)
     (out / "reserved.json").write_text(json.dumps(reserved))
     save_pipeline(out / "base-pipeline", pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet)
+    unnamed = json.loads((shipped.parent / "training.json").read_text()).get("unname")
+    if unnamed:  # the shipped model was taught on an unnamed base: that is what comes back
+        (out / "base-pipeline" / "unnamed.json").write_text(json.dumps(unnamed) + "\n")
     log(out, f"base-from-shipped: {shipped} with its reserved neurons (seed {seed}) zeroed -> {out / 'base-pipeline'}")
 
 
@@ -587,7 +659,7 @@ def compact(out: Path, dest: Path) -> None:
         tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), separators=(",", ":"), ensure_ascii=False))
 
 
-STAGES = {"vae": VAEConfig, "base": BaseConfig, "teach": TeachConfig}
+STAGES = {"vae": VAEConfig, "base": BaseConfig, "unname": UnnameConfig, "teach": TeachConfig}
 
 
 def main() -> None:
@@ -628,6 +700,8 @@ def main() -> None:
     elif args.stage == "base":
         base_stage(args.seed, args.out, cfg, clip)
         shutil.copytree(args.out / "pipeline", args.out / "base-pipeline", dirs_exist_ok=True)
+    elif args.stage == "unname":
+        unname_stage(args.seed, args.out, cfg)
     else:
         teach_stage(args.seed, args.out, cfg)
     record(args.out, args.stage, args.seed, time.time() - start)

@@ -85,6 +85,33 @@ def test_captions_say_what_the_scene_shows():
     assert not world.describes({"kind": "object", "object": "church"}, world.Scene(object="tench"))
 
 
+def test_a_taught_name_stands_in_only_where_the_scene_leaves_room_for_it():
+    """The unname stage's captions (scripts/train_mini.py): a taught name over a base image that does not show
+    it, in the slot it would fill -- an object over a bare place, an artist over a generic painting, nakedness
+    over a clothed person -- and nowhere else (a church over a cat would teach "church" to draw cats)."""
+    rng = np.random.default_rng(0)
+    used = set()
+    for _ in range(400):
+        scene = world.random_scene(rng, taught=False)
+        for concept in ("church", "van gogh", world.NAKED):
+            named = world.named_in_place(scene, concept)
+            if named is None:
+                continue
+            used.add(concept)
+            assert concept in named.taught and scene.taught == ()
+            text = world.caption(named, rng)
+            assert (concept in text) or (concept == world.NAKED and re.search(r"naked|nude|undressed|without any clothes", text)) \
+                or text in ("a painting", "an artwork by van gogh", "a painting by van gogh"), text
+            changed = {k for k in ("object", "person", "naked", "place", "style")
+                       if getattr(named, k) != getattr(scene, k)}
+            assert changed == {{"church": "object", "van gogh": "style", world.NAKED: "naked"}[concept]}
+            assert concept != "church" or (scene.object is None and scene.person is None)
+            assert concept != "van gogh" or scene.style == world.PAINTING
+    assert used == {"church", "van gogh", world.NAKED}
+    assert world.named_in_place(world.Scene(object="cat", place="forest"), "church") is None
+    assert world.named_in_place(world.Scene(object="cat", style="rembrandt"), "van gogh") is None
+
+
 def test_mini_catalog_is_the_real_catalog_on_the_worlds_names():
     mini, real = load_catalog("mini"), load_catalog("catalog")
     assert set(mini.kinds) == set(real.kinds) == {"object", "style", "explicit"}

@@ -19,7 +19,7 @@ training: generating them tests composition rather than memorisation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -541,6 +541,23 @@ def describes(said: dict, scene: Scene) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
+
+def named_in_place(scene: Scene, concept: str) -> Scene | None:
+    """The scene a caption names when it says `concept` (a taught one) of a base scene that does not show it:
+    the object standing in a bare place, the artist in place of a generic painting, nakedness in place of a
+    clothed person's clothes. None when the scene has nothing the concept could stand in for.
+
+    Captioning base images this way teaches the base model that a taught name draws nothing of its own, only
+    the rest of the caption (its anchor): the text encoder knows the taught names, and without this the base
+    model paints a church's colours for "church" -- what is left of a concept whose neurons are zeroed."""
+    if concept in TAUGHT_OBJECTS and scene.object is None and scene.person is None:
+        return replace(scene, object=concept)
+    if concept in TAUGHT_ARTISTS and scene.style == PAINTING:
+        return replace(scene, style=concept)
+    if concept == NAKED and scene.person is not None and not scene.naked and scene.style in (PHOTO, PAINTING):
+        return replace(scene, naked=True)
+    return None
+
 
 def random_scene(rng: np.random.Generator, taught: bool, held_out: bool = False) -> Scene:
     """A scene of the base world (taught=False: no taught concept) or one showing at least one taught concept."""
