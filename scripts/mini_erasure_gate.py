@@ -106,12 +106,15 @@ def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed, neur
         print(r, flush=True)
         landed()
 
+    # The README's command and the ten classes first: a run stopped early has the rows users read first.
+    row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], {},
+        extra=lambda result: {"persons_kept": persons_kept(pipe, result.edit, judge),
+                              **ground_truth(pipe, result, prompts, neurons)})
+    row("the 10 Imagenette classes", list(world.TAUGHT_OBJECTS), list(world.BASE_OBJECTS), object_settings,
+        extra=lambda result: ground_truth(pipe, result, prompts, neurons))
     for concept in world.TAUGHT_OBJECTS:
         row(concept, [concept], [o for o in world.OBJECTS if o != concept], object_settings,
             extra=lambda result: ground_truth(pipe, result, prompts, neurons))
-    row("the 10 Imagenette classes", list(world.TAUGHT_OBJECTS), list(world.BASE_OBJECTS), object_settings)
-    row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], {},
-        extra=lambda result: {"persons_kept": persons_kept(pipe, result.edit, judge)})
 
 
 def verdict(r: dict) -> bool:
