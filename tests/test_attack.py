@@ -28,6 +28,9 @@ def test_prompt_attack_finds_typeable_prompts_and_adds_them_to_the_report(run, j
     assert church["prompts"] == 4 and 0 <= church["attack_success_rate"] <= 1
     low, high = church["attack_success_rate_ci"]
     assert low <= church["attack_success_rate"] <= high
+    assert church["attack_success_rate"] == sum(r["success"] for r in report.records) / 4
+    assert all(r["success"] == ("a photo of a church" in (r["erased_class"], r["attacked_class"]))
+               for r in report.records)
     for record in report.records:  # the prompt, then `tokens` whole words that tokenize back to themselves
         words = record["words"].split()
         assert record["attacked_prompt"] == f"{record['prompt']} {record['words']}" and len(words) == 2
