@@ -243,6 +243,9 @@ def attack_markdown(rows: list[dict]) -> str:
               f"{ATTACK_EVAL['max_cross_retain']} cross-kind retained concepts per kind. Method settings as in the "
               "methods table. Brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0). One run "
               "at a time, one thread, on a 2-core machine shared with other jobs.",
+              "", "Reading it: attack success rate ≥ erased by construction (a prompt that already works is kept); "
+              "the attack adds something where it exceeds erased, and its words hurt where the attacked prompts "
+              "alone fall below erased. Anchor is the judge's floor: what it calls the concept where there is none.",
               "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
               "", "Reproduce: `HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/bench_methods.py attack` (every row; "
               "`--sizes 3 --methods esd,salun` measures a part and keeps the rows already in docs/attack-mini.json)"]
