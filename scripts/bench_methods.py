@@ -246,6 +246,7 @@ def attack_markdown(rows: list[dict]) -> str:
               "", "Reading it: attack success rate ≥ erased by construction (a prompt that already works is kept); "
               "the attack adds something where it exceeds erased, and its words hurt where the attacked prompts "
               "alone fall below erased. Anchor is the judge's floor: what it calls the concept where there is none.",
+              *[f"\n{r['method']} on {len(r['concepts'])}: {r['note']}." for r in rows if r.get("note")],
               "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
               "", "Reproduce: `HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/bench_methods.py attack` (every row; "
               "`--sizes 3 --methods esd,salun` measures a part and keeps the rows already in docs/attack-mini.json)"]
