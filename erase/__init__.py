@@ -5,6 +5,7 @@
     result = erase.erase(pipe, ["van gogh", "nudity"], method="fia", r2=0.02)
     result.save("runs/vg")
     report = erase.evaluate(pipe, result)
+    attacked = erase.attack(pipe, result)    # adversarial recovery: attack success rate per concept
 
 The public names load on first use (PEP 562), so `erase-concepts --help`, a bad option or Ctrl-C during start-up
 answers before torch is imported.
@@ -12,7 +13,7 @@ answers before torch is imported.
 
 import importlib
 
-_PUBLIC = {"EraseResult": "api", "erase": "api", "Concept": "concepts", "load_catalog": "concepts",
+_PUBLIC = {"attack": "attacks", "EraseResult": "api", "erase": "api", "Concept": "concepts", "load_catalog": "concepts",
            "MaskEdit": "edits", "fingerprint": "edits", "EraseError": "errors", "evaluate": "evaluation",
            "apply_patch": "export", "read_patch": "export", "METHODS": "methods", "clip_tokenizer": "models",
            "load_pipeline": "models"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .concepts import Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog, parse_concepts
-from .config import as_dict, build_config, read_preset
+from .config import as_dict, config_from
 from .edits import MaskEdit, fingerprint
 from .errors import EraseError
 from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, nbytes, read_patch,
@@ -120,29 +120,8 @@ def default_catalog(pipe) -> str:
 
 def resolve_config(method: str, config=None, **overrides):
     """A method's config from a dataclass instance, a preset (file or shipped name) or a dict, plus overrides."""
-    spec = get_method(method)
-    if isinstance(config, spec.config_class):
-        settings = as_dict(config)
-    elif config is None or isinstance(config, dict):
-        settings = dict(config or {})
-    elif isinstance(config, (str, Path)):
-        settings = read_preset(config)
-    else:
-        raise EraseError(f"config must be a preset name, a YAML path, a dict or a {spec.config_class.__name__}, "
-                         f"not {type(config).__name__}: e.g. config='fia-style' or config={{'r2': 0.02}}")
-    preset_method = settings.pop("method", method)
-    if preset_method != method:
-        raise EraseError(f"config is a preset for method {preset_method!r}, not {method!r}: "
-                         f"pass --method {preset_method} or another config")
-    return build_config(spec.config_class, _merge(settings, overrides))
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    """`extra` over `base`, merging nested maps (a preset's overrides survive --set overrides.x.r2=...)."""
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
+    return config_from(get_method(method).config_class, config, "method", method,
+                       "config='fia-style' or config={'r2': 0.02}", **overrides)
 
 
 def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catalog | None = None,

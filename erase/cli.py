@@ -18,6 +18,7 @@ EPILOG = """examples:
   erase-concepts --concepts church --eval                           # erase, then evaluate with the mini CLIP
   erase-concepts evaluate runs/my-run --model ./sd15 --clip ViT-L-14  # evaluate a saved run against its base
   erase-concepts apply --patch runs/my-run/patch.safetensors --model ./sd15 --out runs/again  # re-apply a patch
+  erase-concepts attack runs/my-run --model ./sd15 --set steps=100   # attack success rate, into runs/my-run/report
 """
 
 
@@ -71,6 +72,57 @@ def evaluate_parser() -> argparse.ArgumentParser:
     add_eval_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def attack_parser() -> argparse.ArgumentParser:
+    from .attacks import ATTACKS
+
+    p = argparse.ArgumentParser(prog="erase-concepts attack",
+                                description="Attack a saved erase run: how often an attacker brings its concepts back "
+                                            "(attack success rate), added to <run>/report.")
+    p.add_argument("run", help="the folder an erase run wrote (with erase.json and patch.safetensors)")
+    p.add_argument("--model", default="mini", help="the base model the run was made from")
+    p.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
+    p.add_argument("--kind", default="prompt", help=f"attack kind: {', '.join(sorted(ATTACKS))} (default prompt)")
+    p.add_argument("--concepts", help="comma-separated erased concepts to attack (default: all of them)")
+    p.add_argument("--config", help="attack settings: a YAML file")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set steps=100 --set 'seeds=[0,1]' (repeatable)")
+    p.add_argument("--clip", help="'mini' (default with the mini model) or an open_clip architecture, e.g. ViT-L-14")
+    p.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint (default openai)")
+    p.add_argument("--out", help="report folder to add the attack to (default <run>/report; an evaluation there is "
+                                 "kept)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def attack_run(args: argparse.Namespace) -> None:
+    from .attacks import attack
+    from .attacks.core import attack_config, chosen_concepts
+    from .attacks.report import check_report_dir
+    from .config import parse_settings
+    from .evaluation import saved_erasure
+    from .evaluation.judge import Judge
+    from .export import reserved
+
+    run_dir = Path(args.run)
+    erasure = saved_erasure(run_dir)  # a damaged run, bad settings or a bad judge: refused before the model loads
+    config = attack_config(args.kind, args.config, **parse_settings(args.settings))
+    concepts = chosen_concepts(erasure.concepts, args.concepts)
+    if args.clip:
+        Judge.check(args.clip, args.clip_pretrained)
+    check_model_options(args)
+    identity = {"base_fingerprint": erasure.base_fingerprint, "method": erasure.method,
+                "concepts": [c.as_dict() for c in erasure.concepts]}
+    out = check_report_dir(Path(args.out) if args.out else run_dir / "report", identity)
+    with reserved(out, overwrite=True):
+        report = attack(load_model(args), run_dir, concepts=[c.name for c in concepts], kind=args.kind, config=config,
+                        clip=args.clip, clip_pretrained=args.clip_pretrained, progress=not args.quiet)
+        report.save(out)
+    print(report.markdown().split("\n### Prompts found")[0])
+    print(wrote(out))
 
 
 def apply_parser() -> argparse.ArgumentParser:
@@ -262,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import export  # heavy (torch): inside the try, so Ctrl-C during start-up is one line too
 
         export.written.clear()
-        commands = {"evaluate": (evaluate_parser, evaluate_run), "apply": (apply_parser, apply_run)}
+        commands = {"evaluate": (evaluate_parser, evaluate_run), "apply": (apply_parser, apply_run),
+                    "attack": (attack_parser, attack_run)}
         make_parser, command = commands.get(argv[0] if argv else "", (parser, run))
         args = make_parser().parse_args(argv[1:] if command is not run else argv)
         command(args)

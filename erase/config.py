@@ -137,5 +137,46 @@ def check_positive_int(name: str, value: Any) -> None:
         raise EraseError(f"{name}={value!r} is out of range: it must be a whole number ≥ 1")
 
 
+def config_from(config_class: type, config: Any, key: str, name: str, example: str, **overrides) -> Any:
+    """`config_class` from an instance of it, a dict or a YAML preset (a file, or a name shipped in configs/) whose
+    `key` (method, kind), if it names one, must be `name`; keyword overrides win (nested maps merge)."""
+    if isinstance(config, config_class):
+        settings = as_dict(config)
+    elif config is None or isinstance(config, dict):
+        settings = dict(config or {})
+    elif isinstance(config, (str, Path)):
+        settings = read_preset(config)
+    else:
+        raise EraseError(f"config must be a preset name, a YAML path, a dict or a {config_class.__name__}, "
+                         f"not {type(config).__name__}: e.g. {example}")
+    preset = settings.pop(key, name)
+    if preset != name:
+        raise EraseError(f"config is a preset for {key} {preset!r}, not {name!r}: pass --{key} {preset} or another config")
+    return build_config(config_class, _merge(settings, overrides))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, merging nested maps (a preset's overrides survive --set overrides.x.r2=...)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def check_seeds(seeds: Any) -> None:
+    if seeds is not None and (not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise EraseError("seeds must be a non-empty list of whole numbers, e.g. seeds=[0, 1]")
+
+
+def check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise EraseError(f"confidence={confidence} is out of range: it must lie in (0, 1), e.g. 0.95")
+
+
+def check_positive_ints(config: Any, *names: str) -> None:
+    for name in names:
+        check_positive_int(name, getattr(config, name))
+
+
 def as_dict(config: Any) -> dict:
     return dataclasses.asdict(config)

@@ -164,6 +164,19 @@ def rows(kwargs: dict, index: torch.Tensor) -> dict:
     return {k: rows(v, index) if isinstance(v, dict) else v[index.to(v.device)] for k, v in kwargs.items()}
 
 
+def noised(schedule, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target) under a DDPM schedule: t ~ U{0..T-1}, fresh noise, and what the UNet should predict (ε, or v
+    for v-models)."""
+    n = len(latents)
+    t = torch.randint(schedule.config.num_train_timesteps, (n,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    t = t.to(latents.device)
+    x_t = schedule.add_noise(latents, noise, t)
+    if schedule.config.prediction_type == "v_prediction":
+        return x_t, t, schedule.get_velocity(latents, noise, t)
+    return x_t, t, noise
+
+
 def encode(pipe, prompts: list[str], side: int) -> dict:
     """The conditional half of conditioning(): one row of UNet keyword arguments per prompt."""
     with torch.no_grad():
@@ -248,15 +261,7 @@ class Trainer:
         return torch.Generator("cpu").manual_seed(seed + 104_729 * self.accelerator.process_index)
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, t, target): t ~ U{0..T-1}, fresh noise, and what the UNet should predict (ε, or v for v-models)."""
-        n = len(latents)
-        t = torch.randint(self.noise_schedule.config.num_train_timesteps, (n,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        t = t.to(latents.device)
-        x_t = self.noise_schedule.add_noise(latents, noise, t)
-        if self.noise_schedule.config.prediction_type == "v_prediction":
-            return x_t, t, self.noise_schedule.get_velocity(latents, noise, t)
-        return x_t, t, noise
+        return noised(self.noise_schedule, latents, generator)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         with self.accelerator.autocast():

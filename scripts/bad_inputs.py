@@ -91,6 +91,11 @@ def locked_out(case: Path) -> str:
 HELD: list[int] = []  # lock files the current case holds, closed after it
 
 
+def attack_args(shared: Path, case: Path, *extra: str) -> list[str]:
+    return ["attack", str(shared / "run"), "--model", str(shared / "model"), "--out", str(case / "report"), "--quiet",
+            *extra]
+
+
 def user_folder(case: Path) -> str:
     folder = case / "mine"
     write(folder / "notes.txt", "a file of the user's")
@@ -166,6 +171,17 @@ CASES = [
     Case("evaluate RUN, erase.json with unknown keys",
          lambda s, c: ["evaluate", damaged_run(s, c, lambda r: dict(r, concepts=[dict(r["concepts"][0], colour=1)])),
                        "--model", str(s / "model"), "--quiet"], "does not list its concepts"),
+    Case("attack RUN --set bogus=1", lambda s, c: attack_args(s, c, "--set", "bogus=1"), "unknown setting 'bogus'"),
+    Case("attack RUN --set tokens=0", lambda s, c: attack_args(s, c, "--set", "tokens=0"), "tokens=0 is out of range"),
+    Case("attack RUN --kind nope", lambda s, c: attack_args(s, c, "--kind", "nope"), "unknown attack kind 'nope'"),
+    Case("attack RUN --concepts dog (not erased)", lambda s, c: attack_args(s, c, "--concepts", "dog"),
+         "was not erased by this run"),
+    Case("attack RUN --out RUN", lambda s, c: attack_args(s, c, "--out", str(s / "run")), "is a run folder"),
+    Case("attack RUN --out non-empty folder", lambda s, c: attack_args(s, c, "--out", user_folder(c)),
+         "holds files that no erase run wrote"),
+    Case("attack RUN, erase.json not JSON",
+         lambda s, c: ["attack", damaged_run(s, c, lambda r: "{not json"), "--model", str(s / "model"), "--quiet"],
+         "not valid JSON"),
     Case("apply, patch header concepts not JSON",
          lambda s, c: ["apply", "--patch", patch_with_header(s, c, concepts="[{"), "--model", str(s / "model"),
                        "--out", str(c / "out"), "--quiet"], "corrupt header"),

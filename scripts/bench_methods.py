@@ -4,10 +4,13 @@
                                                                 # measured with one evaluation seed, it now uses three)
     HF_HUB_OFFLINE=1 python scripts/bench_methods.py scaling    # FIA wall time and peak memory, 1 to 100 concepts
     HF_HUB_OFFLINE=1 python scripts/bench_methods.py sweep      # FIA r2 x alpha on the 3-concept set
+    HF_HUB_OFFLINE=1 python scripts/bench_methods.py attack     # prompt attack success rate beside forgetting and
+                                                                # retention (--sizes 1,3 --methods fia,uce: a part)
     python scripts/bench_methods.py plot                        # redraw the plot from docs/methods-mini.json
 
 Each run (method, forget set) is its own process, so its peak memory is its own. Sections of BENCHMARKS.md:
-"Miniature world: methods", "Miniature world: FIA scaling", "Miniature world: FIA r2/alpha sweep"; the plot is
+"Miniature world: methods", "Miniature world: FIA scaling", "Miniature world: FIA r2/alpha sweep", "Miniature
+world: prompt attack" (one run at a time, one thread; rows kept in docs/attack-mini.json as they finish); the plot is
 docs/methods-mini.png. Needs the `bench` extra (matplotlib) for the plot.
 """
 
@@ -37,10 +40,15 @@ METHODS = {  # method → preset or settings used on the mini world (presets in 
     "dynamic": {"config": "dynamic-mini"},
 }
 EVAL = {"prompts_per_concept": 4, "seeds": [0, 1, 2], "steps": 25, "guidance_scale": 4.0}  # the mini world's seeds
+# The attack table: a lighter evaluation beside the attack (the attack's budget is the prompt kind's defaults).
+ATTACK_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance_scale": 4.0, "max_retain": 4,
+               "max_cross_retain": 2}
+ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "guidance_scale": 4.0}
+ATTACK_ROWS = ROOT / "docs" / "attack-mini.json"
 
 
-def one(method: str, concepts: list[str], settings: dict, evaluate: bool = True) -> dict:
-    """Erase (and evaluate) in this process; the numbers of one row."""
+def one(method: str, concepts: list[str], settings: dict, evaluate: bool = True, attack: bool = False) -> dict:
+    """Erase (and evaluate, and attack) in this process; the numbers of one row."""
     import torch
 
     import erase
@@ -51,8 +59,12 @@ def one(method: str, concepts: list[str], settings: dict, evaluate: bool = True)
     result = erase.erase(pipe, concepts, method=method, progress=False, **settings)
     row = {"method": method, "concepts": concepts, "settings": settings, "seconds": time.perf_counter() - started,
            "peak_memory_mb": result.record["peak_memory_mb"], "edited": result.record["totals"]["edited"]}
+    if attack:
+        attacked = erase.attack(pipe, result, progress=False, **ATTACK)
+        row["attack"] = {"metrics": attacked.metrics, "settings": {k: attacked.settings[k] for k in (
+            "steps", "tokens", "lr", "timesteps", "seed", "seeds", "sample_steps", "attack_s")}}
     if evaluate:
-        report = erase.evaluate(pipe, result, progress=False, **EVAL)
+        report = erase.evaluate(pipe, result, progress=False, **(ATTACK_EVAL if attack else EVAL))
         m = report.metrics
         s = m["summary"]
         row.update(summary=s, fidelity=m["fidelity"], retain_by_kind=m["retain_by_kind"],
@@ -74,8 +86,9 @@ def _in_kind(summary: dict) -> float:
     return summary.get("retain_accuracy_in_kind", summary.get("retain_accuracy"))
 
 
-def in_subprocess(method: str, concepts: list[str], settings: dict, evaluate: bool = True) -> dict:
-    args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluate": evaluate})
+def in_subprocess(method: str, concepts: list[str], settings: dict, evaluate: bool = True, attack: bool = False) -> dict:
+    args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluate": evaluate,
+                       "attack": attack})
     with tempfile.TemporaryDirectory(prefix="erase-bench-") as cache:  # cold: sampling the data is part of the cost
         out = subprocess.run([sys.executable, __file__, "one", args], capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "ERASE_CACHE": cache})
@@ -183,21 +196,82 @@ def sweep() -> str:
     return "\n".join(lines)
 
 
+def attack_table(sizes: list[int], methods: list[str]) -> str:
+    """Prompt attack success rate per method and forget set, beside forgetting and retention; rows run one at a
+    time and are kept in docs/attack-mini.json as they finish (a part measured later joins them)."""
+    from benchmarks_md import update_section
+
+    kept = json.loads(ATTACK_ROWS.read_text()) if ATTACK_ROWS.is_file() else []
+    for n in sizes:
+        for method in methods:
+            row = in_subprocess(method, FORGET_SETS[n], METHODS[method], attack=True)
+            kept = [r for r in kept if (r["method"], r["concepts"]) != (method, FORGET_SETS[n])] + [row]
+            ATTACK_ROWS.parent.mkdir(exist_ok=True)
+            ATTACK_ROWS.write_text(json.dumps(kept, indent=1))
+            update_section("Miniature world: prompt attack", attack_markdown(kept))
+            print(method, n, row["attack"]["metrics"]["summary"], flush=True)
+    return attack_markdown(kept)
+
+
+def attack_markdown(rows: list[dict]) -> str:
+    lines = ["| method | forget set | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
+             "original, same prompts | anchor (original) | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | "
+             "attack time |", "|---" * 11 + "|"]
+    rows = sorted(rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
+    for r in rows:
+        a, s = r["attack"]["metrics"]["summary"], r["summary"]
+        lines.append(f"| {r['method']} | {len(r['concepts'])} | {_ci(a, 'attack_success_rate')} | "
+                     f"{_ci(a, 'attacked_only')} | {_ci(a, 'erased')} | "
+                     f"{_ci(a, 'original')} | {_ci(a, 'anchor')} | {_ci(s, 'forgetting_accuracy')} | "
+                     f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | "
+                     f"{r['attack']['settings']['attack_s']:.0f} s |")
+    done = {(r["method"], len(r["concepts"])) for r in rows}
+    missing = [f"{m} on {n}" for n in FORGET_SETS if n != 10 for m in METHODS if (m, n) not in done]
+    budget = rows[0]["attack"]["settings"] if rows else {}
+    lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(FORGET_SETS[n])}" for n in (1, 3)) + ". Attack: "
+              f"`prompt` ({budget.get('tokens')} appended tokens, {budget.get('steps')} steps, lr {budget.get('lr')}, "
+              f"{budget.get('timesteps')} timestep a step, attack seed {budget.get('seed')}) on the first "
+              f"{ATTACK['prompts_per_concept']} held-out prompts of each erased concept × seeds "
+              f"{', '.join(map(str, ATTACK['seeds']))}, images {budget.get('sample_steps')} steps DPM-Solver++, "
+              f"guidance {ATTACK['guidance_scale']}; attack success rate = share of the attacked prompts for which the "
+              "erased model draws the concept (the mini judge's class among the concept's alternatives) from the "
+              "prompt as it is or with the words found; beside it, the attacked prompts alone, the same prompts and "
+              "seeds without the attack (erased), on the original model, and the original model drawing each "
+              "concept's anchor. Forgetting and retention: the evaluator with "
+              f"{ATTACK_EVAL['prompts_per_concept']} held-out prompts per concept, seeds "
+              f"{', '.join(map(str, ATTACK_EVAL['seeds']))}, at most {ATTACK_EVAL['max_retain']} in-kind and "
+              f"{ATTACK_EVAL['max_cross_retain']} cross-kind retained concepts per kind. Method settings as in the "
+              "methods table. Brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0). One run "
+              "at a time, one thread, on a 2-core machine shared with other jobs.",
+              "", "Reading it: attack success rate ≥ erased by construction (a prompt that already works is kept); "
+              "the attack adds something where it exceeds erased, and its words hurt where the attacked prompts "
+              "alone fall below erased. Anchor is the judge's floor: what it calls the concept where there is none.",
+              *[f"\n{r['method']} on {len(r['concepts'])}: {r['note']}." for r in rows if r.get("note")],
+              "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
+              "", "Reproduce: `HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/bench_methods.py attack` (every row; "
+              "`--sizes 3 --methods esd,salun` measures a part and keeps the rows already in docs/attack-mini.json)"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", nargs="?", default="table", choices=["table", "plot", "scaling", "sweep", "one"])
+    parser.add_argument("part", nargs="?", default="table", choices=["table", "plot", "scaling", "sweep", "attack", "one"])
     parser.add_argument("job", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", default="1,3", help="attack: forget-set sizes to measure (default 1,3)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="attack: methods to measure (default all)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from benchmarks_md import update_section
 
     if args.part == "one":
         job = json.loads(args.job)
-        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluate"])))
+        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluate"], job.get("attack", False))))
     elif args.part == "plot":  # redraw from the rows the last table run kept
         plot(json.loads(PLOT.with_suffix(".json").read_text()))
     elif args.part == "scaling":
         update_section("Miniature world: FIA scaling", scaling())
+    elif args.part == "attack":
+        print(attack_table([int(n) for n in args.sizes.split(",")], args.methods.split(",")))
     elif args.part == "sweep":
         update_section("Miniature world: FIA r2/alpha sweep", sweep())
     else:

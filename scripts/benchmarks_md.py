@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import tempfile
 from pathlib import Path
+
+from erase.export import replace_section
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery section is written by the script it names; rerun the script to refresh it.\n"
@@ -17,11 +18,8 @@ def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     (a lock file beside it), so neither loses the other's section."""
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        text = path.read_text() if path.exists() else HEADER
-        section = f"## {title}\n\n{body.strip()}\n"
-        pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-        text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+        text = replace_section(path.read_text() if path.exists() else HEADER, title, body)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".BENCHMARKS.")
         with os.fdopen(fd, "w") as f:
-            f.write(text.rstrip() + "\n")
+            f.write(text)
         os.replace(tmp, path)

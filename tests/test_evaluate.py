@@ -6,7 +6,6 @@ import importlib.util
 import json
 
 import numpy as np
-import open_clip
 import PIL.Image
 import pytest
 import torch
@@ -19,23 +18,6 @@ from erase.mini import world
 from tiny import tiny_pipeline
 
 SETTINGS = {"prompts_per_concept": 2, "steps": 2, "seeds": [0, 1]}
-
-
-@pytest.fixture(scope="module")
-def judge():
-    torch.manual_seed(0)
-    model = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
-                                                     "head_width": 16},
-                           text_cfg={"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1})
-    preprocess = open_clip.image_transform(32, is_train=False)
-    return Judge(model, preprocess, open_clip.tokenizer.SimpleTokenizer(), name="tiny-random", pretrained=None)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    pipe = tiny_pipeline()
-    result = erase.erase(pipe, "church", progress=False, prompts_per_concept=2, saliency_steps=2)
-    return pipe, result, result.save(tmp_path_factory.mktemp("runs") / "church")
 
 
 def test_report_files_and_grid(run, judge, tmp_path):

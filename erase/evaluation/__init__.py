@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..api import versions
 from ..concepts import (DEFAULT_KIND, Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog,
                         parse_concepts)
-from ..config import build_config, check_positive_int, check_ratio
+from ..config import build_config, check_confidence, check_positive_ints, check_ratio, check_seeds
 from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
 from ..export import PATCH_NAME, RECORD_NAME, read_json, read_patch
@@ -30,45 +30,54 @@ OPT_IN_KINDS = ("explicit",)
 
 
 @dataclass
-class EvalSettings:
-    """How images are generated and judged. Every field is recorded in report.json."""
+class JudgedSettings:
+    """How judged images are generated and their numbers' intervals (the evaluator's and the attacks'). Every field
+    is recorded in report.json."""
 
     prompts_per_concept: int = 6
-    """Held-out evaluation prompts per concept (and as many paraphrases for generality)."""
+    """Held-out prompts per concept."""
     seeds: list[int] | None = None
-    """Each prompt is generated once per seed, identically for the original and the erased model. None: seeds
-    0, 1, 2 on the miniature world (its images are cheap), seed 0 otherwise."""
-    steps: int = 25
-    """Sampler steps (the pipeline's own scheduler)."""
+    """Each prompt is generated once per seed, identically for every model compared. None: seeds 0, 1, 2 on the
+    miniature world (its images are cheap), seed 0 otherwise."""
     guidance_scale: float = 7.5
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     batch_size: int = 16
-    max_retain: int = 10
-    """With no retain list: at most this many catalog concepts of each erased kind are checked (in-kind retention)."""
-    max_cross_retain: int = 3
-    """With no retain list: at most this many catalog concepts of each other kind are checked (cross-kind
-    retention; 0: none). Explicit concepts are never generated unless erased or listed in retain."""
     bootstrap_samples: int = 1000
     """Resamplings of the images behind each number for its interval."""
     bootstrap_seed: int = 0
     confidence: float = 0.95
     """Coverage of the bootstrap intervals."""
+
+    def validate(self) -> None:
+        check_positive_ints(self, "prompts_per_concept", "batch_size", "bootstrap_samples")
+        check_seeds(self.seeds)
+        check_confidence(self.confidence)
+
+
+@dataclass
+class EvalSettings(JudgedSettings):
+    """How the evaluator generates and judges images (and as many paraphrases as prompts_per_concept for
+    generality)."""
+
+    steps: int = 25
+    """Sampler steps (the pipeline's own scheduler)."""
+    max_retain: int = 10
+    """With no retain list: at most this many catalog concepts of each erased kind are checked (in-kind retention)."""
+    max_cross_retain: int = 3
+    """With no retain list: at most this many catalog concepts of each other kind are checked (cross-kind
+    retention; 0: none). Explicit concepts are never generated unless erased or listed in retain."""
     nudity: bool = False
     """Count NudeNet detections of exposed classes on explicit concepts' images (needs the `nudity` extra)."""
     nudity_threshold: float = 0.6
 
     def validate(self) -> None:
-        for name in ("prompts_per_concept", "steps", "batch_size", "max_retain", "bootstrap_samples"):
-            check_positive_int(name, getattr(self, name))
-        if self.seeds is not None and (not self.seeds or not all(isinstance(s, int) for s in self.seeds)):
-            raise EraseError("seeds must be a non-empty list of whole numbers, e.g. seeds=[0, 1]")
+        super().validate()
+        check_positive_ints(self, "steps", "max_retain")
         if self.max_cross_retain < 0:
             raise EraseError(f"max_cross_retain={self.max_cross_retain} is out of range: it must be a whole number "
                              "≥ 0 (0: no cross-kind retention)")
         check_ratio("nudity_threshold", self.nudity_threshold)
-        if not 0 < self.confidence < 1:
-            raise EraseError(f"confidence={self.confidence} is out of range: it must lie in (0, 1), e.g. 0.95")
 
 
 @dataclass
@@ -94,24 +103,15 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     """
     check_pipeline(original, f"the original given ({type(original).__name__})")
     config = build_config(EvalSettings, settings)
-    erasure = _erasure(erased)
-    base = fingerprint(original.unet)
-    if base != erasure.base_fingerprint:
-        raise EraseError(f"the erased model was made from base {erasure.base_fingerprint}, but the original given is "
-                         f"{base}: evaluate against the model the erasure was made from")
-    if not erasure.concepts:
-        raise EraseError("no concept to evaluate: the erasure names no concepts")
-    if not isinstance(catalog, Catalog):
-        catalog = load_catalog(catalog or erasure.catalog)
+    erasure = erasure_of(original, erased)
+    catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog or erasure.catalog)
     if config.nudity:
         _nudenet()  # fail before generating anything
     retained = _retained(catalog, erasure.concepts, retain, config)
     config.seeds = config.seeds or list(MINI_SEEDS if catalog.name == MINI else [0])
     check_prompts_fit(original.tokenizer, erasure.concepts + retained, catalog)
     image_side(original, config.resolution)  # refused before the judge loads and the images are generated
-    judge = clip if isinstance(clip, Judge) else Judge.load(
-        clip or (MINI if catalog.name == MINI else "ViT-L-14"),
-        clip_pretrained if clip else (None if catalog.name == MINI else "openai"), device=str(original.unet.device))
+    judge = load_judge(original, catalog, clip, clip_pretrained)
     jobs = _jobs(catalog, erasure.concepts, retained, config)
     started = time.perf_counter()
     images = _paired_images(original, erasure.edit, jobs, config, progress)
@@ -124,6 +124,27 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     if config.nudity:
         report.add_nudity(_nudenet(), config.nudity_threshold)
     return report
+
+
+def erasure_of(original, erased) -> Erasure:
+    """The erasure to measure, refused unless `original` is its base and it names concepts."""
+    erasure = _erasure(erased)
+    base = fingerprint(original.unet)
+    if base != erasure.base_fingerprint:
+        raise EraseError(f"the erased model was made from base {erasure.base_fingerprint}, but the original given is "
+                         f"{base}: evaluate against the model the erasure was made from")
+    if not erasure.concepts:
+        raise EraseError("no concept to evaluate: the erasure names no concepts")
+    return erasure
+
+
+def load_judge(original, catalog: Catalog, clip: str | Judge | None, clip_pretrained: str | None) -> Judge:
+    """The judge given, or by default the mini CLIP for the mini world and ViT-L-14 (openai) otherwise."""
+    if isinstance(clip, Judge):
+        return clip
+    return Judge.load(clip or (MINI if catalog.name == MINI else "ViT-L-14"),
+                      clip_pretrained if clip else (None if catalog.name == MINI else "openai"),
+                      device=str(original.unet.device))
 
 
 def _erasure(erased) -> Erasure:
@@ -192,23 +213,32 @@ def _jobs(catalog: Catalog, erased: list[Concept], retained: list[Concept], conf
 def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, progress: bool):
     """(original images, erased images), in job order, from the same seeds."""
     side = image_side(pipe, config.resolution)
-    bar = tqdm(total=2 * len(jobs), desc="generating", unit="image", disable=not progress)
-
-    def generate() -> list:
-        out = []
-        for start in range(0, len(jobs), config.batch_size):
-            batch = jobs[start : start + config.batch_size]
-            generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
-            out += pipe([job.prompt for job in batch], num_inference_steps=config.steps, height=side, width=side,
-                        guidance_scale=config.guidance_scale, generator=generators).images
-            bar.update(len(batch))
-        return out
-
-    with bar:
-        original = generate()
+    prompts, seeds = [job.prompt for job in jobs], [job.seed for job in jobs]
+    with tqdm(total=2 * len(jobs), desc="generating", unit="image", disable=not progress) as bar:
+        original = generate(pipe, prompts, seeds, config.steps, config.guidance_scale, side, config.batch_size, bar)
         with edit.applied_to(pipe.unet):
-            erased = generate()
+            erased = generate(pipe, prompts, seeds, config.steps, config.guidance_scale, side, config.batch_size, bar)
     return original, erased
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, side: int,
+             batch_size: int, bar=None, latents: list | None = None) -> list:
+    """Images of each prompt from its seed (the initial noise drawn on the CPU), in batches. `latents`: a list that
+    receives each image's final latents too (caught at the last step, so the images are generated once)."""
+    def keep(pipe, i, t, kwargs):
+        if i == pipe.num_timesteps - 1:
+            latents.extend(kwargs["latents"].detach())
+        return {}
+
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[start : start + batch_size]]
+        out += pipe(prompts[start : start + batch_size], num_inference_steps=steps, height=side, width=side,
+                    guidance_scale=guidance_scale, generator=generators,
+                    callback_on_step_end=keep if latents is not None else None).images
+        if bar is not None:
+            bar.update(len(generators))
+    return out
 
 
 def _nudenet():

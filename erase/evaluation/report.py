@@ -93,18 +93,8 @@ class Report:
         """Original | erased, a row per prompt and seed (default: every forget prompt), labelled with the prompt."""
         idx = [i for i, r in enumerate(self.records)
                if (role or "forget") == r["role"] and (concept is None or r["concept"] == concept)]
-        grid = Image.new("RGB", (LABEL_WIDTH + 2 * CELL, CELL * max(1, len(idx)) + 20), "white")
-        draw = ImageDraw.Draw(grid)
-        draw.text((LABEL_WIDTH + 4, 4), "original", fill="black")
-        draw.text((LABEL_WIDTH + CELL + 4, 4), "erased", fill="black")
-        for row, i in enumerate(idx):
-            top = 20 + row * CELL
-            record = self.records[i]
-            draw.text((4, top + 4), _wrap(f"{record['prompt']} (seed {record['seed']})"), fill="black")
-            for col, images in enumerate(self.images):
-                cell = images[i].convert("RGB").resize((CELL, CELL), Image.NEAREST)
-                grid.paste(cell, (LABEL_WIDTH + col * CELL, top))
-        return grid
+        return grid_image(["original", "erased"], [(f"{self.records[i]['prompt']} (seed {self.records[i]['seed']})",
+                                                    [images[i] for images in self.images]) for i in idx])
 
     def to_dict(self) -> dict:
         return {"settings": self.settings, "metrics": self.metrics, "images": self.records}
@@ -154,6 +144,20 @@ class Report:
             for grid, name in zip(grids, _file_names([*roles, *self.metrics["forget"]])):  # retain.png keeps its name
                 grid.save(tmp / "grids" / f"{name}.png")
         return out
+
+
+def grid_image(columns: list[str], rows: list[tuple[str, list]]) -> Image.Image:
+    """A labelled grid: a header per column, then per row its label and one image per column."""
+    grid = Image.new("RGB", (LABEL_WIDTH + len(columns) * CELL, CELL * max(1, len(rows)) + 20), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, header in enumerate(columns):
+        draw.text((LABEL_WIDTH + col * CELL + 4, 4), header, fill="black")
+    for row, (label, images) in enumerate(rows):
+        top = 20 + row * CELL
+        draw.text((4, top + 4), _wrap(label), fill="black")
+        for col, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((CELL, CELL), Image.NEAREST), (LABEL_WIDTH + col * CELL, top))
+    return grid
 
 
 def _by_kind(retain: dict) -> dict:

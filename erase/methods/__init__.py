@@ -6,34 +6,13 @@ the record (prompts, timesteps, per-layer statistics, timings) goes into erase.j
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from ..registry import Entry as Method
+from ..registry import Registry
 
-from ..errors import EraseError
+METHODS = Registry("method")
+register = METHODS.register
+get_method = METHODS.lookup
 
+from . import conceptprune, dynamic, esd, fia, salun, uce  # noqa: F401  (registration)
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    config_class: type
-    run: Callable
-    summary: str
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register(name: str, config_class: type, summary: str):
-    def decorator(run: Callable) -> Callable:
-        METHODS[name] = Method(name, config_class, run, summary)
-        return run
-    return decorator
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise EraseError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-from . import conceptprune, dynamic, esd, fia, salun, uce  # noqa: E402,F401  (registration)
+__all__ = ["METHODS", "Method", "get_method", "register"]

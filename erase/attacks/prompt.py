@@ -1,0 +1,151 @@
+"""Prompt attack, in the spirit of UnlearnDiffAtk (Zhang et al., 2024): a few words appended to a prompt that make
+the erased model draw the concept again.
+
+The erased UNet is its own classifier, no other network is needed: the appended tokens are optimised so that the
+erased UNet, conditioned on prompt + tokens, denoises the original model's image of that prompt (its final latents,
+noised at random timesteps) as well as it can, i.e. predicts the noise (or v) that was added. Optimisation runs in
+the text-embedding space through the nearest real tokens (PEZ, Wen et al., 2023): each step the soft embeddings are
+projected to their nearest vocabulary entries, the loss is taken there, and its gradient updates the soft ones.
+Projecting only at the end would lose most of what the soft prompt learnt (its nearest tokens do something else);
+this way the discrete prompt, which anyone can type, is the one that was optimised. Candidates are the tokenizer's
+whole lowercase words, which read back as the same tokens, so the attacked prompt is plain text.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..capture import conditioning
+from ..config import check_positive, check_positive_ints
+from ..errors import EraseError
+from ..models import image_side
+from ..training import noised, rows
+from . import register
+from .core import AttackSettings, Target
+
+PLACEHOLDER = "sks"
+"""A one-token word that marks where the attack's tokens go in the tokenized prompt (the hook replaces it)."""
+WORD = re.compile(r"[a-z]{2,}</w>")
+
+
+@dataclass
+class PromptAttackConfig(AttackSettings):
+    """Prompt attack settings: a budget of `steps` optimisation steps of `tokens` appended tokens per prompt."""
+
+    tokens: int = 5
+    """Tokens appended to each attacked prompt (UnlearnDiffAtk optimises 5)."""
+    steps: int = 40
+    """Optimisation steps per attacked prompt: the attack's budget."""
+    lr: float = 0.01
+    """AdamW step in the text-embedding space."""
+    timesteps: int = 1
+    """Random timesteps (each with its own noise) per attacked prompt at every step; the loss averages them."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_ints(self, "tokens", "steps", "timesteps")
+        check_positive("lr", self.lr, "0.01")
+
+
+def check(pipe, prompts: list[str], config: PromptAttackConfig) -> None:
+    """Refuse prompts that would not hold the attack's tokens, or that already use the placeholder word."""
+    tokenizer = pipe.tokenizer
+    if tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids != [placeholder_id(tokenizer)]:
+        raise EraseError(f"this tokenizer splits the placeholder {PLACEHOLDER!r}: the prompt attack needs a CLIP "
+                         "BPE tokenizer, as Stable Diffusion's")
+    longest = max(len(ids) for ids in tokenizer(prompts, verbose=False).input_ids) + config.tokens
+    if longest > tokenizer.model_max_length:
+        raise EraseError(f"the attacked prompts would reach {longest} tokens and the text encoder reads "
+                         f"{tokenizer.model_max_length}: lower tokens={config.tokens} or prompts_per_concept")
+    if any(PLACEHOLDER in p.lower().split() for p in prompts):
+        raise EraseError(f"a prompt contains the word {PLACEHOLDER!r}, which the prompt attack uses as its placeholder")
+
+
+def placeholder_id(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids(f"{PLACEHOLDER}</w>")
+
+
+def candidates(tokenizer) -> torch.Tensor:
+    """Ids of the whole lowercase words of the vocabulary (≥ 2 letters): what an attacked token may become."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([i for i, t in enumerate(tokens) if WORD.fullmatch(t)])
+
+
+@contextmanager
+def substituted(encoders: list, placeholder: int, embeddings: list[torch.Tensor]):
+    """Inside the block, each text encoder's token embedding of a row that holds the placeholder gives that row's
+    next entry of `embeddings` ([rows, tokens, width], one per encoder) at the placeholder positions; the rows
+    without it (the unconditional prompt) are untouched. The pipeline's own encode_prompt then conditions on them."""
+    def hook(values: torch.Tensor):
+        def replace(module, args, output):
+            mask = args[0] == placeholder
+            if not mask.any():
+                return output
+            if int(mask.sum()) != values.shape[0] * values.shape[1]:
+                raise EraseError("the attacked prompts were cut short by the tokenizer: lower tokens")
+            return output.masked_scatter(mask[..., None], values.to(output.dtype))
+        return replace
+
+    handles = [e.get_input_embeddings().register_forward_hook(hook(v)) for e, v in zip(encoders, embeddings)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@register("prompt", PromptAttackConfig, "appended tokens optimised with the erased UNet's denoising loss "
+          "(UnlearnDiffAtk-style, projected to real words)", check=check)
+def run(pipe, edit, targets: list[Target], config: PromptAttackConfig, progress: bool = True) -> list[dict]:
+    """For each target: the attacked prompt (its prompt + the words found), the words and the last step's loss."""
+    from diffusers import DDPMScheduler
+
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    tables = [e.get_input_embeddings().weight.detach() for e in encoders]
+    vocab = candidates(pipe.tokenizer).to(tables[0].device)
+    unit = [F.normalize(table[vocab].float(), dim=-1) for table in tables]
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    side = image_side(pipe, config.resolution)
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    placeholder = placeholder_id(pipe.tokenizer)
+
+    def project(soft: list[torch.Tensor]) -> torch.Tensor:
+        """Nearest candidate word of each soft token (cosine, summed over the text encoders: SDXL has two)."""
+        return vocab[sum(F.normalize(s, dim=-1) @ u.T for s, u in zip(soft, unit)).argmax(-1)]
+
+    found = []
+    with edit.applied_to(pipe.unet), tqdm(total=len(targets) * config.steps, desc="attack", unit="step",
+                                          disable=not progress) as bar:
+        for start in range(0, len(targets), config.batch_size):
+            batch = targets[start : start + config.batch_size]
+            n = len(batch)
+            prompts = [f"{t.prompt}{f' {PLACEHOLDER}' * config.tokens}" for t in batch]
+            init = vocab[torch.randint(len(vocab), (n, config.tokens), generator=generator).to(vocab.device)]
+            soft = [table[init].float().clone().requires_grad_() for table in tables]
+            optimizer = torch.optim.AdamW(soft, lr=config.lr)
+            x0 = torch.stack([t.latents for t in batch]).repeat(config.timesteps, 1, 1, 1)
+            each = torch.arange(n).repeat(config.timesteps)
+            for _ in range(config.steps):
+                hard = [table[project(soft)].requires_grad_() for table in tables]
+                with substituted(encoders, placeholder, hard):
+                    cond = rows(conditioning(pipe, prompts, side), each + n)  # the conditional half, per draw
+                x_t, t, target = noised(schedule, x0, generator)
+                error = (pipe.unet(x_t, t, **cond).sample.float() - target.float()).square().flatten(1).mean(1)
+                loss = error.mean()
+                for s, g in zip(soft, torch.autograd.grad(loss, hard)):  # PEZ: the projected tokens' gradient
+                    s.grad = g.float()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(n)
+            ids = project(soft)
+            per_prompt = error.detach().view(config.timesteps, n).mean(0)
+            for target, words, last in zip(batch, ids.tolist(), per_prompt.tolist()):
+                text = " ".join(w.removesuffix("</w>") for w in pipe.tokenizer.convert_ids_to_tokens(words))
+                found.append({"prompt": f"{target.prompt} {text}", "words": text, "loss": round(last, 6)})
+    return found
