@@ -90,6 +90,20 @@ class MaskEdit:
         finally:
             self.restore(unet)
 
+    @torch.no_grad()
+    def deltas(self, unet: nn.Module) -> dict[str, torch.Tensor]:
+        """Per edited parameter, what applying the edit adds to it (erased − original), on the UNet's device."""
+        if self.applied:
+            raise EraseError("this edit is applied: restore it before taking its deltas")
+        out = {}
+        for name, param in self._parameters(unet).items():
+            mask = self.masks[name].to(param.device)
+            new = 0 if self.values is None else self.values[name].to(param.device, param.dtype)
+            delta = torch.zeros_like(param)
+            delta[mask] = new - param[mask]
+            out[name] = delta
+        return out
+
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: {"numel": mask.numel(), "edited": int(mask.sum())} for name, mask in self.masks.items()}
 

@@ -18,14 +18,16 @@ class Method:
     config_class: type
     run: Callable
     summary: str
+    masking: bool = False
+    """Its edit zeroes weights under a sparse mask (no new values): not low-rank, so it has no LoRA export."""
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_class: type, summary: str):
+def register(name: str, config_class: type, summary: str, masking: bool = False):
     def decorator(run: Callable) -> Callable:
-        METHODS[name] = Method(name, config_class, run, summary)
+        METHODS[name] = Method(name, config_class, run, summary, masking)
         return run
     return decorator
 
