@@ -88,13 +88,6 @@ class Lora:
                 new[name] = params[name] + (up @ down).reshape(params[name].shape).to(params[name])
         return MaskEdit.from_weights(new, {name: params[name] for name in new})
 
-    def summary(self) -> str:
-        """One console line: the rank, the file and the share of the edit it leaves out."""
-        r = self.record
-        return (f"LoRA {r['name']} (rank {r['rank']}, {len(self.modules)} layers): leaves out "
-                f"{100 * r['dropped']:.2f}% of the edit's Frobenius norm, {100 * r['dropped_by_rank']:.2f}% by "
-                f"rank truncation and {100 * r['dropped_not_lora']:.2f}% in biases and norms (not LoRA-able)")
-
 
 def to_lora(unet: nn.Module, edit: MaskEdit, rank: int | str) -> Lora:
     """The LoRA of `edit` (not applied) on `unet` at `rank`, with its share of the edit left out in `record`."""
@@ -123,6 +116,13 @@ def _left_out(energy: dict, ranks: dict, tails: dict) -> dict:
             "layers": {name.removesuffix(".weight"): {"rank": ranks[name], "norm": math.sqrt(energy[name]),
                                                       "dropped": math.sqrt(tails[name] / energy[name])} for name in ranks},
             "not_lora": {name: math.sqrt(e) for name, e in not_lora.items()}}
+
+
+def summary(record: dict) -> str:
+    """One console line from erase.json's `lora`: the file, its rank and the share of the edit it leaves out."""
+    return (f"LoRA {record['name']} (rank {record['rank']}, {len(record['layers'])} layers): leaves out "
+            f"{100 * record['dropped']:.2f}% of the edit's Frobenius norm, {100 * record['dropped_by_rank']:.2f}% by "
+            f"rank truncation and {100 * record['dropped_not_lora']:.2f}% in biases and norms (not LoRA-able)")
 
 
 def save_lora(path: Path, lora: Lora, metadata: dict) -> None:
