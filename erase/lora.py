@@ -3,7 +3,8 @@
 Per edited Linear or Conv2d weight, the delta (erased − original; a conv's flattened to out × in·kh·kw, as kohya
 does) is truncated by SVD to the rank asked: lora_down = √S·Vh, lora_up = U·√S, alpha = rank (scale 1), one rank
 for every layer ('full': the largest layer's whole rank). Biases and norm weights cannot be low-rank factors: they
-are left out, and their share of the delta is reported with the SVD tail's. Masking methods (FIA, ConceptPrune) have none: a sparse mask is not low-rank, their edit stays a patch.
+are left out, and their share of the delta is reported with the SVD tail's. Masking methods (FIA, ConceptPrune)
+have no LoRA: a sparse mask is not low-rank, so their edit stays a patch.
 
 Keys are `lora_unet_<module, dots as underscores>.{lora_down.weight, lora_up.weight, alpha}`, named as kohya's
 sd-scripts names them: diffusers module names for SD1.x/SD2.x (kohya trains those on the diffusers UNet, and
@@ -91,25 +92,29 @@ class Lora:
 
 def to_lora(unet: nn.Module, edit: MaskEdit, rank: int | str) -> Lora:
     """The LoRA of `edit` (not applied) on `unet` at `rank`, with its share of the edit left out in `record`."""
-    modules = dict(unet.named_modules())
-    deltas = {name: delta for name, delta in edit.deltas(unet).items() if delta.any()}
-    keys = kohya_names(unet, [name for name in deltas if name.endswith(".weight") and isinstance(
+    modules, params = dict(unet.named_modules()), dict(unet.named_parameters())
+    keys = kohya_names(unet, [name for name in edit.masks if name.endswith(".weight") and isinstance(
         modules[name.removesuffix(".weight")], (nn.Linear, nn.Conv2d))])
-    width = max((min(deltas[name].flatten(1).shape) for name in keys), default=0) if rank == FULL else rank
-    tensors, ranks, tails = {}, {}, {}
-    for name, key in keys.items():
-        down, up, ranks[name], tails[name] = low_rank(deltas[name], width)
-        tensors.update({f"{key}.lora_down.weight": down.to(deltas[name].dtype).contiguous().cpu(),
-                        f"{key}.lora_up.weight": up.to(deltas[name].dtype).contiguous().cpu(),
-                        f"{key}.alpha": torch.tensor(float(width))})  # alpha = rank: scale 1
-    energy = {name: float(delta.float().square().sum()) for name, delta in deltas.items()}
-    return Lora(tensors, keys, {"rank": rank, "file_rank": width, **_left_out(energy, ranks, tails)})
+    if not keys:
+        raise EraseError("this edit changes no Linear or Conv2d weight, so it has no LoRA: drop --lora and share the "
+                         "patch or the single file")
+    width = max(min(params[name].flatten(1).shape) for name in keys) if rank == FULL else rank
+    tensors, energy, ranks, tails = {}, {}, {}, {}
+    for name, delta in edit.deltas(unet):
+        energy[name] = float(delta.float().square().sum())
+        if name in keys and energy[name] > 0:
+            down, up, ranks[name], tails[name] = low_rank(delta, width)
+            tensors.update({f"{keys[name]}.lora_down.weight": down.to(delta.dtype).contiguous().cpu(),
+                            f"{keys[name]}.lora_up.weight": up.to(delta.dtype).contiguous().cpu(),
+                            f"{keys[name]}.alpha": torch.tensor(float(width))})  # alpha = rank: scale 1
+    modules = {name: key for name, key in keys.items() if name in ranks}
+    return Lora(tensors, modules, {"rank": rank, "file_rank": width, **_left_out(energy, ranks, tails)})
 
 
 def _left_out(energy: dict, ranks: dict, tails: dict) -> dict:
     """The record: each share is a Frobenius norm over the whole edit's (squares add: dropped² = by rank² + not LoRA²)."""
     total = sum(energy.values()) or 1.0
-    not_lora = {name: e for name, e in energy.items() if name not in ranks}
+    not_lora = {name: e for name, e in energy.items() if name not in ranks and e > 0}
     tail = sum(tails.values())
     return {"delta_norm": math.sqrt(total), "dropped": math.sqrt((tail + sum(not_lora.values())) / total),
             "dropped_by_rank": math.sqrt(tail / total), "dropped_not_lora": math.sqrt(sum(not_lora.values()) / total),
@@ -121,8 +126,8 @@ def _left_out(energy: dict, ranks: dict, tails: dict) -> dict:
 def summary(record: dict) -> str:
     """One console line from erase.json's `lora`: the file, its rank and the share of the edit it leaves out."""
     return (f"LoRA {record['name']} (rank {record['rank']}, {len(record['layers'])} layers): leaves out "
-            f"{100 * record['dropped']:.2f}% of the edit's Frobenius norm, {100 * record['dropped_by_rank']:.2f}% by "
-            f"rank truncation and {100 * record['dropped_not_lora']:.2f}% in biases and norms (not LoRA-able)")
+            f"{100 * record['dropped']:.3g}% of the edit's Frobenius norm: {100 * record['dropped_by_rank']:.3g}% by "
+            f"rank truncation, {100 * record['dropped_not_lora']:.3g}% in biases and norms (not LoRA-able)")
 
 
 def save_lora(path: Path, lora: Lora, metadata: dict) -> None:

@@ -174,5 +174,5 @@ def test_cli_writes_the_lora_and_says_what_it_leaves_out(tmp_path, capsys):
     printed = capsys.readouterr().out
     record = json.loads((out / "erase.json").read_text())["lora"]
     assert record["name"] == "vg-lora-r2.safetensors" and (out / record["name"]).is_file()
-    assert re.search(r"LoRA vg-lora-r2.safetensors \(rank 2, \d+ layers\): leaves out [\d.]+% of the edit's", printed)
+    assert re.search(r"LoRA vg-lora-r2.safetensors \(rank 2, \d+ layers\): leaves out [\d.e+-]+% of the edit's", printed)
     assert printed.strip().splitlines()[-1].startswith("wrote") and "vg-lora-r2.safetensors" in printed
