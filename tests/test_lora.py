@@ -176,3 +176,8 @@ def test_cli_writes_the_lora_and_says_what_it_leaves_out(tmp_path, capsys):
     assert record["name"] == "vg-lora-r2.safetensors" and (out / record["name"]).is_file()
     assert re.search(r"LoRA vg-lora-r2.safetensors \(rank 2, \d+ layers\): leaves out [\d.e+-]+% of the edit's", printed)
     assert printed.strip().splitlines()[-1].startswith("wrote") and "vg-lora-r2.safetensors" in printed
+    again = tmp_path / "again"  # the patch re-applied with --lora gives the same LoRA
+    assert main(["apply", "--patch", str(out / "patch.safetensors"), "--model", str(tmp_path / "model"), "--out",
+                 str(again), "--lora", "2", "--no-single-file", "--quiet"]) == 0
+    first, second = load_file(str(out / record["name"])), load_file(str(again / "again-lora-r2.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
