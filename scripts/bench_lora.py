@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python scripts/bench_lora.py                         # every training method, ranks 1, 4, 16, full
     HF_HUB_OFFLINE=1 python scripts/bench_lora.py --methods esd,uce --ranks 1,4
+    python scripts/bench_lora.py --table                                  # rewrite the section from the rows kept
 
 Each method erases church once (the methods table's presets), then the full edit and its LoRA at each rank (what
 `--lora RANK` writes, applied at scale 1: low-rank deltas on Linear/Conv weights, no biases or norms) are evaluated
@@ -73,8 +74,8 @@ def table(rows: list[dict]) -> str:
                      f"{_ci(s, 'retain_accuracy_in_kind_original')} | {_ci(s, 'retain_accuracy_cross_kind_original')} "
                      "| 1.000 | – | – |")
     lines += [row_line(r) for r in rows]
-    measured = {r["method"] for r in rows}
-    missing = [m for m in TRAINING if m not in measured]
+    measured = {(r["method"], r["rank"]) for r in rows}
+    missing = {m: [rank for rank in ["edit", *RANKS] if (m, rank) not in measured] for m in TRAINING}
     settings = "; ".join(f"{m}: {METHODS[m].get('config', 'defaults')}" for m in TRAINING)
     lines += ["", f"Forget set: {', '.join(CONCEPTS)}. Each method erases once; its full edit and the LoRA that "
               "`--lora RANK` writes of it (SVD of each edited Linear/Conv weight's delta, scale 1; biases and norm "
@@ -87,9 +88,11 @@ def table(rows: list[dict]) -> str:
               "squares add). Method settings: " + settings + " (presets in configs/).",
               "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_lora.py` (one CPU thread; each evaluation takes "
               "minutes)."]
+    missing = {m: ranks for m, ranks in missing.items() if ranks}
     if missing:
-        lines += ["", f"Not measured yet: {', '.join(missing)}; run `HF_HUB_OFFLINE=1 python scripts/bench_lora.py "
-                  f"--methods {','.join(missing)}`."]
+        lines += ["", "Not measured yet (stopped for lack of session time): " + "; ".join(
+            f"{m} ({', '.join('full edit' if r == 'edit' else f'rank {r}' for r in ranks)}): `HF_HUB_OFFLINE=1 python scripts/bench_lora.py --methods {m} --ranks "
+            f"{','.join(r for r in ranks if r != 'edit') or RANKS[0]}`" for m, ranks in missing.items()) + "."]
     return "\n".join(lines)
 
 
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(TRAINING), help="comma-separated training methods")
     parser.add_argument("--ranks", default=",".join(RANKS), help="comma-separated LoRA ranks, or full")
     parser.add_argument("--again", action="store_true", help="measure rows already in docs/lora-mini.json again")
+    parser.add_argument("--table", action="store_true", help="only rewrite the section from docs/lora-mini.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -108,6 +112,8 @@ def main() -> None:
     torch.set_num_threads(1)
     ranks = [parse_rank(r) for r in args.ranks.split(",")]
     rows = json.loads(ROWS.read_text()) if ROWS.exists() else []
+    if args.table:
+        return update_section(SECTION, table(rows))
     for method in args.methods.split(","):
         if method not in TRAINING:
             raise SystemExit(f"--methods: {method!r} is not a training method; choose from {', '.join(TRAINING)}")
