@@ -88,12 +88,16 @@ def table(rows: list[dict]) -> str:
               "squares add). Method settings: " + settings + " (presets in configs/).",
               "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_lora.py` (one CPU thread; each evaluation takes "
               "minutes)."]
-    missing = {m: ranks for m, ranks in missing.items() if ranks}
-    if missing:
-        lines += ["", "Not measured yet (stopped for lack of session time): " + "; ".join(
-            f"{m} ({', '.join('full edit' if r == 'edit' else f'rank {r}' for r in ranks)}): `HF_HUB_OFFLINE=1 python scripts/bench_lora.py --methods {m} --ranks "
-            f"{','.join(r for r in ranks if r != 'edit') or RANKS[0]}`" for m, ranks in missing.items()) + "."]
-    return "\n".join(lines)
+    todo = [todo_line(m, ranks) for m, ranks in missing.items() if ranks]
+    return "\n".join(lines + (["", "Not measured yet (stopped for lack of session time): " + "; ".join(todo) + "."]
+                              if todo else []))
+
+
+def todo_line(method: str, ranks: list[str]) -> str:
+    """The rows of a method still to measure, and the command that measures them."""
+    names = ", ".join("full edit" if r == "edit" else f"rank {r}" for r in ranks)
+    command = f"python scripts/bench_lora.py --methods {method} --ranks {','.join(r for r in ranks if r != 'edit')}"
+    return f"{method} ({names}): `HF_HUB_OFFLINE=1 {command.removesuffix(' --ranks ')}`"
 
 
 def main() -> None:
