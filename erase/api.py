@@ -20,6 +20,7 @@ from .edits import MaskEdit, fingerprint
 from .errors import EraseError
 from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, nbytes, read_patch,
                      save_patch, write_json)
+from .lora import check_lora_method, lora_name, parse_rank, save_lora, to_lora
 from .methods import get_method
 from .models import MINI_PIPELINE_DIR, check_pipeline, image_side, model_record
 from .single_file import save_single_file, unsupported
@@ -64,21 +65,28 @@ class EraseResult:
         return "\n".join(lines)
 
     def save(self, out: str | Path, overwrite: bool = False, single_file: bool | None = None,
-             half: bool = False) -> Path:
+             half: bool = False, lora: int | str | None = None) -> Path:
         """Write unet/ (diffusers), <out name>.safetensors (original SD layout), patch.safetensors and erase.json.
 
         single_file: None writes the single file where the model has an original layout (SD1.x, SD2.x, SDXL) and
-        records why not otherwise; True requires it; False skips it. half: store the single file in float16. Atomic.
+        records why not otherwise; True requires it; False skips it. half: store the single file in float16.
+        lora: also write <out name>-lora-r<rank>.safetensors, the edit as a kohya LoRA of that rank (or 'full'),
+        for training methods only; erase.json's `lora` says what it leaves out. Atomic.
         """
         out = check_output_dir(out, overwrite)
         if single_file and unsupported(self.pipe):
             raise EraseError(unsupported(self.pipe))
+        if lora is not None:
+            lora = parse_rank(lora)
+            check_lora_method(get_method(self.method), lora)
         started = time.perf_counter()
         record = dict(self.record)
         single = single_file is not False and not unsupported(self.pipe)
         text_encoders = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
         components = nbytes(self.pipe.unet, self.pipe.vae, *text_encoders) // (1 + half) if single else 0
-        with atomic_dir(out, overwrite, size=nbytes(self.pipe.unet) + components) as tmp:
+        low_rank = None if lora is None else to_lora(self.pipe.unet, self.edit, lora)
+        lora_bytes = sum(t.numel() * t.element_size() for t in low_rank.tensors.values()) if low_rank else 0
+        with atomic_dir(out, overwrite, size=nbytes(self.pipe.unet) + components + lora_bytes) as tmp:
             with self.applied() as pipe:
                 pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
                 record["erased_fingerprint"] = fingerprint(pipe.unet)
@@ -92,6 +100,9 @@ class EraseResult:
                     record["single_file"] = {"name": None, "why": "not asked for" if single_file is False
                                              else unsupported(pipe)}
             save_patch(tmp / PATCH_NAME, self.edit, header)
+            if low_rank:
+                record["lora"] = {"name": lora_name(out, lora), **low_rank.record}
+                save_lora(tmp / record["lora"]["name"], low_rank, header)
             record["timings"] = dict(record["timings"], export_s=round(time.perf_counter() - started, 3))
             write_json(tmp / RECORD_NAME, record)
         self.record = record

@@ -148,6 +148,9 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     single.add_argument("--no-single-file", dest="single_file", action="store_false", default=None,
                         help="skip <out>/<name>.safetensors (the original-layout single file for A1111/ComfyUI)")
     p.add_argument("--half", action="store_true", help="store the single file in float16")
+    p.add_argument("--lora", metavar="RANK", help="also write <out>/<name>-lora-r<RANK>.safetensors, the edit as a kohya "
+                   "LoRA of that rank (or 'full') for A1111, ComfyUI and diffusers; training methods only (esd, salun, "
+                   "uce, dynamic)")
 
 
 def load_model_to_export(args: argparse.Namespace):
@@ -163,11 +166,25 @@ def load_model_to_export(args: argparse.Namespace):
 
 def save_and_report(args: argparse.Namespace, result, out: Path) -> None:
     """Save the result; say on the console why there is no single file, if there is none."""
-    result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half)
+    from .lora import summary
+
+    result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half, lora=args.lora)
     single = result.record["single_file"]
     if single["name"] is None:
         half = " (--half had no effect)" if args.half else ""
         print(f"note: no single file written{half}: {single['why']}", file=sys.stderr)
+    if args.lora is not None:
+        print(summary(result.record["lora"]))
+
+
+def check_lora_option(args: argparse.Namespace, method: str | None) -> None:
+    """--lora's rank, and that the method has a weight delta to factor, before any model loads."""
+    from .lora import check_lora_method, parse_rank
+    from .methods import get_method
+
+    if args.lora is not None:
+        args.lora = parse_rank(args.lora)
+        check_lora_method(get_method(method), args.lora)
 
 
 def wrote(out: Path) -> str:
@@ -180,7 +197,8 @@ def apply_run(args: argparse.Namespace) -> None:
     from .api import result_from_patch
     from .export import check_output_dir, read_patch, reserved
 
-    read_patch(args.patch)  # a corrupt patch fails before the model loads
+    _, metadata = read_patch(args.patch)  # a corrupt patch fails before the model loads
+    check_lora_option(args, metadata.get("method"))
     check_model_options(args)
     out = check_output_dir(args.out, args.overwrite)
     with reserved(out, args.overwrite):
@@ -237,6 +255,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.seed is not None:
         settings["seed"] = args.seed
     config = resolve_config(args.method, args.config, **settings)
+    check_lora_option(args, args.method)
     catalog = load_catalog("mini" if args.model == "mini" else "catalog", extra=args.catalog)
     concepts = parse_concepts(args.concepts, catalog)  # fail on bad input before loading any model
     check_model_options(args)

@@ -6,6 +6,7 @@ Evaluation compares the original and the erased model with one UNet in memory: a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -89,6 +90,19 @@ class MaskEdit:
             yield unet
         finally:
             self.restore(unet)
+
+    def deltas(self, unet: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, what applying the edit adds to it: erased − original) per edited parameter, one at a time (a
+        whole-UNet edit's deltas would be a second UNet in memory)."""
+        if self.applied:
+            raise EraseError("this edit is applied: restore it before taking its deltas")
+        for name, param in self._parameters(unet).items():
+            with torch.no_grad():
+                mask = self.masks[name].to(param.device)
+                new = 0 if self.values is None else self.values[name].to(param.device, param.dtype)
+                delta = torch.zeros_like(param)
+                delta[mask] = new - param[mask]
+            yield name, delta
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: {"numel": mask.numel(), "edited": int(mask.sum())} for name, mask in self.masks.items()}

@@ -183,9 +183,12 @@ def replace_section(text: str, title: str, body: str) -> str:
 def save_patch(path: Path, edit: MaskEdit, metadata: dict) -> None:
     """The edit alone: packed masks plus metadata (format, shapes, fingerprints, method, concepts)."""
     tensors, shapes = edit.to_tensors()
-    header = {"format": PATCH_FORMAT, "shapes": json.dumps(shapes)}
-    header.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()})
-    save_file(tensors, str(path), metadata=header)
+    save_file(tensors, str(path), metadata=encode_header({"format": PATCH_FORMAT, "shapes": shapes, **metadata}))
+
+
+def encode_header(metadata: dict) -> dict[str, str]:
+    """A safetensors header: a map of strings, so values that are not strings are JSON-encoded."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
 
 
 def read_patch(path: str | Path) -> tuple[MaskEdit, dict]:

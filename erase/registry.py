@@ -17,6 +17,8 @@ class Entry:
     summary: str
     check: Callable | None = None
     """Optional: refuses, before any work, what the implementation cannot do (attack kinds use it)."""
+    masking: bool = False
+    """A method whose edit zeroes weights under a sparse mask (no new values): not low-rank, so no LoRA export."""
 
 
 class Registry(dict):
@@ -26,9 +28,10 @@ class Registry(dict):
         super().__init__()
         self.what = what
 
-    def register(self, name: str, config_class: type, summary: str, check: Callable | None = None):
+    def register(self, name: str, config_class: type, summary: str, check: Callable | None = None,
+                 masking: bool = False):
         def decorator(run: Callable) -> Callable:
-            self[name] = Entry(name, config_class, run, summary, check)
+            self[name] = Entry(name, config_class, run, summary, check, masking)
             return run
         return decorator
 

@@ -7,13 +7,13 @@ SDXL; the round trip through `from_single_file` is what the tests check.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .errors import EraseError
+from .export import encode_header
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -187,5 +187,4 @@ def save_single_file(pipe, path: Path, metadata: dict, half: bool = False) -> No
     """Write the checkpoint (optionally fp16) with `metadata` (JSON-encoded values) in the safetensors header."""
     state = original_state_dict(pipe)
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu() for k, v in state.items()}
-    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    save_file(state, str(path), metadata=header)
+    save_file(state, str(path), metadata=encode_header(metadata))

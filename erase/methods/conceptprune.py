@@ -21,7 +21,8 @@ class ConceptPruneConfig(MaskingConfig):
         check_ratio("skill_ratio", self.skill_ratio)
 
 
-@register("conceptprune", ConceptPruneConfig, "skilled-neuron pruning, union over steps and concepts")
+@register("conceptprune", ConceptPruneConfig, "skilled-neuron pruning, union over steps and concepts",
+          masking=True)
 def run(pipe, concepts, catalog, config: ConceptPruneConfig, progress: bool = True):
     def concept_mask(layers, concept_stats, base_stats, concept):
         return conceptprune_concept_mask(layers, concept_stats, base_stats, config.skill_ratio)

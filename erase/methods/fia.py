@@ -43,7 +43,8 @@ class FIAConfig(MaskingConfig):
         return values.get("r1", self.r1), values.get("r2", self.r2)
 
 
-@register("fia", FIAConfig, "training-free concept-aware neuron masking with concept-agnostic retention")
+@register("fia", FIAConfig, "training-free concept-aware neuron masking with concept-agnostic retention",
+          masking=True)
 def run(pipe, concepts, catalog, config: FIAConfig, progress: bool = True):
     def concept_mask(layers, concept_stats, base_stats, concept):
         r1, r2 = config.ratios(concept.name)
