@@ -67,8 +67,11 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     import signal
     import time
 
+    # SIGINT as a terminal delivers it: a test run started in the background (`cmd &`) ignores SIGINT, and its
+    # children would inherit that and never see the interrupt.
     proc = subprocess.Popen([sys.executable, "-m", "erase.cli", "--concepts", "church", "--out", str(tmp_path / "run")],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     maps = Path(f"/proc/{proc.pid}/maps")
     while proc.poll() is None and "libtorch" not in maps.read_text():
         time.sleep(0.01)
