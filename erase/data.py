@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,35 +37,49 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ERASE_CACHE", Path.home() / ".cache" / "erase"))
 
 
-def model_key(pipe) -> str:
-    """What the samples depend on: the UNet, the text encoder(s) and the sampler."""
-    parts = [fingerprint(pipe.unet)] + [fingerprint(getattr(pipe, name)) for name in ("text_encoder", "text_encoder_2")
-                                         if getattr(pipe, name, None) is not None]
+def model_key(pipe, unet_fingerprint: str | None = None, images: bool = False) -> str:
+    """What the samples depend on: the UNet (its fingerprint, when the caller has it), the text encoder(s), the
+    sampler and, for decoded images, the VAE."""
+    modules = ["text_encoder", "text_encoder_2", *(["vae"] if images else [])]
+    parts = [unet_fingerprint or fingerprint(pipe.unet)] + [fingerprint(getattr(pipe, name)) for name in modules
+                                                            if getattr(pipe, name, None) is not None]
     parts.append(type(pipe.scheduler).__name__ + json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def cached(path: Path, make: Callable[[], dict[str, torch.Tensor]], metadata: dict) -> dict[str, torch.Tensor]:
+    """The tensors stored at `path`, or those `make()` returns, stored there first."""
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        return load_file(path)
+    tensors = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)  # a crash never leaves a half-written file under the cache name
+    return tensors
+
+
+def digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def sample_latents(pipe, prompts: list[tuple[str, str | None]], settings: SampleSettings, key: str,
                    progress: bool = True) -> list[torch.Tensor]:
     """Latents [count, C, h, w] of each (prompt, negative prompt), from the cache or sampled and cached."""
-    from safetensors.torch import load_file, save_file
-
     side = image_side(pipe, settings.resolution)
     out = []
     for prompt, negative in tqdm(prompts, desc="training data", unit="prompt", disable=not progress, leave=False):
         meta = {"prompt": prompt, "negative_prompt": negative or "", "side": side, **asdict(settings)}
-        name = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
-        path = cache_dir() / "latents" / key / f"{name}.safetensors"
-        if path.is_file():
-            latents = load_file(path)["latents"]
-        else:
+
+        def sample() -> dict[str, torch.Tensor]:
             generator = torch.Generator("cpu").manual_seed(settings.seed)
-            latents = pipe(prompt, negative_prompt=negative, num_images_per_prompt=settings.count, height=side,
-                           width=side, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                           generator=generator, output_type="latent").images.detach().float().cpu().contiguous()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"latents": latents}, tmp, metadata={k: str(v) for k, v in meta.items()})
-            os.replace(tmp, path)  # a crash never leaves a half-written file under the cache name
+            return {"latents": pipe(prompt, negative_prompt=negative, num_images_per_prompt=settings.count,
+                                    height=side, width=side, num_inference_steps=settings.steps,
+                                    guidance_scale=settings.guidance_scale, generator=generator,
+                                    output_type="latent").images.detach().float().cpu().contiguous()}
+
+        latents = cached(cache_dir() / "latents" / key / f"{digest(meta)}.safetensors", sample, meta)["latents"]
         out.append(latents.to(pipe.unet.device, pipe.unet.dtype))  # fresh or cached: the same float32 values
     return out

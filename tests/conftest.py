@@ -1,6 +1,8 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ERASE_CACHE", tempfile.mkdtemp(prefix="erase-test-cache-"))  # never the user's cache
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402

@@ -139,3 +139,25 @@ def test_refusals(run, judge, tmp_path):
     if importlib.util.find_spec("nudenet") is None:  # the `nudity` extra is not part of the test install
         with pytest.raises(erase.EraseError, match="NudeNet is not installed"):
             evaluate(pipe, result, clip=judge, progress=False, nudity=True, **SETTINGS)
+
+
+def test_original_images_come_back_from_the_cache_exactly_as_generated(run, judge, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("ERASE_CACHE", str(tmp_path))
+    pipe, result, _ = run
+    fresh = evaluate(pipe, result, retain=["golf ball"], clip=judge, progress=False, cache_originals=False, **SETTINGS)
+    assert not (tmp_path / "images").exists()
+    stored = evaluate(pipe, result, retain=["golf ball"], clip=judge, progress=False, **SETTINGS)
+    batches = sorted((tmp_path / "images").glob("*/*.safetensors"))
+    assert batches and stored.settings["original_images_cache"] == str(batches[0].parent)
+    for a, b in zip(fresh.images[0] + fresh.images[1], stored.images[0] + stored.images[1], strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert stored.metrics == fresh.metrics
+
+    # What a later evaluation of the same base shows as original is what the cache holds (here: made black).
+    for batch in batches:
+        save_file({"images": load_file(batch)["images"] * 0}, batch)
+    again = evaluate(pipe, result, retain=["golf ball"], clip=judge, progress=False, **SETTINGS)
+    assert all(np.asarray(image).max() == 0 for image in again.images[0])
+    assert np.array_equal(np.asarray(again.images[1][0]), np.asarray(fresh.images[1][0]))  # erased side: generated

@@ -10,13 +10,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..api import versions
 from ..concepts import (DEFAULT_KIND, Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog,
                         parse_concepts)
 from ..config import build_config, check_confidence, check_positive_ints, check_ratio, check_seeds
+from ..data import cache_dir, cached, digest, model_key
 from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
 from ..export import PATCH_NAME, RECORD_NAME, read_json, read_patch
@@ -70,6 +73,10 @@ class EvalSettings(JudgedSettings):
     nudity: bool = False
     """Count NudeNet detections of exposed classes on explicit concepts' images (needs the `nudity` extra)."""
     nudity_threshold: float = 0.6
+    cache_originals: bool = True
+    """Keep the original model's images under $ERASE_CACHE/images (by the fingerprints of its UNet, text encoder(s)
+    and VAE, the sampler, and each batch's prompts, seeds and settings): evaluating another erasure of the same base
+    with the same prompts reads them back, the very images it would generate, instead of generating them again."""
 
     def validate(self) -> None:
         super().validate()
@@ -114,12 +121,14 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     judge = load_judge(original, catalog, clip, clip_pretrained)
     jobs = _jobs(catalog, erasure.concepts, retained, config)
     started = time.perf_counter()
-    images = _paired_images(original, erasure.edit, jobs, config, progress)
+    cache = cache_dir() / "images" / model_key(original, erasure.base_fingerprint, images=True)
+    images = _paired_images(original, erasure.edit, jobs, config, progress, cache if config.cache_originals else None)
     settings = {**asdict(config), "sampler": type(original.scheduler).__name__,
                 "sampler_config": dict(original.scheduler.config), "catalog": catalog.name, "method": erasure.method,
                 "base_fingerprint": erasure.base_fingerprint, "concepts": [c.as_dict() for c in erasure.concepts],
                 "retain": [c.name for c in retained], "versions": versions(),
-                "generation_s": round(time.perf_counter() - started, 3)}
+                "generation_s": round(time.perf_counter() - started, 3),
+                "original_images_cache": str(cache) if config.cache_originals else None}
     report = Report.build(jobs, images, judge, catalog, erasure.concepts, retained, settings)
     if config.nudity:
         report.add_nudity(_nudenet(), config.nudity_threshold)
@@ -210,34 +219,48 @@ def _jobs(catalog: Catalog, erased: list[Concept], retained: list[Concept], conf
             for role, concept, prompts in sets for prompt in prompts for seed in config.seeds]
 
 
-def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, progress: bool):
-    """(original images, erased images), in job order, from the same seeds."""
+def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, progress: bool, cache: Path | None):
+    """(original images, erased images), in job order, from the same seeds; the originals from `cache` where
+    there."""
     side = image_side(pipe, config.resolution)
     prompts, seeds = [job.prompt for job in jobs], [job.seed for job in jobs]
     with tqdm(total=2 * len(jobs), desc="generating", unit="image", disable=not progress) as bar:
-        original = generate(pipe, prompts, seeds, config.steps, config.guidance_scale, side, config.batch_size, bar)
+        original = generate(pipe, prompts, seeds, config.steps, config.guidance_scale, side, config.batch_size, bar,
+                            cache=cache)
         with edit.applied_to(pipe.unet):
             erased = generate(pipe, prompts, seeds, config.steps, config.guidance_scale, side, config.batch_size, bar)
     return original, erased
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, side: int,
-             batch_size: int, bar=None, latents: list | None = None) -> list:
+             batch_size: int, bar=None, latents: list | None = None, cache: Path | None = None) -> list:
     """Images of each prompt from its seed (the initial noise drawn on the CPU), in batches. `latents`: a list that
-    receives each image's final latents too (caught at the last step, so the images are generated once)."""
+    receives each image's final latents too (caught at the last step, so the images are generated once). `cache`: a
+    folder of this model's images, one file per batch: a batch found there is read back instead of generated."""
     def keep(pipe, i, t, kwargs):
         if i == pipe.num_timesteps - 1:
             latents.extend(kwargs["latents"].detach())
         return {}
 
+    def run(batch_prompts, batch_seeds):
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds]
+        return pipe(batch_prompts, num_inference_steps=steps, height=side, width=side, guidance_scale=guidance_scale,
+                    generator=generators, callback_on_step_end=keep if latents is not None else None).images
+
     out = []
     for start in range(0, len(prompts), batch_size):
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[start : start + batch_size]]
-        out += pipe(prompts[start : start + batch_size], num_inference_steps=steps, height=side, width=side,
-                    guidance_scale=guidance_scale, generator=generators,
-                    callback_on_step_end=keep if latents is not None else None).images
+        batch = prompts[start : start + batch_size], seeds[start : start + batch_size]
+        if cache is None or latents is not None:
+            out += run(*batch)
+        else:
+            meta = {"prompts": batch[0], "seeds": batch[1], "steps": steps, "guidance_scale": guidance_scale,
+                    "side": side, "device": pipe.unet.device.type, "dtype": str(pipe.unet.dtype)}
+            pixels = cached(cache / f"{digest(meta)}.safetensors",
+                            lambda: {"images": torch.from_numpy(np.stack([np.asarray(im) for im in run(*batch)]))},
+                            meta)["images"]
+            out += [Image.fromarray(image.numpy()) for image in pixels]  # the uint8 pixels the pipeline gave
         if bar is not None:
-            bar.update(len(generators))
+            bar.update(len(batch[1]))
     return out
 
 
