@@ -68,16 +68,24 @@ def drop_and_regrow(mask: torch.Tensor, importance: torch.Tensor, fraction: floa
 class Votes:
     """Streaming vote counts of per-concept masks: memory stays one counter tensor per layer, whatever C is."""
 
-    def __init__(self) -> None:
+    def __init__(self, shapes: dict[str, torch.Size], device: torch.device) -> None:
         self.concepts = 0
-        self.counts: dict[str, torch.Tensor] = {}
+        self.counts = {name: torch.zeros(shape, dtype=torch.int32, device=device) for name, shape in shapes.items()}
 
     def add(self, masks: dict[str, torch.Tensor]) -> None:
         for name, mask in masks.items():
-            if name not in self.counts:
-                self.counts[name] = torch.zeros(mask.shape, dtype=torch.int32, device=mask.device)
             self.counts[name] += mask
         self.concepts += 1
+
+    def sum_across_processes(self) -> None:
+        """Every process's votes and concept count summed (an all-reduce): each then fuses the same masks."""
+        import torch.distributed as dist
+
+        for name in sorted(self.counts):
+            dist.all_reduce(self.counts[name])
+        total = torch.tensor([self.concepts], device=next(iter(self.counts.values())).device)
+        dist.all_reduce(total)
+        self.concepts = int(total.item())
 
     def threshold(self, alpha: float | None) -> int:
         """τ = ceil(α · C); None means a plain union (τ = 1)."""

@@ -101,29 +101,52 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
     """capture → per-concept mask → votes → fused prune mask, one concept at a time (memory flat in C).
 
     Base prompts are shared by every concept of a kind, so their statistics are captured once per prompt set.
+    Launched as several processes (torchrun, accelerate launch), each captures a contiguous share of the concepts
+    and the votes are summed across processes before fusion: every process ends with the one-process result.
     """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=pipe.unet.device.type == "cpu")  # as the Trainer's Accelerator: gloo on CPU
     layers = find_target_layers(pipe.unet, config.target)
-    votes, base_stats = Votes(), {}
+    votes, base_stats = Votes({name: layer.weight.shape for name, layer in layers.items()}, pipe.unet.device), {}
     record: dict = {"prompts": {}, "concept_masks": {}, "timesteps": []}
     timings = {"capture_s": 0.0, "scoring_s": 0.0}
-    for concept in tqdm(concepts, desc="concepts", unit="concept", disable=not progress or len(concepts) == 1):
-        pairs = catalog.prompt_pairs(concept, config.prompts_per_concept)
-        concept_prompts, base_prompts = [p for p, _ in pairs], [b for _, b in pairs]
-        started = time.perf_counter()
-        if tuple(base_prompts) not in base_stats:
-            base_stats[tuple(base_prompts)] = capture(pipe, base_prompts, layers, config, faithful_cosine,
-                                                      desc=f"base prompts ({concept.kind})", progress=progress)[0]
-        stats, record["timesteps"] = capture(pipe, concept_prompts, layers, config, faithful_cosine,
-                                             desc=concept.name, progress=progress)
-        scored = time.perf_counter()
-        masks = concept_mask(layers, stats, base_stats[tuple(base_prompts)], concept)
-        votes.add(masks)
-        timings["capture_s"] += scored - started
-        timings["scoring_s"] += time.perf_counter() - scored
-        record["prompts"][concept.name] = [list(pair) for pair in pairs]
-        record["concept_masks"][concept.name] = {name: int(m.sum()) for name, m in masks.items()}
+    with state.split_between_processes(concepts) as mine:
+        for concept in tqdm(mine, desc="concepts", unit="concept", disable=not progress or len(mine) <= 1
+                            or not state.is_main_process):
+            pairs = catalog.prompt_pairs(concept, config.prompts_per_concept)
+            concept_prompts, base_prompts = [p for p, _ in pairs], [b for _, b in pairs]
+            started = time.perf_counter()
+            if tuple(base_prompts) not in base_stats:
+                base_stats[tuple(base_prompts)] = capture(pipe, base_prompts, layers, config, faithful_cosine,
+                                                          desc=f"base prompts ({concept.kind})", progress=progress)[0]
+            stats, record["timesteps"] = capture(pipe, concept_prompts, layers, config, faithful_cosine,
+                                                 desc=concept.name, progress=progress)
+            scored = time.perf_counter()
+            masks = concept_mask(layers, stats, base_stats[tuple(base_prompts)], concept)
+            votes.add(masks)
+            timings["capture_s"] += scored - started
+            timings["scoring_s"] += time.perf_counter() - scored
+            record["prompts"][concept.name] = [list(pair) for pair in pairs]
+            record["concept_masks"][concept.name] = {name: int(m.sum()) for name, m in masks.items()}
+    if state.num_processes > 1:
+        record = merged_records(record, concepts)
+        votes.sum_across_processes()
+        record["processes"] = state.num_processes  # timings are the main process's own share
     prune, keep = votes.fuse(alpha)
     record["fusion"] = {"concepts": votes.concepts, "tau": votes.threshold(alpha),
                         "kept_agnostic": {name: int(k.sum()) for name, k in keep.items()}}
     record["timings"] = timings
     return MaskEdit({f"{name}.weight": mask for name, mask in prune.items()}), record
+
+
+def merged_records(record: dict, concepts: list[Concept]) -> dict:
+    """Every process's per-concept record, in the concepts' order (as one process writes it)."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([record])
+    merged = {key: {} for key in ("prompts", "concept_masks")}
+    for concept in concepts:
+        for key in merged:
+            merged[key][concept.name] = next(p[key][concept.name] for p in parts if concept.name in p[key])
+    return {**merged, "timesteps": next(p["timesteps"] for p in parts if p["timesteps"])}

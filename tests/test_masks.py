@@ -9,7 +9,7 @@ from erase.masks import Votes, drop_and_regrow, global_topk_masks, layer_topk_ma
 def votes_from(counts: list[int], concepts: int) -> Votes:
     """A one-layer Votes where entry i is in the first counts[i] of `concepts` masks."""
     counts_t = torch.tensor(counts)
-    votes = Votes()
+    votes = Votes({"layer": counts_t.shape}, torch.device("cpu"))
     for c in range(concepts):
         votes.add({"layer": counts_t > c})
     return votes

@@ -121,3 +121,21 @@ def test_settings_merge_into_a_preset_without_dropping_its_overrides():
     assert config.overrides == {"van gogh": {"r2": 0.03}, "church": {"r2": 0.04}}
     with pytest.raises(erase.EraseError, match="preset for method 'fia'"):
         resolve_config("uce", "fia-style")
+
+
+def test_fia_across_two_processes_gives_the_one_process_masks(tmp_path):
+    """Each process captures a share of the concepts; the votes summed across them fuse to one process's masks."""
+    import json
+
+    from ddp_worker import MASKING_CONCEPTS, MASKING_QUICK, launch_two
+
+    launch_two("fia", tmp_path)
+    alone = erase.erase(erase.load_pipeline("mini"), MASKING_CONCEPTS, progress=False, **MASKING_QUICK)
+    for rank in (0, 1):
+        masks = torch.load(tmp_path / f"masks{rank}.pt", weights_only=True)
+        assert masks.keys() == alone.edit.masks.keys() and any(m.any() for m in masks.values())
+        assert all(torch.equal(masks[n], alone.edit.masks[n]) for n in masks)
+        record = json.loads((tmp_path / f"record{rank}.json").read_text())
+        assert record["processes"] == 2 and record["fusion"]["concepts"] == len(MASKING_CONCEPTS)
+        assert list(record["concept_masks"]) == MASKING_CONCEPTS
+        assert record["concept_masks"] == alone.record["concept_masks"]

@@ -140,16 +140,9 @@ def test_mixed_precision_can_change_between_runs_in_one_process(mini):
 @pytest.mark.parametrize("method", ["salun", "dynamic"])
 def test_data_parallel_processes_train_the_same_weights(method, tmp_path):
     """Two processes draw different batches; identical weights afterwards prove the gradients were all-reduced."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from ddp_worker import launch_two
 
-    worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "ERASE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), method,
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two(method, tmp_path)
     first, second = (torch.load(tmp_path / f"values{rank}.pt", weights_only=True) for rank in (0, 1))
     assert first.keys() == second.keys() and any(v.numel() for v in first.values())
     assert all(torch.equal(first[n], second[n]) for n in first)
