@@ -13,7 +13,6 @@ stop and go on with --methods); each landing rewrites the section "Miniature wor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,8 +31,8 @@ SETTINGS = {**EVAL, "seeds": [0]}
 RANKS = ["1", "4", "16", "full"]
 
 
-def rows_of_method(method: str, ranks: list, done: set):
-    """Yield the rows of one method: the full edit, then its LoRA at each rank not in `done`."""
+def rows_of_method(method: str, ranks: list, skip):
+    """Yield the rows of one method: the full edit, then its LoRA at each rank for which `skip(rank)` is false."""
     import erase
     from erase.lora import to_lora
 
@@ -42,7 +41,7 @@ def rows_of_method(method: str, ranks: list, done: set):
     result = erase.erase(pipe, CONCEPTS, method=method, progress=False, **METHODS[method])
     seconds = time.perf_counter() - started
     for rank in ["edit", *ranks]:
-        if (method, str(rank)) in done:
+        if skip(str(rank)):
             continue
         lora = None if rank == "edit" else to_lora(pipe.unet, result.edit, rank)
         erased = result if lora is None else replace(result, edit=lora.edit(pipe.unet))
@@ -53,28 +52,29 @@ def rows_of_method(method: str, ranks: list, done: set):
                   "bytes": sum(t.numel() * t.element_size() for t in lora.tensors.values())}}
 
 
-def row_line(r: dict) -> str:
+def row_line(r: dict, mark: str = "") -> str:
     s, lora = r["summary"], r["lora"]
     left = "–" if lora is None else (f"{100 * lora['dropped']:.3g}% ({100 * lora['dropped_by_rank']:.3g}% / "
                                       f"{100 * lora['dropped_not_lora']:.3g}%)")
     size = "–" if lora is None else f"{lora['bytes'] / 1024:.0f} KiB, {lora['layers']} layers"
     rank = "full edit" if r["rank"] == "edit" else f"full ({lora['file_rank']})" if r["rank"] == "full" else r["rank"]
-    return (f"| {r['method']} | {rank} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} | "
+    return (f"| {r['method']}{mark} | {rank} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} | "
             f"{_ci(s, 'retain_accuracy_cross_kind')} | {s['paired_similarity']:.3f} | {left} | {size} |")
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| method | LoRA rank | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | paired similarity | "
+def table(store) -> str:
+    lines = [*store.stale_note("HF_HUB_OFFLINE=1 python scripts/bench_lora.py"),
+             "| method | LoRA rank | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | paired similarity | "
              "edit's norm left out (rank / biases, norms) | LoRA file |", "|---" * 8 + "|"]
     order = {rank: i for i, rank in enumerate(["edit", *RANKS])}
-    rows = sorted(rows, key=lambda r: (TRAINING.index(r["method"]), order.get(r["rank"], len(order))))
+    rows = sorted(store.rows, key=lambda r: (TRAINING.index(r["method"]), order.get(r["rank"], len(order))))
     for r in rows[:1]:
         s = r["summary"]
-        lines.append(f"| unedited | – | {_ci(s, 'forgetting_accuracy_original')} | "
+        lines.append(f"| unedited{store.mark(r)} | – | {_ci(s, 'forgetting_accuracy_original')} | "
                      f"{_ci(s, 'retain_accuracy_in_kind_original')} | {_ci(s, 'retain_accuracy_cross_kind_original')} "
                      "| 1.000 | – | – |")
-    lines += [row_line(r) for r in rows]
-    measured = {(r["method"], r["rank"]) for r in rows}
+    lines += [row_line(r, store.mark(r)) for r in rows]
+    measured = {(r["method"], r["rank"]) for r in rows if store.has(**r)}
     missing = {m: [rank for rank in ["edit", *RANKS] if (m, rank) not in measured] for m in TRAINING}
     settings = "; ".join(f"{m}: {METHODS[m].get('config', 'defaults')}" for m in TRAINING)
     lines += ["", f"Forget set: {', '.join(CONCEPTS)}. Each method erases once; its full edit and the LoRA that "
@@ -109,27 +109,28 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    from benchmarks_md import RowStore, mini_model, update_section
 
-    from benchmarks_md import update_section
     from erase.lora import parse_rank
 
     torch.set_num_threads(1)
     ranks = [parse_rank(r) for r in args.ranks.split(",")]
-    rows = json.loads(ROWS.read_text()) if ROWS.exists() else []
+    store = RowStore(ROWS, ("method", "rank"), mini_model())
     if args.table:
-        return update_section(SECTION, table(rows))
+        return update_section(SECTION, table(store))
     for method in args.methods.split(","):
         if method not in TRAINING:
             raise SystemExit(f"--methods: {method!r} is not a training method; choose from {', '.join(TRAINING)}")
-        done = set() if args.again else {(r["method"], r["rank"]) for r in rows}
-        if all((method, str(rank)) in done for rank in ["edit", *ranks]):
-            continue
-        for row in rows_of_method(method, ranks, done):
-            rows = [r for r in rows if (r["method"], r["rank"]) != (row["method"], row["rank"])] + [row]
-            ROWS.write_text(json.dumps(rows, indent=1) + "\n")
-            update_section(SECTION, table(rows))
-            print(row_line(row), flush=True)
 
+        def skip(rank: str) -> bool:
+            return not args.again and store.has(method=method, rank=rank)
+
+        if all(skip(str(rank)) for rank in ["edit", *ranks]):
+            continue
+        for row in rows_of_method(method, ranks, skip):
+            store.put(row)
+            update_section(SECTION, table(store))
+            print(row_line(row), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Every registered method on the miniature world: forget sets of 1, 3 and 10 concepts that mix kinds, fixed seeds.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_methods.py            # the method table and plot (2 CPU cores; ~25 min was
-                                                                # measured with one evaluation seed, it now uses three)
+    HF_HUB_OFFLINE=1 python scripts/bench_methods.py            # the method table and plot (2 CPU cores; hours: each
+                                                                # evaluation has three seeds; --sizes 1 --methods fia: a part)
     HF_HUB_OFFLINE=1 python scripts/bench_methods.py scaling    # FIA wall time and peak memory, 1 to 100 concepts
     HF_HUB_OFFLINE=1 python scripts/bench_methods.py sweep      # FIA r2 x alpha on the 3-concept set
     HF_HUB_OFFLINE=1 python scripts/bench_methods.py attack     # prompt attack success rate beside forgetting and
@@ -9,9 +9,10 @@
     python scripts/bench_methods.py plot                        # redraw the plot from docs/methods-mini.json
 
 Each run (method, forget set) is its own process, so its peak memory is its own. Sections of BENCHMARKS.md:
-"Miniature world: methods", "Miniature world: FIA scaling", "Miniature world: FIA r2/alpha sweep", "Miniature
-world: prompt attack" (one run at a time, one thread; rows kept in docs/attack-mini.json as they finish); the plot is
-docs/methods-mini.png. Needs the `bench` extra (matplotlib) for the plot.
+"Miniature world: methods" (rows kept in docs/methods-mini.json as they finish), "Miniature world: FIA scaling",
+"Miniature world: FIA r2/alpha sweep", "Miniature world: prompt attack" (one run at a time, one thread; rows kept in
+docs/attack-mini.json as they finish); the plot is docs/methods-mini.png. A rerun of the table or the attack measures
+only the rows not yet measured on the shipped mini model. Needs the `bench` extra (matplotlib) for the plot.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ ATTACK_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance
                "max_cross_retain": 2}
 ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "guidance_scale": 4.0}
 ATTACK_ROWS = ROOT / "docs" / "attack-mini.json"
+REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/bench_methods.py"
+# The original model's images, shared by every run (evaluate() keys them by model, prompts and seeds): each method's
+# evaluation then generates only its erased side. Its training data stays cold (a fresh cache per run), as timed.
+ORIGINALS = Path(tempfile.gettempdir()) / "erase-bench-originals"
 
 
 def one(method: str, concepts: list[str], settings: dict, evaluate: bool = True, attack: bool = False) -> dict:
@@ -64,6 +69,7 @@ def one(method: str, concepts: list[str], settings: dict, evaluate: bool = True,
         row["attack"] = {"metrics": attacked.metrics, "settings": {k: attacked.settings[k] for k in (
             "steps", "tokens", "lr", "timesteps", "seed", "seeds", "sample_steps", "attack_s")}}
     if evaluate:
+        os.environ["ERASE_CACHE"] = str(ORIGINALS)
         report = erase.evaluate(pipe, result, progress=False, **(ATTACK_EVAL if attack else EVAL))
         m = report.metrics
         s = m["summary"]
@@ -97,25 +103,49 @@ def in_subprocess(method: str, concepts: list[str], settings: dict, evaluate: bo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict], seconds: float) -> str:
-    lines = ["| method | forget set | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | "
+def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
+    """Each (method, forget set) not yet measured on this model, two single-threaded processes at a time (method by
+    method, so the two running erase different sets and the later methods find the originals' images cached); each
+    row lands in docs/methods-mini.json and the section as it finishes."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from benchmarks_md import RowStore, update_section
+
+    store = RowStore(PLOT.with_suffix(".json"), ("method", "concepts"), model)
+    jobs = [(m, FORGET_SETS[n], METHODS[m]) for m in methods for n in sizes
+            if not store.has(method=m, concepts=FORGET_SETS[n])]
+    with ThreadPoolExecutor(2) as pool:
+        for finished in as_completed([pool.submit(in_subprocess, *job) for job in jobs]):
+            row = finished.result()
+            store.put(row)
+            update_section("Miniature world: methods", table(store))
+            print(row["method"], len(row["concepts"]), row["summary"]["forgetting_accuracy"], flush=True)
+    current = [r for r in store.rows if store.has(**r)]
+    if {len(r["concepts"]) for r in current} == set(FORGET_SETS):
+        plot(current)
+    return table(store)
+
+
+def table(store) -> str:
+    lines = [*store.stale_note(REPRODUCE), "| method | forget set | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | "
              "generality ↓ | CLIP score | paired similarity | KID (neutral) ↓ | weights edited | wall time | "
              "peak memory |", "|---" * 13 + "|"]
     firsts = {}
-    rows = sorted(rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
+    rows = sorted(store.rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
     for r in rows:
         s = r["summary"]
         n = len(r["concepts"])
         if n not in firsts:  # the unedited model, from the first run's original images (same prompts and seeds)
             firsts[n] = r
-            lines.append(f"| unedited | {n} | {_ci(s, 'forgetting_accuracy_original')} | "
+            lines.append(f"| unedited{store.mark(r)} | {n} | {_ci(s, 'forgetting_accuracy_original')} | "
                          f"{_ci(s, 'retain_accuracy_in_kind_original')} | {_ci(s, 'retain_accuracy_cross_kind_original')} "
                          f"| – | – | {r['original']['clip_score']:.2f} | 1.000 | 0 | 0 | – | – |")
-        lines.append(f"| {r['method']} | {n} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} "
+        lines.append(f"| {r['method']}{store.mark(r)} | {n} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} "
                      f"| {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} | {_ci(s, 'generality')} | "
                      f"{s['clip_score_erased']:.2f} | {s['paired_similarity']:.3f} | {s['kid_neutral']:.2e} | "
                      f"{r['edited']} | {r['seconds']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
     settings = "; ".join(f"{m}: {s.get('config', 'defaults')}" for m, s in METHODS.items())
+    missing = [f"{m} on {n}" for n in FORGET_SETS for m in METHODS if not store.has(method=m, concepts=FORGET_SETS[n])]
     lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items()) + ". Retain: "
               "the catalog's other concepts of the erased kinds (in-kind, at most 10 per kind) and of each other kind "
               "but explicit (cross-kind, at most 3 per kind; – when the forget set spans every kind). Evaluation: mini "
@@ -128,8 +158,9 @@ def table(rows: list[dict], seconds: float) -> str:
               "time is erasure only "
               "(capture or training, data sampling included), one thread, two runs at a time on a 2-core CPU; peak "
               "memory is the run's process peak RSS.",
-              "", f"The whole table took {seconds:.0f} s ({seconds / 60:.0f} min).",
-              "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_methods.py`; plot: docs/methods-mini.png"]
+              "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
+              "", f"Reproduce: `{REPRODUCE}` (measures the rows not yet measured on the shipped model; `--sizes 1 "
+              "--methods fia,esd`: a part); plot: docs/methods-mini.png, drawn once every forget set is measured"]
     return "\n".join(lines)
 
 
@@ -141,7 +172,6 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     PLOT.parent.mkdir(exist_ok=True)
-    PLOT.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     markers = {1: "o", 3: "s", 10: "^"}
     for n, marker in markers.items():  # the unedited model first, hollow, so methods that match it stay visible
@@ -196,37 +226,37 @@ def sweep() -> str:
     return "\n".join(lines)
 
 
-def attack_table(sizes: list[int], methods: list[str]) -> str:
+def attack_table(sizes: list[int], methods: list[str], model: str) -> str:
     """Prompt attack success rate per method and forget set, beside forgetting and retention; rows run one at a
     time and are kept in docs/attack-mini.json as they finish (a part measured later joins them)."""
-    from benchmarks_md import update_section
+    from benchmarks_md import RowStore, update_section
 
-    kept = json.loads(ATTACK_ROWS.read_text()) if ATTACK_ROWS.is_file() else []
+    store = RowStore(ATTACK_ROWS, ("method", "concepts"), model)
     for n in sizes:
         for method in methods:
+            if store.has(method=method, concepts=FORGET_SETS[n]):
+                continue
             row = in_subprocess(method, FORGET_SETS[n], METHODS[method], attack=True)
-            kept = [r for r in kept if (r["method"], r["concepts"]) != (method, FORGET_SETS[n])] + [row]
-            ATTACK_ROWS.parent.mkdir(exist_ok=True)
-            ATTACK_ROWS.write_text(json.dumps(kept, indent=1))
-            update_section("Miniature world: prompt attack", attack_markdown(kept))
+            store.put(row)
+            update_section("Miniature world: prompt attack", attack_markdown(store))
             print(method, n, row["attack"]["metrics"]["summary"], flush=True)
-    return attack_markdown(kept)
+    return attack_markdown(store)
 
 
-def attack_markdown(rows: list[dict]) -> str:
-    lines = ["| method | forget set | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
+def attack_markdown(store) -> str:
+    lines = [*store.stale_note(f"{REPRODUCE} attack"), "| method | forget set | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
              "original, same prompts | anchor (original) | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | "
              "attack time |", "|---" * 11 + "|"]
-    rows = sorted(rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
+    rows = sorted(store.rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
     for r in rows:
         a, s = r["attack"]["metrics"]["summary"], r["summary"]
-        lines.append(f"| {r['method']} | {len(r['concepts'])} | {_ci(a, 'attack_success_rate')} | "
+        lines.append(f"| {r['method']}{store.mark(r)} | {len(r['concepts'])} | {_ci(a, 'attack_success_rate')} | "
                      f"{_ci(a, 'attacked_only')} | {_ci(a, 'erased')} | "
                      f"{_ci(a, 'original')} | {_ci(a, 'anchor')} | {_ci(s, 'forgetting_accuracy')} | "
                      f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | "
                      f"{r['attack']['settings']['attack_s']:.0f} s |")
-    done = {(r["method"], len(r["concepts"])) for r in rows}
-    missing = [f"{m} on {n}" for n in FORGET_SETS if n != 10 for m in METHODS if (m, n) not in done]
+    missing = [f"{m} on {n}" for n in FORGET_SETS if n != 10 for m in METHODS
+               if not store.has(method=m, concepts=FORGET_SETS[n])]
     budget = rows[0]["attack"]["settings"] if rows else {}
     lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(FORGET_SETS[n])}" for n in (1, 3)) + ". Attack: "
               f"`prompt` ({budget.get('tokens')} appended tokens, {budget.get('steps')} steps, lr {budget.get('lr')}, "
@@ -257,35 +287,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="table", choices=["table", "plot", "scaling", "sweep", "attack", "one"])
     parser.add_argument("job", nargs="?", help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", default="1,3", help="attack: forget-set sizes to measure (default 1,3)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="attack: methods to measure (default all)")
+    parser.add_argument("--sizes", help="table, attack: forget-set sizes to measure (default 1,3,10; attack: 1,3)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="table, attack: methods to measure (default all)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from benchmarks_md import update_section
+    from benchmarks_md import mini_model, update_section
+
+    sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else None
+    methods = args.methods.split(",")
+    if unknown := {*methods} - {*METHODS} | {*(sizes or [])} - {*FORGET_SETS}:
+        raise SystemExit(f"--methods/--sizes: unknown {sorted(map(str, unknown))}; methods: {', '.join(METHODS)}; "
+                         f"sizes: {', '.join(map(str, FORGET_SETS))}")
 
     if args.part == "one":
         job = json.loads(args.job)
         print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluate"], job.get("attack", False))))
-    elif args.part == "plot":  # redraw from the rows the last table run kept
+    elif args.part == "plot":  # redraw from the rows kept
         plot(json.loads(PLOT.with_suffix(".json").read_text()))
     elif args.part == "scaling":
         update_section("Miniature world: FIA scaling", scaling())
     elif args.part == "attack":
-        print(attack_table([int(n) for n in args.sizes.split(",")], args.methods.split(",")))
+        print(attack_table(sizes or [1, 3], methods, mini_model()))
     elif args.part == "sweep":
         update_section("Miniature world: FIA r2/alpha sweep", sweep())
     else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        started = time.perf_counter()
-        jobs = [(method, concepts, settings) for concepts in FORGET_SETS.values() for method, settings in METHODS.items()]
-        with ThreadPoolExecutor(2) as pool:  # two single-threaded processes at a time
-            rows = list(pool.map(lambda job: in_subprocess(*job), jobs))
-        text = table(rows, time.perf_counter() - started)
-        print(text)
-        update_section("Miniature world: methods", text)
-        plot(rows)
-
+        print(methods_table(sizes or list(FORGET_SETS), methods, mini_model()))
 
 if __name__ == "__main__":
     main()

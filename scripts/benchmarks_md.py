@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,3 +24,51 @@ def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+
+
+class RowStore:
+    """A benchmark's measured rows, kept in a JSON file as each lands (a long run stopped early keeps what it
+    measured; a later run measures only what is missing). `key` names the fields that identify a row; each row is
+    stamped with `model`, the fingerprint of the UNet it was measured on, and a row of another model counts as
+    missing (it is shown, marked, until measured again)."""
+
+    def __init__(self, path: Path, key: tuple[str, ...], model: str):
+        self.path, self.key, self.model = path, key, model
+        self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+
+    def identity(self, row: dict) -> tuple:
+        return tuple(json.dumps(row[k], sort_keys=True) for k in self.key)
+
+    def has(self, **fields) -> bool:
+        return self.identity(fields) in {self.identity(r) for r in self.rows if r.get("model") == self.model}
+
+    def put(self, row: dict) -> None:
+        """Record `row` (measured on this model) in place of the one with the same key, atomically."""
+        row = {**row, "model": self.model}
+        self.rows = [r for r in self.rows if self.identity(r) != self.identity(row)] + [row]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.rows, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    def stale_note(self, command: str) -> list[str]:
+        """A line for the table when some rows were measured on another model than the one shipped now."""
+        stale = [r for r in self.rows if r.get("model") != self.model]
+        if not stale:
+            return []
+        return [f"_{len(stale)} of these {len(self.rows)} rows were measured on an earlier mini model (not the shipped "
+                f"UNet {self.model.removeprefix('sha256:')[:12]}…) and are marked †; `{command}` measures them again._", ""]
+
+    def mark(self, row: dict) -> str:
+        return "" if row.get("model") == self.model else " †"
+
+
+def mini_model() -> str:
+    """The fingerprint of the shipped mini model's UNet, which stamps the rows measured on it."""
+    from diffusers import UNet2DConditionModel
+
+    from erase.edits import fingerprint
+    from erase.models import MINI_PIPELINE_DIR
+
+    return fingerprint(UNet2DConditionModel.from_pretrained(MINI_PIPELINE_DIR / "unet"))

@@ -8,7 +8,8 @@ README's mixed command), judged by erase.evaluate with the mini CLIP on held-out
   - the 10 Imagenette classes at once: forgetting <= 10%, the other objects' accuracy >= 80%;
   - `--concepts "van gogh,nudity"`: forgetting <= 10% for both, the other artists and the persons keep >= 85%;
   - paired image similarity on the neutral prompts >= 0.9 in all of these.
-`--method conceptprune` (or any other) runs the same rows for comparison; the gates are FIA's.
+`--method conceptprune` (or any other) runs the same rows for comparison; the gates are FIA's. Rows land in
+docs/erasure-gate-mini.json one at a time; a rerun measures only the rows not there yet (`--again`: all of them).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "Miniature world: erasure gates"
+STORE_NAME = "docs/erasure-gate-mini.json"
+STORE = Path(__file__).resolve().parent.parent / STORE_NAME
+REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py"
 FORGET_MAX, KEPT_MIN, SIMILARITY_MIN = 0.10, 0.85, 0.90
 
 
@@ -44,8 +48,9 @@ def ground_truth(pipe, result, prompts: int, neurons: dict) -> dict:
     same evaluation: the best any masking of the world's ground truth can do under this judge."""
     from dataclasses import replace
 
-    import erase
     from mini_gates import neurons_edit
+
+    import erase
 
     edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
     report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
@@ -78,13 +83,17 @@ def persons_kept(pipe, edit, judge) -> float:
     return float(after / max(before, 1e-9))
 
 
-ROWS = 12  # per method: each Imagenette class, the ten together, the README's command
+
+def labels() -> list[str]:
+    """The rows of one method, in the order they are measured and shown."""
+    from erase.mini import world
+
+    return ["van gogh, nudity", "the 10 Imagenette classes", *world.TAUGHT_OBJECTS]
 
 
-def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed, neurons: dict,
-         only: list[str] | None = None) -> None:
-    """Append each row to `out` as it is measured and call `landed()`: a long run records what it has. neurons:
-    the pipeline's neurons.json (ground truth); `only`: the labels of the rows to measure (default all)."""
+def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measure) -> None:
+    """Hand each row to `landed(row)` as it is measured: a long run records what it has. neurons: the pipeline's
+    neurons.json (ground truth); `measure(label)`: whether to measure that row."""
     from erase.mini import world
     from erase.mini.clip import load_mini_clip
 
@@ -92,7 +101,7 @@ def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed, neur
     object_settings = {"config": "fia-object"} if method == "fia" else {}
 
     def row(label, concepts, retain, settings, extra=None):
-        if only and label not in only:
+        if not measure(label):
             return
         result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts)
         forget = [v["erased"] for v in report.metrics["forget"].values()]
@@ -102,9 +111,8 @@ def rows(pipe, catalog, method: str, prompts: int, out: list[dict], landed, neur
              "retain": float(np.mean([v["erased"] for v in report.metrics["retain"].values()])),
              "similarity": report.metrics["fidelity"]["paired_similarity_neutral"], "seconds": seconds}
         r.update(extra(result) if extra else {})
-        out.append(r)
         print(r, flush=True)
-        landed()
+        landed({"method": method, **r})
 
     # The README's command and the ten classes first: a run stopped early has the rows users read first.
     row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], {},
@@ -123,10 +131,13 @@ def verdict(r: dict) -> bool:
             and r["similarity"] >= SIMILARITY_MIN)
 
 
-def table(results: dict[str, list[dict]], prompts: int) -> str:
-    done, total = sum(map(len, results.values())), ROWS * len(results)
+def table(store, prompts: int) -> str:
+    results = {}
+    for r in sorted(store.rows, key=lambda r: labels().index(r["label"])):
+        results.setdefault(r["method"], []).append(r)
+    done, total = len(store.rows), len(labels()) * len(results)
     lines = [*([f"_Partial: {done} of {total} rows measured so far; the script records each row as it lands._", ""]
-               if done < total else []), "| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
+               if done < total else []), *store.stale_note(REPRODUCE), "| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
              "its own neurons zeroed instead | others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, rs in results.items():
@@ -134,7 +145,7 @@ def table(results: dict[str, list[dict]], prompts: int) -> str:
             persons = f"{r['persons_kept']:.0%}" if "persons_kept" in r else "–"
             truth = f"{r['truth']:.0%}" if "truth" in r else "–"
             gate = ("yes" if verdict(r) else "NO") if method == "fia" else "–"
-            lines.append(f"| {method} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
+            lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
                          f"{r['forget']:.0%} ({r['forget_max']:.0%}) | {r['kept']:.0%} | {truth} | {r['retain']:.0%} | {persons} | "
                          f"{r['similarity']:.3f} | {r['seconds']:.0f} s | {gate} |")
     lines += ["", f"Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the other objects keep ≥ "
@@ -146,7 +157,7 @@ def table(results: dict[str, list[dict]], prompts: int) -> str:
               "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads). 'Its own neurons "
               "zeroed instead': forgetting when the concept's ground-truth neurons (erase/assets/mini/neurons.json) are "
               "zeroed in place of the method's edit, same prompts and seeds.",
-              "Reproduce: `HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py --method fia --method conceptprune`"]
+              f"Reproduce: `{REPRODUCE} --method fia --method conceptprune`"]
     return "\n".join(lines)
 
 
@@ -158,33 +169,37 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", action="append", metavar="LABEL",
                         help="measure only this row (repeatable), e.g. --only church --only 'van gogh, nudity'")
-    parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--again", action="store_true", help=f"measure rows already in {STORE_NAME} again")
+    parser.add_argument("--no-record", action="store_true", help=f"print only; leave {STORE_NAME} and BENCHMARKS.md alone")
     args = parser.parse_args()
+    if unknown := set(args.only or ()) - set(labels()):
+        raise SystemExit(f"--only: no row {sorted(unknown)}; the rows are {labels()}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    import erase
+    from benchmarks_md import RowStore, update_section
 
+    import erase
+    from erase.edits import fingerprint
     from erase.models import MINI_PIPELINE_DIR
 
     pipe, catalog = erase.load_pipeline(args.pipeline), erase.load_catalog("mini")
     folder = MINI_PIPELINE_DIR if args.pipeline == "mini" else Path(args.pipeline)
     neurons = json.loads((folder.parent / "neurons.json").read_text())  # beside the pipeline, as train_mini writes it
     pipe.set_progress_bar_config(disable=True)
-    methods = args.method or ["fia"]
-    results: dict[str, list[dict]] = {m: [] for m in methods}
+    store = RowStore(STORE, ("method", "label"), fingerprint(pipe.unet))
 
-    def landed() -> str:
-        text = table(results, args.prompts)
+    def landed(row: dict) -> None:
         if not args.no_record:
-            from benchmarks_md import update_section
+            store.put(row)
+            update_section(SECTION, table(store, args.prompts))
 
-            update_section(SECTION, text)
-        return text
+    for method in args.method or ["fia"]:
+        def measure(label: str) -> bool:
+            wanted = not args.only or label in args.only
+            return wanted and (args.again or args.no_record or not store.has(method=method, label=label))
 
-    for method in methods:
-        rows(pipe, catalog, method, args.prompts, results[method], landed, neurons, args.only)
-    print(landed())
-
+        rows(pipe, catalog, method, args.prompts, landed, neurons, measure)
+    print(table(store, args.prompts))
 
 if __name__ == "__main__":
     main()
