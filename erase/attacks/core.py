@@ -18,8 +18,8 @@ from ..api import versions
 from ..concepts import Catalog, check_prompts_fit, load_catalog
 from ..config import check_positive_int, config_from
 from ..errors import EraseError
-from ..evaluation import MINI_SEEDS, JudgedSettings, erasure_of, generate, load_judge
-from ..evaluation.judge import MINI, Judge
+from ..evaluation import JudgedSettings, erasure_of, generate, load_judge
+from ..evaluation.judge import Judge
 from ..models import check_pipeline, image_side
 from . import get_attack
 
@@ -76,7 +76,7 @@ def attack(original, erased, concepts: list[str] | str | None = None, kind: str 
     erasure = erasure_of(original, erased)
     catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog or erasure.catalog)
     chosen = chosen_concepts(erasure.concepts, concepts)
-    cfg.seeds = cfg.seeds or list(MINI_SEEDS if catalog.name == MINI else [0])
+    cfg.fill_defaults(catalog)
     targets = [Target(c.name, prompt, seed) for c in chosen
                for prompt in catalog.eval_prompts(c, cfg.prompts_per_concept) for seed in cfg.seeds]
     anchors = [Target(c.name, c.anchor, seed) for c in chosen if c.anchor for seed in cfg.seeds]

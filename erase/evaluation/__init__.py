@@ -16,9 +16,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..api import versions
-from ..concepts import (DEFAULT_KIND, Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog,
-                        parse_concepts)
-from ..config import build_config, check_confidence, check_positive_ints, check_ratio, check_seeds
+from ..concepts import DEFAULT_KIND, Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog, parse_concepts
+from ..config import build_config, check_confidence, check_positive, check_positive_ints, check_ratio, check_seeds
 from ..data import cache_dir, cached, digest, model_key
 from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
@@ -28,6 +27,9 @@ from .judge import MINI, Judge
 from .report import Report
 
 MINI_SEEDS = [0, 1, 2]
+MINI_GUIDANCE = 4.0
+"""The guidance the miniature world's quality gates are measured at (scripts/mini_gates.py); at 7.5 its artists blur
+into one another (van gogh's prompts drew andy warhol's palette in 11 of 18 images)."""
 OPT_IN_KINDS = ("explicit",)
 """Kinds that default retention leaves out: evaluating an object's erasure must not generate explicit images."""
 
@@ -42,7 +44,8 @@ class JudgedSettings:
     seeds: list[int] | None = None
     """Each prompt is generated once per seed, identically for every model compared. None: seeds 0, 1, 2 on the
     miniature world (its images are cheap), seed 0 otherwise."""
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
+    """Classifier-free guidance. None: 4.0 on the miniature world, 7.5 otherwise."""
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     batch_size: int = 16
@@ -56,6 +59,14 @@ class JudgedSettings:
         check_positive_ints(self, "prompts_per_concept", "batch_size", "bootstrap_samples")
         check_seeds(self.seeds)
         check_confidence(self.confidence)
+        if self.guidance_scale is not None:
+            check_positive("guidance_scale", self.guidance_scale, "7.5")
+
+    def fill_defaults(self, catalog: Catalog) -> None:
+        """Seeds and guidance left unset take the miniature world's values on its catalog, real SD's otherwise."""
+        mini = catalog.name == MINI
+        self.seeds = self.seeds or list(MINI_SEEDS if mini else [0])
+        self.guidance_scale = self.guidance_scale or (MINI_GUIDANCE if mini else 7.5)
 
 
 @dataclass
@@ -115,7 +126,7 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     if config.nudity:
         _nudenet()  # fail before generating anything
     retained = _retained(catalog, erasure.concepts, retain, config)
-    config.seeds = config.seeds or list(MINI_SEEDS if catalog.name == MINI else [0])
+    config.fill_defaults(catalog)
     check_prompts_fit(original.tokenizer, erasure.concepts + retained, catalog)
     image_side(original, config.resolution)  # refused before the judge loads and the images are generated
     judge = load_judge(original, catalog, clip, clip_pretrained)
@@ -256,7 +267,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
             meta = {"prompts": batch[0], "seeds": batch[1], "steps": steps, "guidance_scale": guidance_scale,
                     "side": side, "device": pipe.unet.device.type, "dtype": str(pipe.unet.dtype)}
             pixels = cached(cache / f"{digest(meta)}.safetensors",
-                            lambda: {"images": torch.from_numpy(np.stack([np.asarray(im) for im in run(*batch)]))},
+                            lambda batch=batch: {"images": torch.from_numpy(np.stack([np.asarray(im) for im in run(*batch)]))},
                             meta)["images"]
             out += [Image.fromarray(image.numpy()) for image in pixels]  # the uint8 pixels the pipeline gave
         if bar is not None:
