@@ -65,13 +65,15 @@ class EraseResult:
         return "\n".join(lines)
 
     def save(self, out: str | Path, overwrite: bool = False, single_file: bool | None = None,
-             half: bool = False, lora: int | str | None = None) -> Path:
+             half: bool = False, lora: int | str | None = None, patch: bool = True) -> Path:
         """Write unet/ (diffusers), <out name>.safetensors (original SD layout), patch.safetensors and erase.json.
 
         single_file: None writes the single file where the model has an original layout (SD1.x, SD2.x, SDXL) and
         records why not otherwise; True requires it; False skips it. half: store the single file in float16.
         lora: also write <out name>-lora-r<rank>.safetensors, the edit as a kohya LoRA of that rank (or 'full'),
-        for training methods only; erase.json's `lora` says what it leaves out. Atomic.
+        for training methods only; erase.json's `lora` says what it leaves out. patch: False leaves the patch out:
+        it lists every edited weight, a map for an attacker (revival attack), and evaluate/attack read a saved run
+        through it. Atomic.
         """
         out = check_output_dir(out, overwrite)
         if single_file and unsupported(self.pipe):
@@ -99,7 +101,9 @@ class EraseResult:
                 else:
                     record["single_file"] = {"name": None, "why": "not asked for" if single_file is False
                                              else unsupported(pipe)}
-            save_patch(tmp / PATCH_NAME, self.edit, header)
+            record["patch"] = PATCH_NAME if patch else None
+            if patch:
+                save_patch(tmp / PATCH_NAME, self.edit, header)
             if low_rank:
                 record["lora"] = {"name": lora_name(out, lora), **low_rank.record}
                 save_lora(tmp / record["lora"]["name"], low_rank, header)

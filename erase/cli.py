@@ -148,6 +148,9 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     single.add_argument("--no-single-file", dest="single_file", action="store_false", default=None,
                         help="skip <out>/<name>.safetensors (the original-layout single file for A1111/ComfyUI)")
     p.add_argument("--half", action="store_true", help="store the single file in float16")
+    p.add_argument("--no-patch", dest="patch", action="store_false",
+                   help="leave out <out>/patch.safetensors: it lists every edited weight (a map for a revival attack); "
+                        "evaluate and attack read saved runs through it")
     p.add_argument("--lora", metavar="RANK", help="also write <out>/<name>-lora-r<RANK>.safetensors, the edit as a kohya "
                    "LoRA of that rank (or 'full') for A1111, ComfyUI and diffusers; training methods only (esd, salun, "
                    "uce, dynamic)")
@@ -165,10 +168,15 @@ def load_model_to_export(args: argparse.Namespace):
 
 
 def save_and_report(args: argparse.Namespace, result, out: Path) -> None:
-    """Save the result; say on the console why there is no single file, if there is none."""
+    """Save the result; say on the console that the patch is a map for attackers, and why there is no single file
+    if there is none."""
     from .lora import summary
 
-    result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half, lora=args.lora)
+    result.save(out, overwrite=args.overwrite, single_file=args.single_file, half=args.half, lora=args.lora,
+                patch=args.patch)
+    if args.patch:
+        print("note: patch.safetensors lists every edited weight, a map for an attacker who revives erased concepts: "
+              "share the erased checkpoint, keep the patch private (--no-patch leaves it out)", file=sys.stderr)
     single = result.record["single_file"]
     if single["name"] is None:
         half = " (--half had no effect)" if args.half else ""

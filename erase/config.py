@@ -132,6 +132,11 @@ def check_positive(name: str, value: Any, example: str) -> None:
         raise EraseError(f"{name}={value!r} is out of range: it must be a positive number, e.g. --set {name}={example}")
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise EraseError(f"{name}={value!r} is unknown: use one of {', '.join(choices)}")
+
+
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise EraseError(f"{name}={value!r} is out of range: it must be a whole number ≥ 1")

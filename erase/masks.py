@@ -27,6 +27,14 @@ def layer_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(0, scores.flatten().topk(k).indices, True).view_as(scores)
 
 
+def unmasked_row_moments(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each row's entries outside `mask` (weight and mask [rows, cols])."""
+    kept = (~mask).float()
+    count_kept = kept.sum(1).clamp_min(1)
+    mean = (weight * kept).sum(1) / count_kept
+    return mean, ((weight - mean[:, None]).square() * kept).sum(1).div(count_kept).sqrt()
+
+
 def count(ratio: float, total: int) -> int:
     """max(1, int(ratio · total)): how many entries a ratio selects (METHODS.md)."""
     return max(1, int(ratio * total))

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from .capture import CaptureSettings, ColumnStats, capture, find_target_layers
 from .concepts import Catalog, Concept
-from .config import check_positive_int
+from .config import check_choice, check_positive_int
 from .edits import MaskEdit
-from .masks import Votes, count, kth_largest, layer_topk_mask, row_topk_mask
+from .masks import Votes, count, kth_largest, layer_topk_mask, row_topk_mask, unmasked_row_moments
 
 
 def contrastive_margin(concept: ColumnStats, base: ColumnStats, name: str) -> torch.Tensor:
@@ -77,6 +77,9 @@ def conceptprune_concept_mask(layers: dict[str, nn.Linear], concept: ColumnStats
     return masks
 
 
+FILLS = ("zeros", "noise")
+
+
 @dataclass
 class MaskingConfig(CaptureSettings):
     """Settings shared by the training-free masking methods."""
@@ -86,11 +89,16 @@ class MaskingConfig(CaptureSettings):
     feed-forward Linear of every transformer block)."""
     prompts_per_concept: int | None = None
     """Prompt pairs per concept (the first fillers of its kind); None uses every filler."""
+    fill: str = "zeros"
+    """What the masked weights become: 'zeros' (pruning as published) or 'noise': per row, draws from the normal
+    distribution of the row's unmasked weights (seeded by `seed`). Exact zeros tell an attacker where the concept
+    lived, and the revival attack (erase.attack kind 'revival') completes them; noise leaves no zeros to find."""
 
     def validate(self) -> None:
         super().validate()
         if self.prompts_per_concept is not None:
             check_positive_int("prompts_per_concept", self.prompts_per_concept)
+        check_choice("fill", self.fill, FILLS)
 
 
 ConceptMask = Callable[[dict[str, nn.Linear], ColumnStats, ColumnStats, Concept], dict[str, torch.Tensor]]
@@ -137,7 +145,26 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
     record["fusion"] = {"concepts": votes.concepts, "tau": votes.threshold(alpha),
                         "kept_agnostic": {name: int(k.sum()) for name, k in keep.items()}}
     record["timings"] = timings
-    return MaskEdit({f"{name}.weight": mask for name, mask in prune.items()}), record
+    values = noise_fill({name: layer.weight for name, layer in layers.items()}, prune, config.seed) \
+        if config.fill == "noise" else None
+    return MaskEdit({f"{name}.weight": mask for name, mask in prune.items()},
+                    values and {f"{name}.weight": v for name, v in values.items()}), record
+
+
+def noise_fill(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """New values of the masked entries: for each entry, a draw from N(mean, std) of its row's unmasked weights.
+
+    Drawn on the CPU (the same values on every device), in the masks' name order; only the masked entries are drawn.
+    """
+    generator = torch.Generator("cpu").manual_seed(seed)
+    values = {}
+    for name, mask in sorted(masks.items()):
+        weight, mask = weights[name].detach().float().flatten(1), mask.flatten(1)
+        mean, std = unmasked_row_moments(weight, mask)
+        rows = mask.nonzero()[:, 0]
+        draws = torch.randn(len(rows), generator=generator).to(weight.device)
+        values[name] = (draws * std[rows] + mean[rows]).to(weights[name].dtype)
+    return values
 
 
 def merged_records(record: dict, concepts: list[Concept]) -> dict:

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import conditioning
-from .config import check_positive, check_positive_int
+from .config import check_choice, check_positive, check_positive_int
 from .data import SampleSettings, model_key, sample_latents
 from .edits import MaskEdit
 from .errors import EraseError, TrainingStopped
@@ -54,8 +54,7 @@ class TrainingSettings:
         for name in ("steps", "checkpoint_every"):
             check_positive_int(name, getattr(self, name))
         check_positive("lr", self.lr, "1e-5")
-        if self.mixed_precision not in PRECISIONS:
-            raise EraseError(f"mixed_precision={self.mixed_precision!r} is unknown: use one of {', '.join(PRECISIONS)}")
+        check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         if self.stop_after is not None:
             check_positive_int("stop_after", self.stop_after)
             if self.checkpoint_dir is None:

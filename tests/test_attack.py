@@ -61,8 +61,10 @@ def test_prompt_attack_runs_on_sdxl(judge):
 
 def test_refusals_before_any_work(run, judge, tmp_path):
     pipe, result, folder = run
-    with pytest.raises(erase.EraseError, match="unknown attack kind 'revival'"):
-        erase.attack(pipe, result, kind="revival", clip=judge, progress=False)
+    with pytest.raises(erase.EraseError, match="unknown attack kind 'inversion'"):
+        erase.attack(pipe, result, kind="inversion", clip=judge, progress=False)
+    with pytest.raises(erase.EraseError, match="locations='checkpoint' is unknown: use one of zeros, patch"):
+        erase.attack(pipe, result, kind="revival", clip=judge, progress=False, locations="checkpoint")
     with pytest.raises(erase.EraseError, match="concept 'dog' was not erased by this run"):
         erase.attack(pipe, result, concepts=["dog"], clip=judge, progress=False)
     with pytest.raises(erase.EraseError, match="unknown setting 'budget'"):

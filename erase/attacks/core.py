@@ -102,10 +102,10 @@ def attack(original, erased, concepts: list[str] | str | None = None, kind: str 
         timings["generation_s"] = time.perf_counter() - started
         bar.clear()
         started = time.perf_counter()
-        found = spec.run(original, erasure.edit, targets, cfg, progress)
+        found, attacked_edit = spec.run(original, erasure.edit, targets, cfg, progress)
         timings["attack_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        with erasure.edit.applied_to(original.unet):
+        with attacked_edit.applied_to(original.unet):
             attacked_images = images(targets, [f["prompt"] for f in found])
         timings["generation_s"] += time.perf_counter() - started
     settings = {"kind": kind, **asdict(cfg), "sampler": type(original.scheduler).__name__,

@@ -102,8 +102,9 @@ def substituted(encoders: list, placeholder: int, embeddings: list[torch.Tensor]
 
 @register("prompt", PromptAttackConfig, "appended tokens optimised with the erased UNet's denoising loss "
           "(UnlearnDiffAtk-style, projected to real words)", check=check)
-def run(pipe, edit, targets: list[Target], config: PromptAttackConfig, progress: bool = True) -> list[dict]:
-    """For each target: the attacked prompt (its prompt + the words found), the words and the last step's loss."""
+def run(pipe, edit, targets: list[Target], config: PromptAttackConfig, progress: bool = True) -> tuple[list[dict], object]:
+    """For each target: the attacked prompt (its prompt + the words found), the words and the last step's loss; and
+    the erasure's own edit, which the attacked prompts are generated with."""
     from diffusers import DDPMScheduler
 
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
@@ -148,4 +149,4 @@ def run(pipe, edit, targets: list[Target], config: PromptAttackConfig, progress:
             for target, words, last in zip(batch, ids.tolist(), per_prompt.tolist()):
                 text = " ".join(w.removesuffix("</w>") for w in pipe.tokenizer.convert_ids_to_tokens(words))
                 found.append({"prompt": f"{target.prompt} {text}", "words": text, "loss": round(last, 6)})
-    return found
+    return found, edit

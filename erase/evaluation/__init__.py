@@ -188,6 +188,9 @@ def saved_erasure(folder: Path) -> Erasure:
         raise EraseError(f"{path} lacks base_fingerprint or method: it is damaged or not written by erase; "
                          "export the run again")
     concepts = concepts_from_record(record.get("concepts"), str(path))
+    if "patch" in record and record["patch"] is None:
+        raise EraseError(f"{folder} was saved without its patch (--no-patch), which evaluation and attacks read: "
+                         "evaluate in the erasing command (--eval) or save the run again with its patch")
     edit, _ = read_patch(folder / PATCH_NAME)
     return Erasure(edit, concepts, str(record.get("catalog", "catalog")), record["base_fingerprint"], record["method"])
 

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from ..capture import CaptureSettings, conditioning, denoise_first_calls
-from ..config import check_positive_int
-from ..errors import EraseError
+from ..config import check_choice, check_positive_int
 from ..training import Trainer, TrainingSettings, attn2_parameters
 from . import register
 
@@ -41,8 +40,7 @@ class ESDConfig(TrainingSettings):
 
     def validate(self) -> None:
         super().validate()
-        if self.train not in TRAIN_SETS:
-            raise EraseError(f"train={self.train!r} is unknown: use one of {', '.join(TRAIN_SETS)}")
+        check_choice("train", self.train, TRAIN_SETS)
         check_positive_int("sample_steps", self.sample_steps)
 
 

@@ -1,0 +1,124 @@
+"""Revival of pruned concepts ("Roots Beneath the Cut") and the noise-filled masks that leave nothing to revive:
+the completion itself, what the attack edits, and what each fill leaves an attacker to find."""
+
+import json
+
+import pytest
+import torch
+
+import erase
+from erase.attacks.revival import soft_impute
+from erase.cli import main
+from erase.errors import EraseError
+from erase.saliency import noise_fill
+from tiny import tiny_pipeline
+
+FAST = {"prompts_per_concept": 2, "saliency_steps": 2}
+ATTACK = {"prompts_per_concept": 1, "seeds": [0], "sample_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def zeros(pipe):
+    return erase.erase(pipe, "church", progress=False, **FAST)
+
+
+@pytest.fixture(scope="module")
+def noise(pipe):
+    return erase.erase(pipe, "church", progress=False, fill="noise", **FAST)
+
+
+def test_soft_impute_recovers_the_missing_entries_of_a_low_rank_matrix():
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(60, 3, generator=generator) @ torch.randn(3, 40, generator=generator)
+    missing = torch.rand(60, 40, generator=generator) < 0.1
+    completed = soft_impute(matrix.masked_fill(missing, 0), missing, rank=10, iterations=200, tolerance=1e-6)
+    assert torch.equal(completed[~missing], matrix[~missing])  # observed entries are kept as they are
+    error = (completed - matrix)[missing].norm() / matrix[missing].norm()
+    mean_fill = (matrix[missing] - matrix[~missing].mean()).norm() / matrix[missing].norm()
+    assert error < 0.2 < mean_fill, (error, mean_fill)
+
+
+def test_noise_fill_leaves_no_zeros_where_it_masks_and_draws_from_each_rows_weights(pipe, zeros, noise):
+    assert noise.edit.masks.keys() == zeros.edit.masks.keys()
+    assert all(torch.equal(noise.edit.masks[n], zeros.edit.masks[n]) for n in zeros.edit.masks)  # same neurons
+    assert noise.record["config"]["fill"] == "noise" and zeros.edit.values is None
+    params = dict(pipe.unet.named_parameters())
+    before = {name: params[name].detach().clone() for name in noise.edit.masks}
+    with noise.applied():
+        for name, mask in noise.edit.masks.items():
+            weight = params[name].detach()
+            assert not torch.any(weight[mask] == 0), name
+            assert torch.equal(weight[~mask], before[name][~mask]), name
+            rows = mask.any(1)
+            kept_std = before[name][rows].std(1)  # each masked row's draws are on its weights' scale
+            assert (weight[mask].abs().max() < 6 * kept_std.max()), name
+    again = erase.erase(pipe, "church", progress=False, fill="noise", **FAST)
+    assert all(torch.equal(again.edit.values[n], noise.edit.values[n]) for n in noise.edit.values)
+    other = noise_fill(params, noise.edit.masks, seed=1)  # the seed draws the values
+    assert all(torch.equal(noise_fill(params, noise.edit.masks, noise.config.seed)[n], v)
+               for n, v in noise.edit.values.items())
+    assert any(not torch.equal(other[n], v) for n, v in noise.edit.values.items() if v.numel())
+    with pytest.raises(EraseError, match="fill='holes' is unknown: use one of zeros, noise"):
+        erase.erase(pipe, "church", progress=False, fill="holes", **FAST)
+
+
+def revived_edit(pipe, result, **settings):
+    from erase.attacks.core import attack_config
+    from erase.attacks.revival import run
+
+    return run(pipe, result.edit, [], attack_config("revival", None, **settings), progress=False)[1]
+
+
+def test_revival_fills_the_zeros_of_a_pruned_erasure_with_completed_signs_at_row_max_magnitudes(pipe, zeros):
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    revived = revived_edit(pipe, zeros)
+    assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())  # left as it was
+    pruned = sum(int(m.sum()) for m in zeros.edit.masks.values())
+    assert pruned > 0 and sum(int(m.sum()) for m in revived.masks.values()) == pruned  # the tiny UNet has no zeros
+    nonzero = 0
+    for name, mask in zeros.edit.masks.items():
+        assert torch.equal(revived.masks[name], mask)
+        values, rows = revived.values[name], mask.nonzero()[:, 0]
+        kept = before[name].abs().masked_fill(mask, 0).amax(1)[rows]
+        signed = values != 0
+        assert torch.all(values[signed].abs() >= kept[signed]), name  # at least the row's largest kept weight
+        nonzero += int(signed.sum())
+    assert 0.55 * pruned <= nonzero <= 0.65 * pruned  # the top 60% of completed magnitudes keep their signs
+
+
+def test_noise_fill_leaves_no_location_to_revive_but_the_patch_gives_them_away(pipe, noise):
+    nothing = revived_edit(pipe, noise)  # no exact zeros to find: the erased model as it is
+    assert all(torch.equal(nothing.masks[n], m) and torch.equal(nothing.values[n], noise.edit.values[n])
+               for n, m in noise.edit.masks.items())
+    from_patch = revived_edit(pipe, noise, locations="patch")
+    assert all(torch.equal(from_patch.masks[n], m) for n, m in noise.edit.masks.items())
+
+
+def test_revival_attack_reports_like_every_attack_kind(pipe, zeros, judge):
+    report = erase.attack(pipe, zeros, kind="revival", clip=judge, progress=False, **ATTACK)
+    assert report.settings["kind"] == "revival" and report.settings["top_ratio"] == 0.6
+    pruned = sum(int(m.sum()) for m in zeros.edit.masks.values())
+    assert [r["words"] for r in report.records] == [f"{pruned} weights revived"]
+    assert report.records[0]["attacked_prompt"] == report.records[0]["prompt"]  # the weights change, not the prompt
+    assert 0 <= report.metrics["concepts"]["church"]["attack_success_rate"] <= 1
+
+
+def test_the_patch_is_optional_and_the_console_says_it_is_a_map(tmp_path, capsys):
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model, safe_serialization=True)
+    args = ["--concepts", "church", "--model", str(model), "--no-single-file", "--quiet",
+            *(f"--set={k}={v}" for k, v in FAST.items())]
+    assert main([*args, "--out", str(tmp_path / "with")]) == 0
+    assert "keep the patch private" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "without"), "--no-patch"]) == 0
+    out, err = capsys.readouterr()
+    assert "keep the patch private" not in err and "patch.safetensors" not in out.splitlines()[-1]
+    assert not (tmp_path / "without" / "patch.safetensors").exists()
+    assert json.loads((tmp_path / "without" / "erase.json").read_text())["patch"] is None
+    with pytest.raises(EraseError, match="saved without its patch"):
+        erase.evaluate(tiny_pipeline(), tmp_path / "without", progress=False)
