@@ -122,3 +122,27 @@ def test_the_patch_is_optional_and_the_console_says_it_is_a_map(tmp_path, capsys
     assert json.loads((tmp_path / "without" / "erase.json").read_text())["patch"] is None
     with pytest.raises(EraseError, match="saved without its patch"):
         erase.evaluate(tiny_pipeline(), tmp_path / "without", progress=False)
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    import os
+
+    os.environ["ERASE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return erase.load_pipeline("mini")
+
+
+def test_on_the_miniature_world_revival_brings_church_back_from_zeros_and_finds_nothing_in_noise(mini):
+    """The numbers of BENCHMARKS.md's revival table (fia, church): the same settings and seeds."""
+    settings = {"prompts_per_concept": 4, "seeds": [0, 1]}
+    pruned = erase.erase(mini, "church", config="fia-object", progress=False)
+    revived = erase.attack(mini, pruned, kind="revival", progress=False, **settings)
+    church = revived.metrics["concepts"]["church"]
+    assert revived.records[0]["words"] == f"{pruned.record['totals']['edited']} weights revived"  # exactly the pruned
+    assert church["original"] == 1 and church["erased"] == 0, church
+    assert church["attack_success_rate"] > church["anchor"], church  # back, where the unedited anchor never is
+
+    noised = erase.erase(mini, "church", config="fia-object", fill="noise", progress=False)
+    found = erase.attack(mini, noised, kind="revival", progress=False, **settings)
+    assert found.records[0]["words"] == "0 weights revived"
+    assert found.metrics["concepts"]["church"]["attack_success_rate"] == 0  # erased, and nothing to revive
