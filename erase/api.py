@@ -50,7 +50,7 @@ class EraseResult:
                 for name, s in self.edit.stats().items()]
 
     def summary(self) -> str:
-        """A plain-text table: edited (for masking methods: zeroed) weights per layer, totals, time, peak memory."""
+        """A plain-text table: edited (for masking methods: masked) weights per layer, totals, time, peak memory."""
         rows = self.layer_table()
         width = max(len(r["layer"]) for r in rows)
         lines = [f"{'layer':<{width}}  {'weights':>10}  {'edited':>8}  {'%':>6}  {'kept':>6}"]

@@ -18,7 +18,8 @@ class Entry:
     check: Callable | None = None
     """Optional: refuses, before any work, what the implementation cannot do (attack kinds use it)."""
     masking: bool = False
-    """A method whose edit zeroes weights under a sparse mask (no new values): not low-rank, so no LoRA export."""
+    """A method whose edit masks weights under a sparse mask (zeros, or noise that carries no concept): not
+    low-rank, so no LoRA export."""
 
 
 class Registry(dict):

@@ -89,10 +89,11 @@ class MaskingConfig(CaptureSettings):
     feed-forward Linear of every transformer block)."""
     prompts_per_concept: int | None = None
     """Prompt pairs per concept (the first fillers of its kind); None uses every filler."""
-    fill: str = "zeros"
-    """What the masked weights become: 'zeros' (pruning as published) or 'noise': per row, draws from the normal
-    distribution of the row's unmasked weights (seeded by `seed`). Exact zeros tell an attacker where the concept
-    lived, and the revival attack (erase.attack kind 'revival') completes them; noise leaves no zeros to find."""
+    fill: str = "noise"
+    """What the masked weights become: 'noise' (default): per row, draws from the normal distribution of the row's
+    unmasked weights (seeded by `seed`); or 'zeros' (pruning as published). Exact zeros tell an attacker where the
+    concept lived, and the revival attack (erase.attack kind 'revival') completes them; noise leaves no zeros to
+    find, and forgets and keeps as zeros do (BENCHMARKS.md, "Miniature world: revival")."""
 
     def validate(self) -> None:
         super().validate()

@@ -33,8 +33,8 @@ FORGET_SETS = {1: ["church"], 3: ["church", "van gogh", "nudity"],
                10: ["church", "golf ball", "parachute", "tench", "garbage truck", "van gogh", "claude monet",
                     "pablo picasso", "andy warhol", "nudity"]}
 METHODS = {  # method → preset or settings used on the mini world (presets in configs/)
-    "fia": {},
-    "conceptprune": {},
+    "fia": {"fill": "zeros"},  # the masking methods as published (fills compared in bench_revival.py)
+    "conceptprune": {"fill": "zeros"},
     "uce": {},
     "esd": {"config": "esd-mini"},
     "salun": {"config": "salun-mini"},
@@ -144,7 +144,7 @@ def table(store) -> str:
                      f"| {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} | {_ci(s, 'generality')} | "
                      f"{s['clip_score_erased']:.2f} | {s['paired_similarity']:.3f} | {s['kid_neutral']:.2e} | "
                      f"{r['edited']} | {r['seconds']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
-    settings = "; ".join(f"{m}: {s.get('config', 'defaults')}" for m, s in METHODS.items())
+    settings = "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}" for m, s in METHODS.items())
     missing = [f"{m} on {n}" for n in FORGET_SETS for m in METHODS if not store.has(method=m, concepts=FORGET_SETS[n])]
     lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items()) + ". Retain: "
               "the catalog's other concepts of the erased kinds (in-kind, at most 10 per kind) and of each other kind "

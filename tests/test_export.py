@@ -72,14 +72,20 @@ def reference_reader() -> dict:
     return namespace
 
 
-@pytest.mark.parametrize("method", ["fia", "uce"])
+@pytest.mark.parametrize("method", ["fia", "fia-zeros", "uce"])
 def test_the_documented_reader_decodes_every_patch_we_write(saved, tmp_path, method):
-    """A reader written from the format's page alone, on a masking (FIA) and a value-setting (UCE) patch."""
-    out = saved[1] if method == "fia" else erase.erase(tiny_pipeline(), "van gogh", method="uce", progress=False,
-                                                        preserve=["claude monet"]).save(tmp_path / "uce")
+    """A reader written from the format's page alone, on masking patches (FIA: noise-filled by default, or zeros)
+    and a value-setting (UCE) patch."""
+    if method == "fia":
+        out = saved[1]
+    elif method == "fia-zeros":
+        out = erase.erase(tiny_pipeline(), "church", progress=False, fill="zeros", **FAST).save(tmp_path / "zeros")
+    else:
+        out = erase.erase(tiny_pipeline(), "van gogh", method="uce", progress=False,
+                          preserve=["claude monet"]).save(tmp_path / "uce")
     doc = reference_reader()
     edits, header = doc["read_erase_patch"](out / "patch.safetensors")
-    assert any(values is not None for _, values in edits.values()) == (method == "uce")
+    assert any(values is not None for _, values in edits.values()) == (method != "fia-zeros")
     base = tiny_pipeline().unet
     assert header["base_fingerprint"] == erase.fingerprint(base)
     state = base.state_dict()

@@ -24,12 +24,12 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def zeros(pipe):
-    return erase.erase(pipe, "church", progress=False, **FAST)
+    return erase.erase(pipe, "church", progress=False, fill="zeros", **FAST)
 
 
 @pytest.fixture(scope="module")
 def noise(pipe):
-    return erase.erase(pipe, "church", progress=False, fill="noise", **FAST)
+    return erase.erase(pipe, "church", progress=False, **FAST)  # the default fill
 
 
 def test_soft_impute_recovers_the_missing_entries_of_a_low_rank_matrix():
@@ -57,7 +57,7 @@ def test_noise_fill_leaves_no_zeros_where_it_masks_and_draws_from_each_rows_weig
             rows = mask.any(1)
             kept_std = before[name][rows].std(1)  # each masked row's draws are on its weights' scale
             assert (weight[mask].abs().max() < 6 * kept_std.max()), name
-    again = erase.erase(pipe, "church", progress=False, fill="noise", **FAST)
+    again = erase.erase(pipe, "church", progress=False, **FAST)
     assert all(torch.equal(again.edit.values[n], noise.edit.values[n]) for n in noise.edit.values)
     other = noise_fill(params, noise.edit.masks, seed=1)  # the seed draws the values
     assert all(torch.equal(noise_fill(params, noise.edit.masks, noise.config.seed)[n], v)
@@ -135,14 +135,14 @@ def mini(tmp_path_factory):
 def test_on_the_miniature_world_revival_brings_church_back_from_zeros_and_finds_nothing_in_noise(mini):
     """The numbers of BENCHMARKS.md's revival table (fia, church): the same settings and seeds."""
     settings = {"prompts_per_concept": 4, "seeds": [0, 1]}
-    pruned = erase.erase(mini, "church", config="fia-object", progress=False)
+    pruned = erase.erase(mini, "church", config="fia-object", fill="zeros", progress=False)
     revived = erase.attack(mini, pruned, kind="revival", progress=False, **settings)
     church = revived.metrics["concepts"]["church"]
     assert revived.records[0]["words"] == f"{pruned.record['totals']['edited']} weights revived"  # exactly the pruned
     assert church["original"] == 1 and church["erased"] == 0, church
     assert church["attack_success_rate"] > church["anchor"], church  # back, where the unedited anchor never is
 
-    noised = erase.erase(mini, "church", config="fia-object", fill="noise", progress=False)
+    noised = erase.erase(mini, "church", config="fia-object", progress=False)  # the default fill
     found = erase.attack(mini, noised, kind="revival", progress=False, **settings)
     assert found.records[0]["words"] == "0 weights revived"
     assert found.metrics["concepts"]["church"]["attack_success_rate"] == 0  # erased, and nothing to revive

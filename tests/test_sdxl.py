@@ -45,7 +45,8 @@ def test_sdxl_capture_feeds_added_conditioning(sdxl):
 
 def test_fia_erases_on_sdxl_and_restores(sdxl):
     before = {n: p.clone() for n, p in sdxl.unet.named_parameters()}
-    result = erase.erase(sdxl, "van gogh,church", progress=False, prompts_per_concept=3, saliency_steps=3)
+    result = erase.erase(sdxl, "van gogh,church", progress=False, prompts_per_concept=3, saliency_steps=3,
+                         fill="zeros")
     assert result.record["totals"]["edited"] > 0 and len(result.edit.masks) == 8  # 2 down, 2 mid, 4 up
     with result.applied() as pipe:
         for name, mask in result.edit.masks.items():
