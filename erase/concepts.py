@@ -73,8 +73,8 @@ class Catalog:
         templates = kind.paraphrase_templates if paraphrase else kind.eval_templates
         fillers = kind.eval_fillers
         # Block j pairs filler f with template (j + f): every (filler, template) once, and a prefix varies both.
-        prompts = [_fill(templates[(i // len(fillers) + i) % len(templates)], kind.slot, fillers[i % len(fillers)],
-                         concept.text) for i in range(len(fillers) * len(templates))]
+        prompts = [_fill(templates[(i // len(fillers) + i % len(fillers)) % len(templates)], kind.slot,
+                         fillers[i % len(fillers)], concept.text) for i in range(len(fillers) * len(templates))]
         return prompts[:limit] if limit else prompts
 
     def alternatives(self, concept: Concept) -> list[str]:

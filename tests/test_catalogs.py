@@ -1,4 +1,4 @@
-"""Every prompt a shipped catalog builds for the explicit kind describes adults only."""
+"""Every prompt a shipped catalog builds for the explicit kind describes adults only; held-out prompts never repeat."""
 
 import re
 
@@ -30,3 +30,16 @@ def test_the_mini_worlds_persons_are_adults():
 
 def test_the_check_finds_a_minor():  # the pattern itself: a catalog naming one would be caught
     assert all(MINOR_WORDS.search(f"a photo of a naked {w}") for w in ("girl", "boy", "kid", "child", "teenager"))
+
+
+@pytest.mark.parametrize("name", ["catalog", "mini"])
+def test_held_out_prompts_are_every_filler_and_template_once(name):
+    """A prompt listed twice would count its images twice in forgetting accuracy (seen with 5 fillers, 3 templates)."""
+    catalog = load_catalog(name)
+    for concept in parse_concepts(list(catalog.concepts), catalog):
+        kind = catalog.kinds[concept.kind]
+        for paraphrase in (False, True):
+            prompts = catalog.eval_prompts(concept, paraphrase=paraphrase)
+            templates = kind.paraphrase_templates if paraphrase else kind.eval_templates
+            assert len(prompts) == len(kind.eval_fillers) * len(templates), (name, concept.name)
+            assert len(set(prompts)) == len(prompts), (name, concept.name, paraphrase)
