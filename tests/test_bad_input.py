@@ -113,8 +113,9 @@ def test_an_interrupt_after_the_output_is_in_place_says_so(shared, tmp_path, cap
     monkeypatch.setattr("erase.cli.run_evaluation", interrupted)
     out = tmp_path / "out"
     code = main(["--concepts", "church", "--model", str(shared[0] / "model"), "--out", str(out), "--eval", *FAST])
-    err = capsys.readouterr().err.strip()
+    *notes, err = capsys.readouterr().err.strip().splitlines()  # notes of the save (the patch warning) come first
     assert code == 130 and err == f"erase-concepts: interrupted; {out}/ had been written completely, nothing else was"
+    assert all(line.startswith("note: ") for line in notes), notes
     assert (out / "erase.json").is_file()
 
 
