@@ -27,12 +27,15 @@ def layer_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(0, scores.flatten().topk(k).indices, True).view_as(scores)
 
 
-def unmasked_row_moments(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of each row's entries outside `mask` (weight and mask [rows, cols])."""
+def row_draws(weight: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per masked entry (row-major order) from N(mean, std) of its row's unmasked entries (weight and mask
+    [rows, cols]); drawn on the generator's device (the CPU: the same values on every device)."""
     kept = (~mask).float()
     count_kept = kept.sum(1).clamp_min(1)
     mean = (weight * kept).sum(1) / count_kept
-    return mean, ((weight - mean[:, None]).square() * kept).sum(1).div(count_kept).sqrt()
+    std = ((weight - mean[:, None]).square() * kept).sum(1).div(count_kept).sqrt()
+    rows = mask.nonzero()[:, 0]
+    return torch.randn(len(rows), generator=generator).to(weight.device) * std[rows] + mean[rows]
 
 
 def count(ratio: float, total: int) -> int:

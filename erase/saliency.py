@@ -18,7 +18,7 @@ from .capture import CaptureSettings, ColumnStats, capture, find_target_layers
 from .concepts import Catalog, Concept
 from .config import check_choice, check_positive_int
 from .edits import MaskEdit
-from .masks import Votes, count, kth_largest, layer_topk_mask, row_topk_mask, unmasked_row_moments
+from .masks import Votes, count, kth_largest, layer_topk_mask, row_draws, row_topk_mask
 
 
 def contrastive_margin(concept: ColumnStats, base: ColumnStats, name: str) -> torch.Tensor:
@@ -146,10 +146,9 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
     record["fusion"] = {"concepts": votes.concepts, "tau": votes.threshold(alpha),
                         "kept_agnostic": {name: int(k.sum()) for name, k in keep.items()}}
     record["timings"] = timings
-    values = noise_fill({name: layer.weight for name, layer in layers.items()}, prune, config.seed) \
-        if config.fill == "noise" else None
-    return MaskEdit({f"{name}.weight": mask for name, mask in prune.items()},
-                    values and {f"{name}.weight": v for name, v in values.items()}), record
+    masks = {f"{name}.weight": mask for name, mask in prune.items()}
+    weights = {f"{name}.weight": layer.weight for name, layer in layers.items()}
+    return MaskEdit(masks, noise_fill(weights, masks, config.seed) if config.fill == "noise" else None), record
 
 
 def noise_fill(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -160,11 +159,8 @@ def noise_fill(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
     generator = torch.Generator("cpu").manual_seed(seed)
     values = {}
     for name, mask in sorted(masks.items()):
-        weight, mask = weights[name].detach().float().flatten(1), mask.flatten(1)
-        mean, std = unmasked_row_moments(weight, mask)
-        rows = mask.nonzero()[:, 0]
-        draws = torch.randn(len(rows), generator=generator).to(weight.device)
-        values[name] = (draws * std[rows] + mean[rows]).to(weights[name].dtype)
+        weight = weights[name].detach()
+        values[name] = row_draws(weight.float().flatten(1), mask.flatten(1), generator).to(weight.dtype)
     return values
 
 

@@ -52,7 +52,7 @@ def measure(pipe, method: str, size: int, fill: str) -> dict:
         row[f"revival_{locations}"] = {"attack_success_rate": rates["attack_success_rate"],
                                        "attack_success_rate_ci": rates["attack_success_rate_ci"],
                                        "attacked_only": rates["attacked_only"],
-                                       "revived": int(attacked.records[0]["words"].split()[0]),
+                                       "revived": attacked.records[0]["revived"],
                                        "seconds": round(time.perf_counter() - started, 1)}
     return row
 
@@ -64,9 +64,9 @@ def _ci(values: dict, key: str) -> str:
 
 def table(store) -> str:
     lines = [*store.stale_note(REPRODUCE),
-             "| method | forget set | masked weights set to | weights edited | forgetting ↓ (original) | in-kind retain ↑ "
+             ("| method | forget set | masked weights set to | weights edited | forgetting ↓ (original) | in-kind retain ↑ "
              "| cross-kind retain ↑ | paired similarity | KID (neutral) ↓ | revival, checkpoint alone ↓ (weights "
-             "revived) | revival, with the patch ↓ | erasure time |", "|---" * 12 + "|"]
+             "revived) | revival, with the patch ↓ | erasure time |"), "|---" * 12 + "|"]
     for r in sorted(store.rows, key=lambda r: (r["size"], list(METHODS).index(r["method"]), FILLS.index(r["fill"]))):
         s, alone, patch = r["summary"], r["revival_zeros"], r["revival_patch"]
         lines.append(f"| {r['method']}{store.mark(r)} | {r['size']} | {r['fill']} | {r['edited']} | "
@@ -76,7 +76,7 @@ def table(store) -> str:
                      f"({alone['revived']}) | {_ci(patch, 'attack_success_rate')} | {r['seconds']:.0f} s |")
     missing = [f"{m} on {n} ({f})" for n in FORGET_SETS for m in METHODS for f in FILLS
                if not store.has(method=m, size=n, fill=f)]
-    lines += ["", f"Forget sets: 1: church; 10: the Imagenette classes ({', '.join(IMAGENETTE)}). Settings: fia: "
+    lines += ["", (f"Forget sets: 1: church; 10: the Imagenette classes ({', '.join(IMAGENETTE)}). Settings: fia: "
               "configs/fia-object.yaml; conceptprune: defaults; `fill` as the column says (zeros: pruning as "
               "published; noise: each masked weight drawn from N(mean, std) of its row's unmasked weights, seeded). "
               "Evaluation: erase.evaluate with the mini CLIP judge, "
@@ -88,7 +88,7 @@ def table(store) -> str:
               "ones. 'Checkpoint alone': the attacker finds the pruned entries as exact zeros outside all-zero "
               "columns and rows (the mini model ships dead FFN units as zero columns); 'with the patch': the "
               "attacker reads the edited locations from patch.safetensors. Erasure time: one thread, beside other jobs "
-              "on a 2-core machine.", "",
+              "on a 2-core machine."), "",
               f"Reproduce: `{REPRODUCE}`"]
     if missing:
         lines += ["", "Not measured yet: " + ", ".join(missing) + "."]

@@ -104,6 +104,7 @@ def test_revival_attack_reports_like_every_attack_kind(pipe, zeros, judge):
     assert report.settings["kind"] == "revival" and report.settings["top_ratio"] == 0.6
     pruned = sum(int(m.sum()) for m in zeros.edit.masks.values())
     assert [r["words"] for r in report.records] == [f"{pruned} weights revived"]
+    assert [r["revived"] for r in report.records] == [pruned]
     assert report.records[0]["attacked_prompt"] == report.records[0]["prompt"]  # the weights change, not the prompt
     assert 0 <= report.metrics["concepts"]["church"]["attack_success_rate"] <= 1
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..capture import find_target_layers
 from ..config import check_choice, check_positive, check_positive_ints, check_ratio
 from ..edits import MaskEdit
-from ..masks import unmasked_row_moments
+from ..masks import row_draws
 from . import register
 from .core import AttackSettings, Target
 
@@ -89,11 +89,8 @@ def revived(weight: torch.Tensor, missing: torch.Tensor, config: RevivalAttackCo
     sign = completed.sign()
     if dropped:
         sign[magnitude <= magnitude.kthvalue(dropped).values] = 0
-    mean, std = unmasked_row_moments(weight, missing)
-    row_max = weight.abs().masked_fill(missing, 0).amax(1)
-    rows = missing.nonzero()[:, 0]
-    draws = torch.randn(len(rows), generator=generator).to(weight.device) * std[rows] + mean[rows]
-    return sign * torch.maximum(draws.abs(), row_max[rows])
+    row_max = weight.abs().masked_fill(missing, 0).amax(1)[missing.nonzero()[:, 0]]
+    return sign * torch.maximum(row_draws(weight, missing, generator).abs(), row_max)
 
 
 @register("revival", RevivalAttackConfig, "pruned entries completed from the erased weights (matrix completion, "
@@ -101,7 +98,7 @@ def revived(weight: torch.Tensor, missing: torch.Tensor, config: RevivalAttackCo
 def run(pipe, edit, targets: list[Target], config: RevivalAttackConfig,
         progress: bool = True) -> tuple[list[dict], MaskEdit]:
     """The revived weights as an edit of the original UNet (the erasure's edit with its pruned entries revived),
-    and for each target its plain prompt."""
+    and for each target its plain prompt and how many weights were revived."""
     layers = find_target_layers(pipe.unet, config.target)
     generator = torch.Generator("cpu").manual_seed(config.seed)
     params = dict(pipe.unet.named_parameters())
@@ -121,5 +118,5 @@ def run(pipe, edit, targets: list[Target], config: RevivalAttackConfig,
             if mask.any():
                 masks[name], values[name] = mask, new[mask]
             count += int(missing.sum())
-    found = [{"prompt": t.prompt, "words": f"{count} weights revived"} for t in targets]
+    found = [{"prompt": t.prompt, "words": f"{count} weights revived", "revived": count} for t in targets]
     return found, MaskEdit(masks, values)

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import check_ratio
-from ..errors import EraseError
+from ..config import check_choice, check_ratio
 from ..masks import global_topk_masks
 from ..training import DataSettings, Examples, MaskedOptimizer, Trainer, attn2_parameters, encode, rows
 from . import register
@@ -38,8 +37,7 @@ class SalUnConfig(DataSettings):
 
     def validate(self) -> None:
         super().validate()
-        if self.train not in TRAIN_SETS:
-            raise EraseError(f"train={self.train!r} is unknown: use one of {', '.join(TRAIN_SETS)}")
+        check_choice("train", self.train, TRAIN_SETS)
         check_ratio("saliency_fraction", self.saliency_fraction)
 
 
