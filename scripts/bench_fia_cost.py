@@ -122,7 +122,7 @@ def report(plain: dict, runs: dict[str, dict], resolution: int, pairs: int, load
     full_calls = 51  # PNDM, 50 steps: 51 UNet calls per prompt batch
     fia = runs["idle"]
     batches = fia["unet_calls"] // 10
-    cells = lambda f: " | ".join(f(run) for run in runs.values())  # noqa: E731
+    cells = lambda f: " | ".join(f(run) for run in runs.values())
     rows = [
         ("UNet calls (both prompt sets)", cells(lambda r: f"{r['unet_calls']} ({r['unet_calls'] / (full_calls * batches):.2f}x "
                                                            f"of {full_calls * batches} for full 50-step generations)"),

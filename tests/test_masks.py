@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from erase.masks import (Votes, drop_and_regrow, global_topk_masks, kth_largest, layer_topk_mask, pack_bits,
-                         row_topk_mask, unpack_bits)
+from erase.masks import (
+    Votes,
+    drop_and_regrow,
+    global_topk_masks,
+    kth_largest,
+    layer_topk_mask,
+    pack_bits,
+    row_topk_mask,
+    unpack_bits,
+)
 from erase.saliency import time_integrated_sensitivity
 
 
