@@ -159,7 +159,7 @@ def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catal
     started = time.perf_counter()
     base = fingerprint(pipe.unet)
     fingerprint_s = time.perf_counter() - started
-    edit, run_record = spec.run(pipe, concept_list, catalog, cfg, progress=progress)
+    edit, run_record = spec.run(pipe, concept_list, catalog, cfg, progress=progress, unet_fingerprint=base)
     total = time.perf_counter() - started
     record = _record(pipe, spec.name, cfg, concept_list, catalog, edit, run_record, base)
     record["timings"] = dict(run_record.get("timings", {}), fingerprint_s=round(fingerprint_s, 3),

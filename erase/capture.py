@@ -99,7 +99,7 @@ def column_norms(x: torch.Tensor, batch: int) -> torch.Tensor:
     x: [2·batch, tokens, C_in] (unconditional rows first, as in the CFG batch) → [batch, C_in] in fp32.
     """
     x = x.float().flatten(1, -2) if x.dim() > 2 else x.float()[:, None]
-    squared = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).square().sum(1)
+    squared = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).square_().sum(1)  # in place: one copy of x, not two
     return (squared[:batch] + squared[batch:]).sqrt()
 
 

@@ -38,8 +38,17 @@ def time_integrated_sensitivity(weight: torch.Tensor, margin: torch.Tensor, r1: 
     k = count(r1, abs_w.numel())
     frequency = torch.zeros_like(abs_w)
     for t in range(steps):
-        s_t = abs_w * margin[t] if rank1 else margin[t]
-        frequency += s_t > kth_largest(s_t, k)
+        if rank1:  # S_t is zero in the columns the concept does not excite (most): select among the others only
+            columns = margin[t].nonzero().squeeze(1)
+            s_t = abs_w[:, columns] * margin[t, columns]
+        else:
+            s_t = margin[t]
+        # S_t ≥ 0, so the k-th largest of all entries is that of the nonzero columns', or 0 where they are fewer than k
+        above = s_t > (kth_largest(s_t, k) if s_t.numel() >= k else 0)
+        if rank1:
+            frequency.index_add_(1, columns, above.float())
+        else:
+            frequency += above
     mean_s = abs_w * margin.mean(0) if rank1 else margin.mean(0)
     peak = mean_s.max()
     strength = mean_s / peak if peak > 0 else mean_s

@@ -205,7 +205,7 @@ class Trainer:
     """
 
     def __init__(self, pipe, params: dict[str, nn.Parameter], settings: TrainingSettings | DataSettings, method: str,
-                 concepts: list, progress: bool = True) -> None:
+                 concepts: list, progress: bool = True, unet_fingerprint: str | None = None) -> None:
         from diffusers import DDPMScheduler
 
         self.pipe, self.unet, self.params, self.settings, self.progress = pipe, pipe.unet, params, settings, progress
@@ -214,7 +214,7 @@ class Trainer:
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         self.side = image_side(pipe, settings.resolution)
         self.original = {n: p.detach().clone() for n, p in params.items()}
-        self.key = model_key(pipe)
+        self.key = model_key(pipe, unet_fingerprint)  # erase() hashed the UNet already
         run = {k: v for k, v in asdict(settings).items() if k not in RUN_CONTROL}
         self.checkpoint = Checkpoint(settings.checkpoint_dir, {"method": method, "model": self.key, "settings": run,
                                                                "concepts": [c.name for c in concepts]})

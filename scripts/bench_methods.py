@@ -127,9 +127,12 @@ def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
 
 
 def table(store) -> str:
+    from benchmarks_md import RowStore
+
+    attacks = RowStore(ATTACK_ROWS, ("method", "concepts"), store.model)
     lines = [*store.stale_note(REPRODUCE), "| method | forget set | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | "
-             "generality ↓ | CLIP score | paired similarity | KID (neutral) ↓ | weights edited | wall time | "
-             "peak memory |", "|---" * 13 + "|"]
+             "generality ↓ | attack success rate ↓ | CLIP score | paired similarity | KID (neutral) ↓ | weights edited | "
+             "wall time | peak memory |", "|---" * 14 + "|"]
     firsts = {}
     rows = sorted(store.rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
     for r in rows:
@@ -139,9 +142,11 @@ def table(store) -> str:
             firsts[n] = r
             lines.append(f"| unedited{store.mark(r)} | {n} | {_ci(s, 'forgetting_accuracy_original')} | "
                          f"{_ci(s, 'retain_accuracy_in_kind_original')} | {_ci(s, 'retain_accuracy_cross_kind_original')} "
-                         f"| – | – | {r['original']['clip_score']:.2f} | 1.000 | 0 | 0 | – | – |")
+                         f"| – | – | – | {r['original']['clip_score']:.2f} | 1.000 | 0 | 0 | – | – |")
+        attacked = attacks.get(method=r["method"], concepts=r["concepts"])
         lines.append(f"| {r['method']}{store.mark(r)} | {n} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} "
                      f"| {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} | {_ci(s, 'generality')} | "
+                     f"{_ci(attacked['attack']['metrics']['summary'], 'attack_success_rate') if attacked else '–'} | "
                      f"{s['clip_score_erased']:.2f} | {s['paired_similarity']:.3f} | {s['kid_neutral']:.2e} | "
                      f"{r['edited']} | {r['seconds']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
     settings = "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}" for m, s in METHODS.items())
@@ -154,8 +159,9 @@ def table(store) -> str:
               f"{EVAL['guidance_scale']}; brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0); "
               "overall = harmonic mean of 1 − forgetting accuracy, in-kind and cross-kind retain accuracy; KID: "
               "kernel inception distance between the original and erased images of the neutral prompts, on the "
-              f"judge's features (0: same distribution). Method settings: {settings} (presets in configs/). Wall "
-              "time is erasure only "
+              "judge's features (0: same distribution); attack success rate: from the prompt attack table below "
+              "(an erasure with the same settings and seed, with its own lighter evaluation; – where not measured: "
+              f"forget sets 1 and 3 only). Method settings: {settings} (presets in configs/). Wall time is erasure only "
               "(capture or training, data sampling included), one thread, two runs at a time on a 2-core CPU; peak "
               "memory is the run's process peak RSS.",
               "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",

@@ -42,6 +42,11 @@ class RowStore:
     def has(self, **fields) -> bool:
         return self.identity(fields) in {self.identity(r) for r in self.rows if r.get("model") == self.model}
 
+    def get(self, **fields) -> dict | None:
+        """The row with these key fields measured on this model, if any."""
+        return next((r for r in self.rows if r.get("model") == self.model and self.identity(r) == self.identity(fields)),
+                    None)
+
     def put(self, row: dict) -> None:
         """Record `row` (measured on this model) in place of the one with the same key, atomically."""
         row = {**row, "model": self.model}

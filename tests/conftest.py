@@ -4,6 +4,8 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ERASE_CACHE", tempfile.mkdtemp(prefix="erase-test-cache-"))  # never the user's cache
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (-n auto): a thread each, not several fighting
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

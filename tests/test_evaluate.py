@@ -175,3 +175,20 @@ def test_original_images_come_back_from_the_cache_exactly_as_generated(run, judg
     again = evaluate(pipe, result, retain=["golf ball"], clip=judge, progress=False, **SETTINGS)
     assert all(np.asarray(image).max() == 0 for image in again.images[0])
     assert np.array_equal(np.asarray(again.images[1][0]), np.asarray(fresh.images[1][0]))  # erased side: generated
+
+
+def test_erase_then_evaluate_hashes_the_unet_once(monkeypatch, judge):
+    """Hashing SD1.5's UNet takes seconds: erase() hashes it, the trainer's data cache and evaluate() reuse that."""
+    import erase.api
+    import erase.data
+    import erase.evaluation
+
+    pipe, hashed = tiny_pipeline(), []
+    for module in (erase.api, erase.data, erase.evaluation):
+        real = module.fingerprint
+        monkeypatch.setattr(module, "fingerprint", lambda m, real=real: hashed.append(m) or real(m))
+    result = erase.erase(pipe, "church", method="esd", progress=False, steps=1, sample_steps=2)
+    evaluate(pipe, result, retain=[], clip=judge, progress=False, **SETTINGS)
+    assert [m is pipe.unet for m in hashed].count(True) == 1
+    with pytest.raises(erase.EraseError, match="was made from base"):  # another pipeline is still checked
+        evaluate(tiny_pipeline(seed=1), result, clip=judge, progress=False, **SETTINGS)

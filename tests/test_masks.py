@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from erase.masks import Votes, drop_and_regrow, global_topk_masks, layer_topk_mask, pack_bits, row_topk_mask, unpack_bits
+from erase.masks import (
+    Votes,
+    drop_and_regrow,
+    global_topk_masks,
+    kth_largest,
+    layer_topk_mask,
+    pack_bits,
+    row_topk_mask,
+    unpack_bits,
+)
+from erase.saliency import time_integrated_sensitivity
 
 
 def votes_from(counts: list[int], concepts: int) -> Votes:
@@ -80,3 +90,46 @@ def test_drop_and_regrow_keeps_density_and_swaps_by_importance():
     new = drop_and_regrow(mask, importance, 0.5)
     assert new.sum() == mask.sum()
     assert new.tolist() == [True, False, True, False, True, False, True, False]
+
+
+def kthvalue_reference(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The full selection kth_largest replaced (scores before the sampled bound)."""
+    flat = values.flatten()
+    return torch.kthvalue(flat, flat.numel() - k + 1).values
+
+
+@pytest.mark.parametrize("ratio", [1e-6, 0.001, 0.05, 0.3, 0.999])
+def test_kth_largest_is_exactly_the_full_selection(ratio):
+    torch.manual_seed(0)
+    saliency = torch.randn(640, 2560).abs() * torch.randn(2560).clamp_min(0)  # |W| · margin: half the columns 0
+    ties = torch.randint(0, 5, (300, 300)).float()  # few distinct values
+    adversarial = torch.zeros(1 << 17)
+    picks = torch.randint(adversarial.numel(), (4096,), generator=torch.Generator().manual_seed(0))
+    adversarial[picks] = 1.0 + torch.rand(4096)  # only the sampled entries are large: the bound misses for large k
+    for values in (saliency, ties, adversarial, torch.randn(1000)):
+        k = max(1, int(ratio * values.numel()))
+        assert torch.equal(kth_largest(values, k), kthvalue_reference(values, k))
+
+
+def test_time_integrated_sensitivity_is_bit_identical_to_the_full_selection():
+    """The masks FIA writes depend on A: the same A as with a full selection at every step (rank-1 and full S_t)."""
+    torch.manual_seed(1)
+    weight, margin = torch.randn(320, 1280), torch.randn(10, 1280).clamp_min(0)
+    margin[3:6, 2:] = 0  # steps where the concept excites fewer weights than the selection takes
+    for margin_t in (margin, torch.randn(3, 64, 2048).clamp_min(0)):
+        w = weight if margin_t.dim() == 2 else torch.randn(64, 2048)
+        abs_w, k = w.abs(), max(1, int(0.05 * w.numel()))
+        s = [abs_w * m if margin_t.dim() == 2 else m for m in margin_t]
+        frequency = sum((s_t > kthvalue_reference(s_t, k)).float() for s_t in s)
+        mean_s = abs_w * margin_t.mean(0) if margin_t.dim() == 2 else margin_t.mean(0)
+        expected = 0.5 * mean_s / mean_s.max() + 0.5 * frequency / len(s)
+        assert torch.equal(time_integrated_sensitivity(w, margin_t, 0.05), expected)
+
+
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.2])
+def test_layer_topk_mask_is_the_topk_selection_with_ties_or_without(ratio):
+    torch.manual_seed(2)
+    for scores in (torch.randn(640, 2560), torch.randint(0, 50, (400, 400)).float()):
+        k = max(1, int(ratio * scores.numel()))
+        reference = torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, scores.flatten().topk(k).indices, True)
+        assert torch.equal(layer_topk_mask(scores, k), reference.view_as(scores))

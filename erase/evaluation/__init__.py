@@ -149,10 +149,11 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
 def erasure_of(original, erased) -> Erasure:
     """The erasure to measure, refused unless `original` is its base and it names concepts."""
     erasure = _erasure(erased)
-    base = fingerprint(original.unet)
-    if base != erasure.base_fingerprint:
-        raise EraseError(f"the erased model was made from base {erasure.base_fingerprint}, but the original given is "
-                         f"{base}: evaluate against the model the erasure was made from")
+    if original is not getattr(erased, "pipe", None):  # erase() hashed its own pipeline's UNet and left it unchanged
+        base = fingerprint(original.unet)
+        if base != erasure.base_fingerprint:
+            raise EraseError(f"the erased model was made from base {erasure.base_fingerprint}, but the original given "
+                             f"is {base}: evaluate against the model the erasure was made from")
     if not erasure.concepts:
         raise EraseError("no concept to evaluate: the erasure names no concepts")
     return erasure

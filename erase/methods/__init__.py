@@ -1,7 +1,8 @@
 """The method registry: a method's name → its config dataclass and the function that runs it.
 
-A method's run(pipe, concepts, catalog, config, progress) returns (edit, record): the edit applies to the UNet,
-the record (prompts, timesteps, per-layer statistics, timings) goes into erase.json.
+A method's run(pipe, concepts, catalog, config, progress, unet_fingerprint) returns (edit, record): the edit applies
+to the UNet, the record (prompts, timesteps, per-layer statistics, timings) goes into erase.json. unet_fingerprint is
+the UNet's as erase() computed it (seconds on SD1.5): methods that key caches by the model take it from there.
 """
 
 from __future__ import annotations

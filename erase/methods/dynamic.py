@@ -111,8 +111,10 @@ def teacher_predictions(trainer: Trainer, teacher: dict, batches: list[tuple]) -
 
 @register("dynamic", DynamicMaskConfig, "sequential fine-tuning of cross-attention under dynamic gradient masks, "
                                         "concept-aware loss and distillation")
-def run(pipe, concepts, catalog, config: DynamicMaskConfig, progress: bool = True):
-    trainer = Trainer(pipe, attn2_parameters(pipe.unet), config, "dynamic", concepts, progress)
+def run(pipe, concepts, catalog, config: DynamicMaskConfig, progress: bool = True,
+        unet_fingerprint: str | None = None):
+    trainer = Trainer(pipe, attn2_parameters(pipe.unet), config, "dynamic", concepts, progress,
+                      unet_fingerprint)
     data = [trainer.forget_set([c], catalog, negative_anchors=True) for c in concepts]
     per_concept = config.warmup + config.steps
     updates = {config.warmup + u for u in range(config.update_every, int(config.update_until * config.steps) + 1,

@@ -54,8 +54,10 @@ def trainable(unet: nn.Module, train: str) -> dict[str, nn.Parameter]:
 
 
 @register("esd", ESDConfig, "fine-tune towards the frozen model's negatively guided prediction (ESD-x / ESD-u)")
-def run(pipe, concepts, catalog, config: ESDConfig, progress: bool = True):
-    trainer = Trainer(pipe, trainable(pipe.unet, config.train), config, "esd", concepts, progress)
+def run(pipe, concepts, catalog, config: ESDConfig, progress: bool = True,
+        unet_fingerprint: str | None = None):
+    trainer = Trainer(pipe, trainable(pipe.unet, config.train), config, "esd", concepts, progress,
+                      unet_fingerprint)
     with torch.no_grad():  # encoded once, not at every step
         prompts = {c.name: conditioning(pipe, [c.text], trainer.side) for c in concepts}
     with trainer.training():

@@ -64,8 +64,10 @@ def saliency_masks(trainer: Trainer, forget: Examples, config: SalUnConfig) -> d
 
 
 @register("salun", SalUnConfig, "gradient-saliency mask, then masked fine-tuning with remap and retain losses")
-def run(pipe, concepts, catalog, config: SalUnConfig, progress: bool = True):
-    trainer = Trainer(pipe, trained_parameters(pipe.unet, config.train), config, "salun", concepts, progress)
+def run(pipe, concepts, catalog, config: SalUnConfig, progress: bool = True,
+        unet_fingerprint: str | None = None):
+    trainer = Trainer(pipe, trained_parameters(pipe.unet, config.train), config, "salun", concepts, progress,
+                      unet_fingerprint)
     data = trainer.forget_set(concepts, catalog)
     forget, retain = data.forget, trainer.retain_examples(concepts, catalog)
     with trainer.training():

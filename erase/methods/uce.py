@@ -50,7 +50,8 @@ def last_token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
 
 
 @register("uce", UCEConfig, "closed-form edit of cross-attention keys and values towards each concept's anchor")
-def run(pipe, concepts, catalog, config: UCEConfig, progress: bool = True):
+def run(pipe, concepts, catalog, config: UCEConfig, progress: bool = True,
+        unet_fingerprint: str | None = None):
     started = time.perf_counter()
     layers = find_target_layers(pipe.unet, config.target)
     erase_c = last_token_embeddings(pipe, [c.text for c in concepts])
