@@ -19,8 +19,8 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """
     flat = values.flatten()
     if flat.numel() >= 1 << 16:
-        picks = torch.randint(flat.numel(), (4096,), generator=torch.Generator().manual_seed(0))  # not strided:
-        sample = flat[picks.to(flat.device)]  # a stride can meet a row length and sample a few columns only
+        picks = torch.randint(flat.numel(), (4096,), generator=torch.Generator().manual_seed(0))
+        sample = flat[picks.to(flat.device)]
         rank = max(0, sample.numel() - math.ceil(sample.numel() * 1.5 * k / flat.numel()) - 8)
         candidates = flat[flat >= _kthvalue(sample, rank + 1)]
         if candidates.numel() >= k:
