@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,7 @@ LOAD = "import torch; torch.set_num_threads(1); a = torch.randn(1024, 1024)\nwhi
 
 def under_load(processes: int, measure_it):
     """measure_it() while `processes` one-thread matrix products compete for the CPU (a loaded machine, reproducibly)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped bench stops its load too (finally below)
     hogs = [subprocess.Popen([sys.executable, "-c", LOAD]) for _ in range(processes)]
     try:
         return measure_it()
