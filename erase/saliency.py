@@ -40,19 +40,19 @@ def time_integrated_sensitivity(weight: torch.Tensor, margin: torch.Tensor, r1: 
     for t in range(steps):
         if rank1:  # S_t is zero in the columns the concept does not excite (most): select among the others only
             columns = margin[t].nonzero().squeeze(1)
-            s_t = abs_w[:, columns] * margin[t, columns]
+            frequency.index_add_(1, columns, above_kth_largest(abs_w[:, columns] * margin[t, columns], k).float())
         else:
-            s_t = margin[t]
-        # S_t ≥ 0, so the k-th largest of all entries is that of the nonzero columns', or 0 where they are fewer than k
-        above = s_t > (kth_largest(s_t, k) if s_t.numel() >= k else 0)
-        if rank1:
-            frequency.index_add_(1, columns, above.float())
-        else:
-            frequency += above
+            frequency += above_kth_largest(margin[t], k)
     mean_s = abs_w * margin.mean(0) if rank1 else margin.mean(0)
     peak = mean_s.max()
     strength = mean_s / peak if peak > 0 else mean_s
     return 0.5 * strength + 0.5 * frequency / steps
+
+
+def above_kth_largest(s_t: torch.Tensor, k: int) -> torch.Tensor:
+    """True where S_t (≥ 0) exceeds the k-th largest of the whole step's S_t, given its entries that can be nonzero:
+    that k-th largest is theirs, or 0 where they are fewer than k."""
+    return s_t > (kth_largest(s_t, k) if s_t.numel() >= k else 0)
 
 
 def fia_concept_mask(layers: dict[str, nn.Linear], concept: ColumnStats, base: ColumnStats,

@@ -39,13 +39,13 @@ class RowStore:
     def identity(self, row: dict) -> tuple:
         return tuple(json.dumps(row[k], sort_keys=True) for k in self.key)
 
-    def has(self, **fields) -> bool:
-        return self.identity(fields) in {self.identity(r) for r in self.rows if r.get("model") == self.model}
-
     def get(self, **fields) -> dict | None:
         """The row with these key fields measured on this model, if any."""
         return next((r for r in self.rows if r.get("model") == self.model and self.identity(r) == self.identity(fields)),
                     None)
+
+    def has(self, **fields) -> bool:
+        return self.get(**fields) is not None
 
     def put(self, row: dict) -> None:
         """Record `row` (measured on this model) in place of the one with the same key, atomically."""
