@@ -6,7 +6,9 @@ Each measurement runs in its own process, so that peak RSS belongs to that measu
   plain  — the bare UNet forwards FIA needs (same batches, same number of calls), no hooks, no statistics;
   fia    — erase() for one concept (capture, saliency, fusion), then result.save() for the patch size.
 The FIA measurement runs twice: on the machine as it is (idle) and beside --load competing processes (loaded).
-Prints the numbers and writes them to BENCHMARKS.md (section "FIA scoring cost").
+Each run lands in docs/fia-cost.json as it ends (a stopped bench keeps the runs it finished; a rerun with the same
+settings measures only the missing ones, --fresh all of them). Prints the numbers and writes them to BENCHMARKS.md
+(section "FIA scoring cost").
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "FIA scoring cost (SD1.5 architecture, random weights, CPU)"
+ROWS = Path(__file__).resolve().parent.parent / "docs" / "fia-cost.json"
+MODEL = "sd15 config, random weights (torch seed 0)"
 CONCEPT = "church"
 
 
@@ -100,6 +104,24 @@ def run_in_subprocess(mode: str, resolution: int, pairs: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
+
+
+def measured(store, run: str, args, measure_it) -> dict:
+    """The row of `run` for these settings: kept from an earlier bench unless --fresh, else measured now and kept."""
+    key = {"run": run, "resolution": args.resolution, "pairs": args.pairs, "load": args.load if run == "loaded" else 0}
+    if not args.fresh and (row := store.get(**key)):
+        return row
+    row = {**key, **measure_it(), "load_average": os.getloadavg()[0], "commit": commit(),
+           "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "beside": args.beside if run == "loaded" else ""}
+    store.put(row)
+    return row
+
+
 LOAD = "import torch; torch.set_num_threads(1); a = torch.randn(1024, 1024)\nwhile True: a @ a"
 
 
@@ -136,6 +158,7 @@ def report(plain: dict, runs: dict[str, dict], resolution: int, pairs: int, load
         ("  bare forwards before / after erase()", cells(lambda r: f"{r['bare_s'][0]:.1f} s / {r['bare_s'][1]:.1f} s"),
          ""),
         ("  base fingerprint (sha256 of the UNet)", cells(lambda r: f"{r['fingerprint_s']:.2f} s"), "not in the ratio"),
+        ("measured (date, commit)", cells(lambda r: f"{r['date']}, {r['commit']}"), ""),
         ("peak RSS: FIA / plain inference", cells(lambda r: f"{r['peak_rss_mb']:.0f} MB / {plain['peak_rss_mb']:.0f} MB "
                                                             f"({r['peak_rss_mb'] / plain['peak_rss_mb']:.3f}x)"), "<= 1.3x"),
         ("patch.safetensors / unet file", cells(lambda r: f"{r['patch_bytes'] / 2**20:.2f} MB / "
@@ -146,11 +169,13 @@ def report(plain: dict, runs: dict[str, dict], resolution: int, pairs: int, load
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.append("")
     lines.append(f"Settings: concept '{CONCEPT}', {pairs} prompt pairs in one batch each, T = 10 UNet calls, CFG 7.5, "
-                 f"{resolution} px, fp32, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; fill "
+                 f"{resolution} px, fp32, {fia['threads']} CPU threads, torch {fia['torch']}; fill "
                  f"{fia['fill']}, {fia['edited']} weights masked. idle: nothing else running (1-minute load average "
-                 f"{runs['idle']['load_average']:.1f} at its end)"
-                 + (f"; loaded: {load} one-thread matrix-product processes running beside it (load average "
-                    f"{runs['loaded']['load_average']:.1f})" if "loaded" in runs else "") + ". In each run a warm-up UNet "
+                 f"{runs['idle']['load_average']:.1f} at its end"
+                 + (f"; {fia['note']}" if fia.get("note") else "") + ")"
+                 + (f"; loaded: {load} one-thread matrix-product processes running beside it"
+                    + (f" and {runs['loaded']['beside']}" if runs["loaded"]["beside"] else "")
+                    + f" (load average {runs['loaded']['load_average']:.1f})" if "loaded" in runs else "") + ". In each run a warm-up UNet "
                  "call comes first, then the bare forwards (the same UNet calls without hooks), erase() and the bare "
                  "forwards again in the same process, so both sides see the same load; the ratio uses their mean. "
                  f"Plain inference: the bare forwards in a process of their own, for its peak RSS (the loaded pipeline "
@@ -164,21 +189,23 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--load", type=int, default=2, help="competing one-thread processes in the loaded run (0: no such run)")
+    p.add_argument("--beside", default="", help="what else ran on the machine during the loaded run (for the record)")
+    p.add_argument("--fresh", action="store_true", help="measure every run again, not only those missing")
     p.add_argument("--child", choices=["plain", "fia"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.resolution, args.pairs)))
         return
-    plain = run_in_subprocess("plain", args.resolution, args.pairs)
-    runs = {"idle": run_in_subprocess("fia", args.resolution, args.pairs)}
-    runs["idle"]["load_average"] = os.getloadavg()[0]
+    from benchmarks_md import RowStore, update_section
+
+    store = RowStore(ROWS, ("run", "resolution", "pairs", "load"), MODEL)
+    fia = lambda: run_in_subprocess("fia", args.resolution, args.pairs)
+    plain = measured(store, "plain", args, lambda: run_in_subprocess("plain", args.resolution, args.pairs))
+    runs = {"idle": measured(store, "idle", args, fia)}
     if args.load:
-        runs["loaded"] = under_load(args.load, lambda: run_in_subprocess("fia", args.resolution, args.pairs))
-        runs["loaded"]["load_average"] = os.getloadavg()[0]
+        runs["loaded"] = measured(store, "loaded", args, lambda: under_load(args.load, fia))
     text = report(plain, runs, args.resolution, args.pairs, args.load)
     print(text)
-    from benchmarks_md import update_section
-
     update_section(SECTION, text)
 
 

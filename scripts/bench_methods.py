@@ -103,15 +103,22 @@ def in_subprocess(method: str, concepts: list[str], settings: dict, evaluate: bo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def methods_store(model: str):
+    """The methods table's rows (docs/methods-mini.json), one per method and forget set."""
+    from benchmarks_md import RowStore
+
+    return RowStore(PLOT.with_suffix(".json"), ("method", "concepts"), model)
+
+
 def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
     """Each (method, forget set) not yet measured on this model, two single-threaded processes at a time (method by
     method, so the two running erase different sets and the later methods find the originals' images cached); each
     row lands in docs/methods-mini.json and the section as it finishes."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from benchmarks_md import RowStore, update_section
+    from benchmarks_md import update_section
 
-    store = RowStore(PLOT.with_suffix(".json"), ("method", "concepts"), model)
+    store = methods_store(model)
     jobs = [(m, FORGET_SETS[n], METHODS[m]) for m in methods for n in sizes
             if not store.has(method=m, concepts=FORGET_SETS[n])]
     with ThreadPoolExecutor(2) as pool:
@@ -120,9 +127,7 @@ def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
             store.put(row)
             update_section("Miniature world: methods", table(store))
             print(row["method"], len(row["concepts"]), row["summary"]["forgetting_accuracy"], flush=True)
-    current = [r for r in store.rows if store.has(**r)]
-    if {len(r["concepts"]) for r in current} == set(FORGET_SETS):
-        plot(current)
+    plot(store)
     return table(store)
 
 
@@ -150,7 +155,7 @@ def table(store) -> str:
                      f"{s['clip_score_erased']:.2f} | {s['paired_similarity']:.3f} | {s['kid_neutral']:.2e} | "
                      f"{r['edited']} | {r['seconds']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
     settings = "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}" for m, s in METHODS.items())
-    missing = [f"{m} on {n}" for n in FORGET_SETS for m in METHODS if not store.has(method=m, concepts=FORGET_SETS[n])]
+    missing = missing_rows(store)
     lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items()) + ". Retain: "
               "the catalog's other concepts of the erased kinds (in-kind, at most 10 per kind) and of each other kind "
               "but explicit (cross-kind, at most 3 per kind; – when the forget set spans every kind). Evaluation: mini "
@@ -166,12 +171,17 @@ def table(store) -> str:
               "memory is the run's process peak RSS.",
               "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
               "", f"Reproduce: `{REPRODUCE}` (measures the rows not yet measured on the shipped model; `--sizes 1 "
-              "--methods fia,esd`: a part); plot: docs/methods-mini.png, drawn once every forget set is measured"]
+              "--methods fia,esd`: a part); plot: docs/methods-mini.png (redrawn as rows land)"]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict]) -> None:
-    """Forgetting vs retention per method and forget-set size; the rows are kept next to it to redraw it."""
+def missing_rows(store) -> list[str]:
+    return [f"{m} on {n}" for n in FORGET_SETS for m in METHODS if not store.has(method=m, concepts=FORGET_SETS[n])]
+
+
+def plot(store) -> None:
+    """Forgetting vs retention per method and forget-set size, from the rows measured on the shipped model (the
+    rows are kept next to it to redraw it); what is not measured yet is named under the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,8 +190,11 @@ def plot(rows: list[dict]) -> None:
     PLOT.parent.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     markers = {1: "o", 3: "s", 10: "^"}
+    rows = [r for r in store.rows if store.has(**r)]
     for n, marker in markers.items():  # the unedited model first, hollow, so methods that match it stay visible
-        first = next(r for r in rows if len(r["concepts"]) == n)
+        first = next((r for r in rows if len(r["concepts"]) == n), None)
+        if first is None:
+            continue
         ax.scatter(first["original"]["forget"], first["original"]["retain"], marker=marker, s=160, facecolors="none",
                    edgecolors="black", label="unedited" if n == 1 else None)
     for i, method in enumerate(METHODS):
@@ -193,7 +206,9 @@ def plot(rows: list[dict]) -> None:
     ax.set_ylabel("in-kind retain accuracy (higher is better)")
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Miniature world: forget sets of 1 (o), 3 (s), 10 (^) concepts")
+    missing = missing_rows(store)
+    ax.set_title("Miniature world: forget sets of 1 (o), 3 (s), 10 (^) concepts"
+                 + (f"\nnot measured yet: {', '.join(missing)}" if missing else ""), fontsize=10)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(PLOT)
@@ -309,7 +324,7 @@ def main() -> None:
         job = json.loads(args.job)
         print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluate"], job.get("attack", False))))
     elif args.part == "plot":  # redraw from the rows kept
-        plot(json.loads(PLOT.with_suffix(".json").read_text()))
+        plot(methods_store(mini_model()))
     elif args.part == "scaling":
         update_section("Miniature world: FIA scaling", scaling())
     elif args.part == "attack":

@@ -19,11 +19,19 @@ def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     (a lock file beside it), so neither loses the other's section."""
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        text = replace_section(path.read_text() if path.exists() else HEADER, title, body)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".BENCHMARKS.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_atomically(path, replace_section(path.read_text() if path.exists() else HEADER, title, body))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file beside `path`, then rename: a stopped script never leaves half a file. The
+    file gets the permissions a plain write would give it (mkstemp's are owner-only)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 class RowStore:
@@ -52,10 +60,7 @@ class RowStore:
         row = {**row, "model": self.model}
         self.rows = [r for r in self.rows if self.identity(r) != self.identity(row)] + [row]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.rows, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(self.rows, indent=1) + "\n")
 
     def stale_note(self, command: str) -> list[str]:
         """A line for the table when some rows were measured on another model than the one shipped now."""

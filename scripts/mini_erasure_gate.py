@@ -98,8 +98,8 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
     from erase.mini.clip import load_mini_clip
 
     judge = load_mini_clip()
-    zeros = {"fill": "zeros"}  # pruning as published, as these rows were first measured (fills: bench_revival.py)
-    object_settings = {"config": "fia-object", **zeros} if method == "fia" else zeros
+    # The shipped settings (fill: noise since issue 16); rows measured before that say fill: zeros in their settings.
+    object_settings = {"config": "fia-object"} if method == "fia" else {}
 
     def row(label, concepts, retain, settings, extra=None):
         if not measure(label):
@@ -109,6 +109,7 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
         r = {"label": label, "settings": settings or "defaults", "edited": result.record["totals"]["edited"],
              "forget_before": float(np.mean([v["original"] for v in report.metrics["forget"].values()])),
              "forget": float(np.mean(forget)), "forget_max": float(max(forget)), "kept": kept(report),
+             "forget_each": {c: v["erased"] for c, v in report.metrics["forget"].items()},
              "retain": float(np.mean([v["erased"] for v in report.metrics["retain"].values()])),
              "similarity": report.metrics["fidelity"]["paired_similarity_neutral"], "seconds": seconds}
         r.update(extra(result) if extra else {})
@@ -116,7 +117,7 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
         landed({"method": method, **r})
 
     # The README's command and the ten classes first: a run stopped early has the rows users read first.
-    row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], zeros,
+    row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], {},
         extra=lambda result: {"persons_kept": persons_kept(pipe, result.edit, judge),
                               **ground_truth(pipe, result, prompts, neurons)})
     row("the 10 Imagenette classes", list(world.TAUGHT_OBJECTS), list(world.BASE_OBJECTS), object_settings,
@@ -130,6 +131,12 @@ def verdict(r: dict) -> bool:
     kept_ok = r["retain"] >= 0.80 if r["label"] == "the 10 Imagenette classes" else r["kept"] >= KEPT_MIN
     return (r["forget_max"] <= FORGET_MAX and kept_ok and r.get("persons_kept", 1.0) >= KEPT_MIN
             and r["similarity"] >= SIMILARITY_MIN)
+
+
+def worst(r: dict) -> str:
+    """', church': the concept forgotten least, where several were erased and one was not fully forgotten."""
+    each = r.get("forget_each", {})
+    return f", {max(each, key=each.get)}" if len(each) > 1 and r["forget_max"] > 0 else ""
 
 
 def table(store, prompts: int) -> str:
@@ -147,7 +154,7 @@ def table(store, prompts: int) -> str:
             truth = f"{r['truth']:.0%}" if "truth" in r else "–"
             gate = ("yes" if verdict(r) else "NO") if method == "fia" else "–"
             lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
-                         f"{r['forget']:.0%} ({r['forget_max']:.0%}) | {r['kept']:.0%} | {truth} | {r['retain']:.0%} | {persons} | "
+                         f"{r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | {r['kept']:.0%} | {truth} | {r['retain']:.0%} | {persons} | "
                          f"{r['similarity']:.3f} | {r['seconds']:.0f} s | {gate} |")
     lines += ["", f"Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the other objects keep ≥ "
               f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
