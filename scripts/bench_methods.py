@@ -41,8 +41,9 @@ METHODS = {  # method → preset or settings used on the mini world (presets in 
     "dynamic": {"config": "dynamic-mini"},
 }
 EVAL = {"prompts_per_concept": 4, "seeds": [0, 1, 2], "steps": 25, "guidance_scale": 4.0}  # the mini world's seeds
-# The attack table: a lighter evaluation beside the attack (the attack's budget is the prompt kind's defaults).
-ATTACK_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance_scale": 4.0, "max_retain": 4,
+# A lighter evaluation, for the attack table (beside the attack, whose budget is the prompt kind's defaults) and the
+# r2/alpha sweep (twelve erasures): half the prompts and retained concepts, two seeds.
+LIGHT_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance_scale": 4.0, "max_retain": 4,
                "max_cross_retain": 2}
 ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "guidance_scale": 4.0}
 ATTACK_ROWS = ROOT / "docs" / "attack-mini.json"
@@ -52,8 +53,8 @@ REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/bench_methods.py"
 ORIGINALS = Path(tempfile.gettempdir()) / "erase-bench-originals"
 
 
-def one(method: str, concepts: list[str], settings: dict, evaluate: bool = True, attack: bool = False) -> dict:
-    """Erase (and evaluate, and attack) in this process; the numbers of one row."""
+def one(method: str, concepts: list[str], settings: dict, evaluation: dict | None, attack: bool = False) -> dict:
+    """Erase (and evaluate with `evaluation`'s settings unless None, and attack) in this process; one row's numbers."""
     import torch
 
     import erase
@@ -68,9 +69,9 @@ def one(method: str, concepts: list[str], settings: dict, evaluate: bool = True,
         attacked = erase.attack(pipe, result, progress=False, **ATTACK)
         row["attack"] = {"metrics": attacked.metrics, "settings": {k: attacked.settings[k] for k in (
             "steps", "tokens", "lr", "timesteps", "seed", "seeds", "sample_steps", "attack_s")}}
-    if evaluate:
+    if evaluation:
         os.environ["ERASE_CACHE"] = str(ORIGINALS)
-        report = erase.evaluate(pipe, result, progress=False, **(ATTACK_EVAL if attack else EVAL))
+        report = erase.evaluate(pipe, result, progress=False, **evaluation)
         m = report.metrics
         s = m["summary"]
         row.update(summary=s, fidelity=m["fidelity"], retain_by_kind=m["retain_by_kind"],
@@ -92,8 +93,9 @@ def _in_kind(summary: dict) -> float:
     return summary.get("retain_accuracy_in_kind", summary.get("retain_accuracy"))
 
 
-def in_subprocess(method: str, concepts: list[str], settings: dict, evaluate: bool = True, attack: bool = False) -> dict:
-    args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluate": evaluate,
+def in_subprocess(method: str, concepts: list[str], settings: dict, evaluation: dict | None = EVAL,
+                  attack: bool = False) -> dict:
+    args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluation": evaluation,
                        "attack": attack})
     with tempfile.TemporaryDirectory(prefix="erase-bench-") as cache:  # cold: sampling the data is part of the cost
         out = subprocess.run([sys.executable, __file__, "one", args], capture_output=True, text=True,
@@ -221,7 +223,7 @@ def scaling() -> str:
     variants = [*world.OBJECTS, *world.ARTISTS] + [f"{o} by {a}" for a in world.ARTISTS for o in world.OBJECTS]
     lines = ["| concepts | wall time | per concept | peak memory |", "|---|---|---|---|"]
     for n in (1, 10, 30, 100):
-        r = in_subprocess("fia", [f"object:{v}" for v in variants[:n]], {"prompts_per_concept": 6}, evaluate=False)
+        r = in_subprocess("fia", [f"object:{v}" for v in variants[:n]], {"prompts_per_concept": 6}, evaluation=None)
         lines.append(f"| {n} | {r['seconds']:.1f} s | {r['seconds'] / n:.2f} s | {r['peak_memory_mb']:.0f} MB |")
         print(lines[-1], flush=True)
     lines += ["", "FIA defaults with 6 prompt pairs per concept; concepts are the world's objects, artists and "
@@ -231,19 +233,45 @@ def scaling() -> str:
     return "\n".join(lines)
 
 
-def sweep() -> str:
-    concepts = FORGET_SETS[3]
-    lines = ["| r2 | alpha | forgetting acc ↓ | in-kind retain ↑ | overall ↑ | paired similarity | weights edited |",
-             "|---|---|---|---|---|---|---|"]
-    for r2 in (0.003, 0.01, 0.03, 0.1):
-        for alpha in (0.4, 0.6, 0.8):
-            r = in_subprocess("fia", concepts, {"r2": r2, "alpha": alpha})
-            s = r["summary"]
-            lines.append(f"| {r2} | {alpha} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} | "
-                         f"{_ci(s, 'overall')} | {s['paired_similarity']:.3f} | {r['edited']} |")
-            print(lines[-1], flush=True)
-    lines += ["", f"FIA on the forget set {', '.join(concepts)}; defaults r2 0.01, alpha 0.6; evaluation as in the "
-              "methods table.", "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_methods.py sweep`"]
+SWEEP = [(r2, alpha) for r2 in (0.003, 0.01, 0.03, 0.1) for alpha in (0.4, 0.6, 0.8)]
+
+
+def sweep(model: str) -> None:
+    """FIA on the 3-concept forget set at each (r2, alpha) not yet measured on this model; each row lands in
+    docs/sweep-mini.json and the section as it finishes (a stopped sweep keeps its rows)."""
+    from benchmarks_md import RowStore, update_section
+
+    store = RowStore(ROOT / "docs" / "sweep-mini.json", ("r2", "alpha"), model)
+    for r2, alpha in SWEEP:
+        if not store.has(r2=r2, alpha=alpha):
+            settings = {**METHODS["fia"], "r2": r2, "alpha": alpha}
+            store.put({"r2": r2, "alpha": alpha, **in_subprocess("fia", FORGET_SETS[3], settings, LIGHT_EVAL)})
+            update_section("Miniature world: FIA r2/alpha sweep", sweep_table(store))
+            print(r2, alpha, store.get(r2=r2, alpha=alpha)["summary"]["forgetting_accuracy"], flush=True)
+
+
+def light_evaluation() -> str:
+    e = LIGHT_EVAL
+    return (f"{e['prompts_per_concept']} held-out prompts per concept, seeds {', '.join(map(str, e['seeds']))}, at most "
+            f"{e['max_retain']} in-kind and {e['max_cross_retain']} cross-kind retained concepts per kind")
+
+
+def sweep_table(store) -> str:
+    lines = [*store.stale_note(f"{REPRODUCE} sweep"),
+             ("| r2 | alpha | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | paired similarity | "
+              "weights edited |"), "|---" * 8 + "|"]
+    for r in sorted(store.rows, key=lambda r: (r["r2"], r["alpha"])):
+        s = r["summary"]
+        lines.append(f"| {r['r2']}{store.mark(r)} | {r['alpha']} | {_ci(s, 'forgetting_accuracy')} | "
+                     f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} "
+                     f"| {s['paired_similarity']:.3f} | {r['edited']} |")
+    missing = [f"r2 {r2} alpha {alpha}" for r2, alpha in SWEEP if not store.has(r2=r2, alpha=alpha)]
+    lines += ["", f"FIA ({METHODS['fia']}) on the forget set {', '.join(FORGET_SETS[3])}; defaults r2 0.01, alpha 0.6. "
+              f"Evaluation lighter than the methods table's (twelve erasures): mini CLIP judge, {light_evaluation()}, "
+              f"{LIGHT_EVAL['steps']} steps DPM-Solver++, guidance {LIGHT_EVAL['guidance_scale']}; brackets: 95% "
+              "bootstrap intervals.",
+              "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
+              "", f"Reproduce: `{REPRODUCE} sweep` (measures the rows not yet measured on the shipped model)"]
     return "\n".join(lines)
 
 
@@ -257,7 +285,7 @@ def attack_table(sizes: list[int], methods: list[str], model: str) -> str:
         for method in methods:
             if store.has(method=method, concepts=FORGET_SETS[n]):
                 continue
-            row = in_subprocess(method, FORGET_SETS[n], METHODS[method], attack=True)
+            row = in_subprocess(method, FORGET_SETS[n], METHODS[method], LIGHT_EVAL, attack=True)
             store.put(row)
             update_section("Miniature world: prompt attack", attack_markdown(store))
             print(method, n, row["attack"]["metrics"]["summary"], flush=True)
@@ -289,9 +317,7 @@ def attack_markdown(store) -> str:
               "prompt as it is or with the words found; beside it, the attacked prompts alone, the same prompts and "
               "seeds without the attack (erased), on the original model, and the original model drawing each "
               "concept's anchor. Forgetting and retention: the evaluator with "
-              f"{ATTACK_EVAL['prompts_per_concept']} held-out prompts per concept, seeds "
-              f"{', '.join(map(str, ATTACK_EVAL['seeds']))}, at most {ATTACK_EVAL['max_retain']} in-kind and "
-              f"{ATTACK_EVAL['max_cross_retain']} cross-kind retained concepts per kind. Method settings as in the "
+              f"{light_evaluation()}. Method settings as in the "
               "methods table. Brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0). One run "
               "at a time, one thread, on a 2-core machine shared with other jobs.",
               "", "Reading it: attack success rate ≥ erased by construction (a prompt that already works is kept); "
@@ -322,7 +348,7 @@ def main() -> None:
 
     if args.part == "one":
         job = json.loads(args.job)
-        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluate"], job.get("attack", False))))
+        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job["attack"])))
     elif args.part == "plot":  # redraw from the rows kept
         plot(methods_store(mini_model()))
     elif args.part == "scaling":
@@ -330,7 +356,7 @@ def main() -> None:
     elif args.part == "attack":
         print(attack_table(sizes or [1, 3], methods, mini_model()))
     elif args.part == "sweep":
-        update_section("Miniature world: FIA r2/alpha sweep", sweep())
+        sweep(mini_model())
     else:
         print(methods_table(sizes or list(FORGET_SETS), methods, mini_model()))
 
