@@ -111,7 +111,8 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
              "forget": float(np.mean(forget)), "forget_max": float(max(forget)), "kept": kept(report),
              "forget_each": {c: v["erased"] for c, v in report.metrics["forget"].items()},
              "retain": float(np.mean([v["erased"] for v in report.metrics["retain"].values()])),
-             "similarity": report.metrics["fidelity"]["paired_similarity_neutral"], "seconds": seconds}
+             "similarity": report.metrics["fidelity"]["paired_similarity_neutral"], "seconds": seconds,
+             "threads": torch.get_num_threads()}
         r.update(extra(result) if extra else {})
         print(r, flush=True)
         landed({"method": method, **r})
@@ -131,6 +132,12 @@ def verdict(r: dict) -> bool:
     kept_ok = r["retain"] >= 0.80 if r["label"] == "the 10 Imagenette classes" else r["kept"] >= KEPT_MIN
     return (r["forget_max"] <= FORGET_MAX and kept_ok and r.get("persons_kept", 1.0) >= KEPT_MIN
             and r["similarity"] >= SIMILARITY_MIN)
+
+
+def threads(r: dict) -> str:
+    """', 1 thread' where a row's erasure ran on other than the table's 2 threads."""
+    n = r.get("threads", 2)
+    return "" if n == 2 else f", {n} thread{'s' * (n > 1)}"
 
 
 def worst(r: dict) -> str:
@@ -155,14 +162,15 @@ def table(store, prompts: int) -> str:
             gate = ("yes" if verdict(r) else "NO") if method == "fia" else "–"
             lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
                          f"{r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | {r['kept']:.0%} | {truth} | {r['retain']:.0%} | {persons} | "
-                         f"{r['similarity']:.3f} | {r['seconds']:.0f} s | {gate} |")
+                         f"{r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
     lines += ["", f"Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the other objects keep ≥ "
               f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
               f"and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on the catalog's neutral prompts ≥ "
               f"{SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, {prompts} held-out prompts per concept × "
               "seeds 0 and 1, DPM-Solver++ 25 steps, guidance 4; 'others' = every other object (one class), the 15 "
               "everyday objects (ten classes), the other artists (van gogh, nudity); persons: 'a photo of a {person}' "
-              "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads). 'Its own neurons "
+              "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads unless the row says "
+              "otherwise). 'Its own neurons "
               "zeroed instead': forgetting when the concept's ground-truth neurons (erase/assets/mini/neurons.json) are "
               "zeroed in place of the method's edit, same prompts and seeds.",
               f"Reproduce: `{REPRODUCE} --method fia --method conceptprune`"]
