@@ -226,8 +226,8 @@ def scaling() -> str:
         r = in_subprocess("fia", [f"object:{v}" for v in variants[:n]], {"prompts_per_concept": 6}, evaluation=None)
         lines.append(f"| {n} | {r['seconds']:.1f} s | {r['seconds'] / n:.2f} s | {r['peak_memory_mb']:.0f} MB |")
         print(lines[-1], flush=True)
-    lines += ["", "FIA defaults with 6 prompt pairs per concept; concepts are the world's objects, artists and "
-              "their pairings, all as kind `object`. Time grows linearly with the number of concepts (captures are "
+    lines += ["", "FIA defaults with 6 prompt pairs per concept, one thread; concepts are the world's objects, "
+              "artists and their pairings, all as kind `object`. Time grows linearly with the number of concepts (captures are "
               "per concept; base prompts shared by a kind are captured once); memory stays flat (masks fuse by "
               "streaming votes).", "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_methods.py scaling`"]
     return "\n".join(lines)
@@ -260,8 +260,11 @@ def sweep_table(store) -> str:
     lines = [*store.stale_note(f"{REPRODUCE} sweep"),
              ("| r2 | alpha | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | paired similarity | "
               "weights edited |"), "|---" * 8 + "|"]
-    for r in sorted(store.rows, key=lambda r: (r["r2"], r["alpha"])):
+    for i, r in enumerate(sorted(store.rows, key=lambda r: (r["r2"], r["alpha"]))):
         s = r["summary"]
+        if i == 0:  # the unedited model: the same prompts and seeds in every row
+            lines.append(f"| unedited | – | {_ci(s, 'forgetting_accuracy_original')} | "
+                         f"{_ci(s, 'retain_accuracy_in_kind_original')} | – | – | 1.000 | 0 |")
         lines.append(f"| {r['r2']}{store.mark(r)} | {r['alpha']} | {_ci(s, 'forgetting_accuracy')} | "
                      f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} "
                      f"| {s['paired_similarity']:.3f} | {r['edited']} |")
