@@ -116,8 +116,7 @@ def measured(store, run: str, args, measure_it) -> dict:
     if not args.fresh and (row := store.get(**key)):
         return row
     row = {**key, **measure_it(), "load_average": os.getloadavg()[0], "commit": commit(),
-           "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "beside": args.beside if run == "loaded" else ""}
+           "date": time.strftime("%Y-%m-%d"), "beside": args.beside if run == "loaded" else ""}
     store.put(row)
     return row
 
@@ -194,7 +193,9 @@ def main() -> None:
     p.add_argument("--child", choices=["plain", "fia"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.resolution, args.pairs)))
+        # threads and torch as the measuring process has them
+        print(json.dumps({**measure(args.child, args.resolution, args.pairs), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__}))
         return
     from benchmarks_md import RowStore, update_section
 
