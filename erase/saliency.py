@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import CaptureSettings, ColumnStats, capture, find_target_layers
+from .capture import CaptureSettings, ColumnStats, capture, find_target_layers, one_cpu_thread
 from .concepts import Catalog, Concept
 from .config import check_choice, check_positive_int
 from .edits import MaskEdit
@@ -141,8 +141,9 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
             stats, record["timesteps"] = capture(pipe, concept_prompts, layers, config, faithful_cosine,
                                                  desc=concept.name, progress=progress)
             scored = time.perf_counter()
-            masks = concept_mask(layers, stats, base_stats[tuple(base_prompts)], concept)
-            votes.add(masks)
+            with one_cpu_thread(pipe.unet.device):
+                masks = concept_mask(layers, stats, base_stats[tuple(base_prompts)], concept)
+                votes.add(masks)
             timings["capture_s"] += scored - started
             timings["scoring_s"] += time.perf_counter() - scored
             record["prompts"][concept.name] = [list(pair) for pair in pairs]
@@ -151,13 +152,17 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
         record = merged_records(record, concepts)
         votes.sum_across_processes()
         record["processes"] = state.num_processes  # timings are the main process's own share
-    prune, keep = votes.fuse(alpha)
+    fused = time.perf_counter()
+    with one_cpu_thread(pipe.unet.device):
+        prune, keep = votes.fuse(alpha)
+        masks = {f"{name}.weight": mask for name, mask in prune.items()}
+        weights = {f"{name}.weight": layer.weight for name, layer in layers.items()}
+        fill = noise_fill(weights, masks, config.seed) if config.fill == "noise" else None
+    timings["scoring_s"] += time.perf_counter() - fused  # fusion and the fill's draws count as scoring too
     record["fusion"] = {"concepts": votes.concepts, "tau": votes.threshold(alpha),
                         "kept_agnostic": {name: int(k.sum()) for name, k in keep.items()}}
     record["timings"] = timings
-    masks = {f"{name}.weight": mask for name, mask in prune.items()}
-    weights = {f"{name}.weight": layer.weight for name, layer in layers.items()}
-    return MaskEdit(masks, noise_fill(weights, masks, config.seed) if config.fill == "noise" else None), record
+    return MaskEdit(masks, fill), record
 
 
 def noise_fill(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -153,7 +153,7 @@ def report(plain: dict, runs: dict[str, dict], resolution: int, pairs: int, load
         ("FIA time / bare UNet forwards", cells(lambda r: "{:.1f} s / {:.1f} s = **{:.3f}x**".format(
             *overhead(r), overhead(r)[0] / overhead(r)[1])), "<= 1.10x"),
         ("  overhead: FIA time − bare forwards", cells(lambda r: f"{overhead(r)[0] - overhead(r)[1]:.1f} s"), ""),
-        ("  of which saliency + masks", cells(lambda r: f"{r['scoring_s']:.2f} s"), ""),
+        ("  of which saliency, masks, fusion, fill", cells(lambda r: f"{r['scoring_s']:.2f} s"), ""),
         ("  bare forwards before / after erase()", cells(lambda r: f"{r['bare_s'][0]:.1f} s / {r['bare_s'][1]:.1f} s"),
          ""),
         ("  base fingerprint (sha256 of the UNet)", cells(lambda r: f"{r['fingerprint_s']:.2f} s"), "not in the ratio"),

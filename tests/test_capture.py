@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import erase
-from erase.capture import CaptureSettings, capture, column_norms, cosine_scores, find_target_layers
+from erase.capture import CaptureSettings, capture, column_norms, cosine_scores, find_target_layers, one_cpu_thread
 from tiny import real_unet_on_meta
 
 SD_FFN2_SHAPES = [(320, 1280)] * 2 + [(640, 2560)] * 2 + [(1280, 5120)] * 2 + [(1280, 5120)] * 1 \
@@ -30,9 +30,11 @@ def test_capture_makes_exactly_t_unet_calls_per_batch(pipe, prompts, batch_size)
     handle = pipe.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     settings = CaptureSettings(saliency_steps=4, batch_size=batch_size)
     layers = find_target_layers(pipe.unet, "*ff.net.2")
+    threads_before = torch.get_num_threads()
     stats, timesteps = capture(pipe, [f"a photo of thing {i}" for i in range(prompts)], layers, settings,
                                progress=False)
     handle.remove()
+    assert torch.get_num_threads() == threads_before  # the statistics' one thread is given back after each call
     batches = -(-prompts // batch_size)
     assert len(calls) == 4 * batches
     assert sum(calls) == 4 * 2 * prompts  # every call carries both CFG halves of its prompts
@@ -69,3 +71,28 @@ def test_every_prompt_starts_from_the_same_noise(pipe):
     for name in layers:
         assert torch.allclose(three.std(name), torch.zeros_like(three.std(name)), atol=1e-5)
         assert torch.allclose(three.mean(name), one.mean(name), atol=1e-5)
+
+
+def test_statistics_run_on_one_cpu_thread_and_the_unet_on_all(pipe):
+    threads_before, threads = torch.get_num_threads(), {}
+    torch.set_num_threads(2)
+    layers = find_target_layers(pipe.unet, "*ff.net.2")
+
+    def record(key):
+        def hook(*_):
+            threads.setdefault(key, torch.get_num_threads())
+        return hook
+
+    handles = [pipe.unet.register_forward_pre_hook(record("unet")),
+               next(iter(layers.values())).register_forward_hook(record("layer after the statistics"))]
+    try:
+        capture(pipe, ["a red car"], layers, CaptureSettings(saliency_steps=1), progress=False)
+        with pytest.raises(RuntimeError), one_cpu_thread(torch.device("cpu")):
+            threads["inside"] = torch.get_num_threads()
+            raise RuntimeError("the thread count comes back on errors too")
+        assert threads == {"unet": 2, "layer after the statistics": 2, "inside": 1}
+        assert torch.get_num_threads() == 2
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.set_num_threads(threads_before)
