@@ -37,6 +37,10 @@ class CaptureSettings:
     """Image side in pixels; None uses the model's default."""
     seed: int = 1244
     """Seed of the initial noise, identical for every prompt."""
+    statistics_threads: int | None = 1
+    """CPU threads for the statistics and the masks, memory-bound work (the UNet keeps torch's thread count); None:
+    torch's count. One thread is slower on an idle machine and faster on a busy one, where every op of several
+    threads waits for a descheduled one (BENCHMARKS.md, "FIA statistics: threads"); on an idle many-core CPU, None."""
 
     def validate(self) -> None:
         for name in ("steps", "saliency_steps", "batch_size"):
@@ -47,6 +51,8 @@ class CaptureSettings:
             check_positive_int("resolution", self.resolution)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise EraseError(f"seed={self.seed!r} must be a whole number")
+        if self.statistics_threads is not None:
+            check_positive_int("statistics_threads", self.statistics_threads)
 
 
 def find_target_layers(unet: nn.Module, pattern: str) -> dict[str, nn.Linear]:
@@ -95,23 +101,22 @@ class ColumnStats:
 
 
 @contextmanager
-def one_cpu_thread(device: torch.device):
-    """On the CPU, torch ops inside run on the calling thread alone (the intra-op thread count is restored after).
+def cpu_threads(device: torch.device, threads: int | None):
+    """On the CPU, torch's intra-op thread count inside the block (restored after); None or another device: as it is.
 
-    For the statistics and the scoring, which are memory-bound element-wise work and selections: a second thread
-    does not speed them up (2-core machine, SD1.5 masks: 9.5 s on two threads, 6.1 s on one), and on a busy machine
-    every op waits at OpenMP's barrier for a descheduled thread (column norms: 58 ms per UNet call idle, 626 ms
-    beside one competing process; 133 ms on one thread). The UNet's own GEMMs keep every thread.
+    FIA's statistics and masks are memory-bound element-wise work and selections: on a busy machine each op on
+    several threads waits at OpenMP's barrier for a descheduled one, while the UNet's long matrix products average
+    that out (CaptureSettings.statistics_threads).
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or threads is None:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def column_norms(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -138,8 +143,9 @@ def cosine_scores(x: torch.Tensor, weight: torch.Tensor, batch: int) -> torch.Te
 class Recorder:
     """Forward pre-hooks on the target layers that feed one ColumnStats at the current step."""
 
-    def __init__(self, layers: dict[str, nn.Linear], steps: int, faithful_cosine: bool = False) -> None:
-        self.layers, self.steps, self.faithful_cosine = layers, steps, faithful_cosine
+    def __init__(self, layers: dict[str, nn.Linear], steps: int, faithful_cosine: bool = False,
+                 threads: int | None = None) -> None:
+        self.layers, self.steps, self.faithful_cosine, self.threads = layers, steps, faithful_cosine, threads
         self.stats: ColumnStats | None = None
         self.step = 0
         self.batch = 0
@@ -161,7 +167,7 @@ class Recorder:
             if self.faithful_cosine:  # matrix products: every thread helps
                 self.stats.add(name, self.step, self.steps, cosine_scores(x, module.weight, self.batch))
                 return
-            with one_cpu_thread(x.device):
+            with cpu_threads(x.device, self.threads):
                 self.stats.add(name, self.step, self.steps, column_norms(x, self.batch))
         return hook
 
@@ -237,7 +243,7 @@ def capture(pipe, prompts: list[str], layers: dict[str, nn.Linear], settings: Ca
     """Statistics of the target layers' inputs over `prompts`, batched; returns (stats, timesteps used)."""
     stats = ColumnStats()
     timesteps: list[int] = []
-    with Recorder(layers, settings.saliency_steps, faithful_cosine) as recorder, \
+    with Recorder(layers, settings.saliency_steps, faithful_cosine, settings.statistics_threads) as recorder, \
             tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
         recorder.stats = stats
         for start in range(0, len(prompts), settings.batch_size):

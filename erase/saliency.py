@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import CaptureSettings, ColumnStats, capture, find_target_layers, one_cpu_thread
+from .capture import CaptureSettings, ColumnStats, capture, cpu_threads, find_target_layers
 from .concepts import Catalog, Concept
 from .config import check_choice, check_positive_int
 from .edits import MaskEdit
@@ -141,7 +141,7 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
             stats, record["timesteps"] = capture(pipe, concept_prompts, layers, config, faithful_cosine,
                                                  desc=concept.name, progress=progress)
             scored = time.perf_counter()
-            with one_cpu_thread(pipe.unet.device):
+            with cpu_threads(pipe.unet.device, config.statistics_threads):
                 masks = concept_mask(layers, stats, base_stats[tuple(base_prompts)], concept)
                 votes.add(masks)
             timings["capture_s"] += scored - started
@@ -153,7 +153,7 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
         votes.sum_across_processes()
         record["processes"] = state.num_processes  # timings are the main process's own share
     fused = time.perf_counter()
-    with one_cpu_thread(pipe.unet.device):
+    with cpu_threads(pipe.unet.device, config.statistics_threads):
         prune, keep = votes.fuse(alpha)
         masks = {f"{name}.weight": mask for name, mask in prune.items()}
         weights = {f"{name}.weight": layer.weight for name, layer in layers.items()}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import erase
-from erase.capture import CaptureSettings, capture, column_norms, cosine_scores, find_target_layers, one_cpu_thread
+from erase.capture import CaptureSettings, capture, column_norms, cosine_scores, cpu_threads, find_target_layers
 from tiny import real_unet_on_meta
 
 SD_FFN2_SHAPES = [(320, 1280)] * 2 + [(640, 2560)] * 2 + [(1280, 5120)] * 2 + [(1280, 5120)] * 1 \
@@ -73,7 +73,8 @@ def test_every_prompt_starts_from_the_same_noise(pipe):
         assert torch.allclose(three.mean(name), one.mean(name), atol=1e-5)
 
 
-def test_statistics_run_on_one_cpu_thread_and_the_unet_on_all(pipe):
+@pytest.mark.parametrize("statistics_threads,expected", [(1, 1), (None, 2)])
+def test_statistics_run_on_their_own_thread_count_and_the_unet_on_torchs(pipe, statistics_threads, expected):
     threads_before, threads = torch.get_num_threads(), {}
     torch.set_num_threads(2)
     layers = find_target_layers(pipe.unet, "*ff.net.2")
@@ -86,11 +87,12 @@ def test_statistics_run_on_one_cpu_thread_and_the_unet_on_all(pipe):
     handles = [pipe.unet.register_forward_pre_hook(record("unet")),
                next(iter(layers.values())).register_forward_hook(record("layer after the statistics"))]
     try:
-        capture(pipe, ["a red car"], layers, CaptureSettings(saliency_steps=1), progress=False)
-        with pytest.raises(RuntimeError), one_cpu_thread(torch.device("cpu")):
+        settings = CaptureSettings(saliency_steps=1, statistics_threads=statistics_threads)
+        capture(pipe, ["a red car"], layers, settings, progress=False)
+        with pytest.raises(RuntimeError), cpu_threads(torch.device("cpu"), statistics_threads):
             threads["inside"] = torch.get_num_threads()
             raise RuntimeError("the thread count comes back on errors too")
-        assert threads == {"unet": 2, "layer after the statistics": 2, "inside": 1}
+        assert threads == {"unet": 2, "layer after the statistics": 2, "inside": expected}
         assert torch.get_num_threads() == 2
     finally:
         for handle in handles:
