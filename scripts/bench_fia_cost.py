@@ -94,7 +94,8 @@ def measure(mode: str, resolution: int, pairs: int) -> dict:
     return {"capture_s": timings["capture_s"], "scoring_s": timings["scoring_s"],
             "fingerprint_s": timings["fingerprint_s"], "bare_s": [bare_before, bare_forwards(pipe, resolution, pairs)],
             "unet_calls": len(calls), "peak_rss_mb": peak, "patch_bytes": patch, "unet_file_bytes": unet_file,
-            "edited": result.record["totals"]["edited"], "fill": result.config.fill}
+            "edited": result.record["totals"]["edited"], "fill": result.config.fill,
+            "statistics_threads": result.config.statistics_threads}
 
 
 def run_in_subprocess(mode: str, resolution: int, pairs: int) -> dict:
@@ -168,7 +169,8 @@ def report(plain: dict, runs: dict[str, dict], resolution: int, pairs: int, load
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.append("")
     lines.append(f"Settings: concept '{CONCEPT}', {pairs} prompt pairs in one batch each, T = 10 UNet calls, CFG 7.5, "
-                 f"{resolution} px, fp32, {fia['threads']} CPU threads, torch {fia['torch']}; fill "
+                 f"{resolution} px, fp32, {fia['threads']} CPU threads (statistics and masks: "
+                 f"{fia['statistics_threads'] or fia['threads']}, statistics_threads), torch {fia['torch']}; fill "
                  f"{fia['fill']}, {fia['edited']} weights masked. idle: nothing else running (1-minute load average "
                  f"{runs['idle']['load_average']:.1f} at its end"
                  + (f"; {fia['note']}" if fia.get("note") else "") + ")"
@@ -179,6 +181,9 @@ def report(plain: dict, runs: dict[str, dict], resolution: int, pairs: int, load
                  "forwards again in the same process, so both sides see the same load; the ratio uses their mean. "
                  f"Plain inference: the bare forwards in a process of their own, for its peak RSS (the loaded pipeline "
                  f"alone: {plain['rss_loaded_mb']:.0f} MB).")
+    spread = ", ".join(f"{run} {100 * abs(r['bare_s'][0] - r['bare_s'][1]) / overhead(r)[1]:.0f}%" for run, r in runs.items())
+    lines.append(f"Noise: the bare forwards before and after erase() differ by {spread} of their mean in these runs; "
+                 "one run per setting reads the ratio to about that precision.")
     lines.append(f"Reproduce: `python scripts/bench_fia_cost.py --resolution {resolution} --pairs {pairs} --load {load}`")
     return "\n".join(lines)
 
