@@ -108,12 +108,12 @@ def report(idle: dict, loaded: dict, repeats: int, masked: int, commit: str) -> 
                         ("masks", "one concept's masks and noise fill (16 ff.net.2 weights, T = 10)")):
         values = [run[f"{work}, {threads}"] for run in (idle, loaded) for threads in (2, 1)]
         lines.append(f"| {label} | " + " | ".join(cell(v, work) for v in values) + " |")
-    settings = (f"Each cell: the mean of {repeats} repetitions after a warm-up, in one process; '1 thread' runs inside "
-                "erase.capture.cpu_threads, as erase() does with its default statistics_threads=1; the competing process is one one-thread matrix "
-                f"product (the FIA scoring cost's load process). torch {torch.__version__}, "
-                f"{time.strftime('%Y-%m-%d')}, commit {commit}. Statistics: the 16 ff.net.2 inputs of one real UNet call (256 px, 2 "
-                "prompt pairs with CFG); masks: statistics drawn at random with 30% of the columns excited, "
-                f"{masked:,} weights masked.")
+    settings = (f"Each cell: the mean of {repeats} repetitions after a warm-up, in one process; '1 thread' runs "
+                "inside erase.capture.cpu_threads, as erase() does with its default statistics_threads=1; the "
+                "competing process is one one-thread matrix product (the FIA scoring cost's load process). "
+                f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, commit {commit}. Statistics: the 16 "
+                "ff.net.2 inputs of one real UNet call (256 px, 2 prompt pairs with CFG); masks: statistics drawn at "
+                f"random with 30% of the columns excited, {masked:,} weights masked.")
     return "\n".join([*lines, "", settings, "Reproduce: `python scripts/bench_fia_threads.py`"])
 
 
