@@ -12,6 +12,7 @@ cached, so a run resumed from a checkpoint takes exactly the steps an uninterrup
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -219,6 +220,8 @@ class Trainer:
         self.checkpoint = Checkpoint(settings.checkpoint_dir, {"method": method, "model": self.key, "settings": run,
                                                                "concepts": [c.name for c in concepts]})
         self.losses: list[dict] = []
+        self.resumed_from_step = 0
+        self.earlier_attempts_s: float | None = 0.0  # loop time of the attempts a resumed run continues
 
     # -- data -------------------------------------------------------------------------------------------------
     def examples(self, prompts: list[str], negative: list[str | None] | None = None) -> Examples:
@@ -309,7 +312,9 @@ class Trainer:
                     p.copy_(saved["params"][n])
             restore(saved["state"])
             self.losses, start = saved["losses"], saved["step"]
+            self.resumed_from_step, self.earlier_attempts_s = start, saved.get("loop_s")  # None: an older checkpoint
         s = self.settings
+        started = time.perf_counter()
         for i in tqdm(range(start, total), desc=desc, unit="step", initial=start,
                       disable=not (self.progress and self.accelerator.is_main_process),
                       total=total):
@@ -318,7 +323,9 @@ class Trainer:
             stopping = s.stop_after is not None and done >= s.stop_after and done < total
             if done < total and (done % s.checkpoint_every == 0 or stopping):
                 if self.accelerator.is_main_process:  # every process holds the same weights after the all-reduce
-                    self.checkpoint.save({"step": done, "losses": self.losses, "state": state(),
+                    loop_s = None if self.earlier_attempts_s is None else \
+                        self.earlier_attempts_s + time.perf_counter() - started
+                    self.checkpoint.save({"step": done, "losses": self.losses, "state": state(), "loop_s": loop_s,
                                           "params": {n: p.detach().cpu() for n, p in self.params.items()}})
                 self.accelerator.wait_for_everyone()
             if stopping:
@@ -329,10 +336,17 @@ class Trainer:
         """The trained weights as an edit of the original ones (call inside training())."""
         return MaskEdit.from_weights({n: p.detach().clone() for n, p in self.params.items()}, self.original)
 
-    def finish(self) -> None:
+    def finish(self) -> dict:
+        """Remove the finished run's checkpoint; the record every trained method writes.
+
+        A resumed run's timings cover only its last attempt: earlier_attempts_s is the training loop time of the
+        attempts before it (None when resumed from a checkpoint that did not keep it).
+        """
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.checkpoint.remove()
+        return {"training_curve": self.losses, "trained_parameters": len(self.params),
+                "resumed_from_step": self.resumed_from_step, "earlier_attempts_s": self.earlier_attempts_s}
 
 
 class Checkpoint:

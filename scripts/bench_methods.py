@@ -12,7 +12,8 @@ Each run (method, forget set) is its own process, so its peak memory is its own.
 "Miniature world: methods" (rows kept in docs/methods-mini.json as they finish), "Miniature world: FIA scaling",
 "Miniature world: FIA r2/alpha sweep", "Miniature world: prompt attack" (one run at a time, one thread; rows kept in
 docs/attack-mini.json as they finish); the plot is docs/methods-mini.png. A rerun of the table or the attack measures
-only the rows not yet measured on the shipped mini model. Needs the `bench` extra (matplotlib) for the plot.
+only the rows not yet measured on the shipped mini model; a training row that was stopped resumes from its
+checkpoint (in $TMPDIR/erase-bench-checkpoints). Needs the `bench` extra (matplotlib) for the plot.
 """
 
 from __future__ import annotations
@@ -51,19 +52,29 @@ REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/bench_methods.py"
 # The original model's images, shared by every run (evaluate() keys them by model, prompts and seeds): each method's
 # evaluation then generates only its erased side. Its training data stays cold (a fresh cache per run), as timed.
 ORIGINALS = Path(tempfile.gettempdir()) / "erase-bench-originals"
+# A training run's checkpoints, one folder per row: a stopped row (session end, Ctrl-C) resumes where it stopped.
+CHECKPOINTS = Path(tempfile.gettempdir()) / "erase-bench-checkpoints"
 
 
 def one(method: str, concepts: list[str], settings: dict, evaluation: dict | None, attack: bool = False) -> dict:
     """Erase (and evaluate with `evaluation`'s settings unless None, and attack) in this process; one row's numbers."""
+    from dataclasses import fields
+
     import torch
 
     import erase
+    from erase.methods import get_method
 
     torch.set_num_threads(1)  # two runs share the 2 cores
     pipe = erase.load_pipeline("mini")
+    run = dict(settings)
+    if "checkpoint_dir" in {f.name for f in fields(get_method(method).config_class)}:
+        run["checkpoint_dir"] = str(CHECKPOINTS / f"{method}-{len(concepts)}")
     started = time.perf_counter()
-    result = erase.erase(pipe, concepts, method=method, progress=False, **settings)
-    row = {"method": method, "concepts": concepts, "settings": settings, "seconds": time.perf_counter() - started,
+    result = erase.erase(pipe, concepts, method=method, progress=False, **run)
+    seconds = time.perf_counter() - started + (result.record.get("earlier_attempts_s") or 0)
+    row = {"method": method, "concepts": concepts, "settings": settings, "seconds": seconds,
+           "resumed_from_step": result.record.get("resumed_from_step"),
            "peak_memory_mb": result.record["peak_memory_mb"], "edited": result.record["totals"]["edited"]}
     if attack:
         attacked = erase.attack(pipe, result, progress=False, **ATTACK)
@@ -155,7 +166,8 @@ def table(store) -> str:
                      f"| {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} | {_ci(s, 'generality')} | "
                      f"{_ci(attacked['attack']['metrics']['summary'], 'attack_success_rate') if attacked else '–'} | "
                      f"{s['clip_score_erased']:.2f} | {s['paired_similarity']:.3f} | {s['kid_neutral']:.2e} | "
-                     f"{r['edited']} | {r['seconds']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
+                     f"{r['edited']} | {r['seconds']:.0f} s{' †' if r.get('resumed_from_step') else ''} | "
+                     f"{r['peak_memory_mb']:.0f} MB |")
     settings = "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}" for m, s in METHODS.items())
     missing = missing_rows(store)
     lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items()) + ". Retain: "
@@ -169,8 +181,9 @@ def table(store) -> str:
               "judge's features (0: same distribution); attack success rate: from the prompt attack table below "
               "(an erasure with the same settings and seed, with its own lighter evaluation; – where not measured: "
               f"forget sets 1 and 3 only). Method settings: {settings} (presets in configs/). Wall time is erasure only "
-              "(capture or training, data sampling included), one thread, two runs at a time on a 2-core CPU; peak "
-              "memory is the run's process peak RSS.",
+              "(capture or training, data sampling included), one thread, two runs at a time on a 2-core CPU (†: a "
+              "training run stopped and resumed from its checkpoint; the stopped attempts' training time is added); "
+              "peak memory is the run's process peak RSS.",
               "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
               "", f"Reproduce: `{REPRODUCE}` (measures the rows not yet measured on the shipped model; `--sizes 1 "
               "--methods fia,esd`: a part); plot: docs/methods-mini.png (redrawn as rows land)"]

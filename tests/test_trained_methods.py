@@ -75,6 +75,8 @@ def test_resumed_run_gives_the_weights_of_an_uninterrupted_one(mini, tmp_path):
                           **settings)
     assert resumed.record["training_curve"] == whole.record["training_curve"]
     assert same_edit(whole, resumed)
+    assert (whole.record["resumed_from_step"], resumed.record["resumed_from_step"]) == (0, 15)
+    assert resumed.record["earlier_attempts_s"] > 0  # the stopped attempt's training time, kept in its checkpoint
     assert not (tmp_path / "checkpoint.pt").exists()  # a finished run leaves no checkpoint to resume by mistake
 
 

@@ -171,8 +171,7 @@ def run(pipe, concepts, catalog, config: DynamicMaskConfig, progress: bool = Tru
         trainer.loop(len(concepts) * per_concept, step, state=lambda: stage[0].state(), restore=restore,
                      desc="dynamic masks")
         edit = trainer.edit()
-    trainer.finish()
-    record = {"training_curve": trainer.losses, "trained_parameters": len(trainer.params),
+    record = {**trainer.finish(),
               "superclass": {c.name: c.anchor or "(the base prompts)" for c in concepts},
               "steps_per_concept": {"warmup": config.warmup, "train": config.steps},
               "mask_updates_at": sorted(updates)}

@@ -84,5 +84,4 @@ def run(pipe, concepts, catalog, config: ESDConfig, progress: bool = True,
         trainer.loop(config.steps, step, state=lambda: {"optimizer": optimizer.state_dict()},
                      restore=lambda s: optimizer.load_state_dict(s["optimizer"]), desc="esd")
         edit = trainer.edit()
-    trainer.finish()
-    return edit, {"training_curve": trainer.losses, "trained_parameters": len(trainer.params)}
+    return edit, trainer.finish()

@@ -94,8 +94,7 @@ def run(pipe, concepts, catalog, config: SalUnConfig, progress: bool = True,
         trainer.loop(config.steps, step, state=lambda: {"optimizer": optimizer.optimizer.state_dict()},
                      restore=lambda s: optimizer.optimizer.load_state_dict(s["optimizer"]), desc="salun")
         edit = trainer.edit()
-    trainer.finish()
-    record = {"training_curve": trainer.losses, "trained_parameters": len(trainer.params),
+    record = {**trainer.finish(),
               "saliency_mask": {"fraction": config.saliency_fraction,
                                 "trainable": sum(int(m.sum()) for m in masks.values()),
                                 "of": sum(m.numel() for m in masks.values())},
