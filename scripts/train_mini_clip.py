@@ -7,14 +7,6 @@ judged. A caption is a positive for every image it describes ("a photo of a chur
 batch, whatever its ground or rendering; world.describes): the loss is a multi-positive InfoNCE with those soft
 targets. Images are blurred and noised at random, so the judge also reads the slightly soft images a diffusion
 model draws. A run saves a checkpoint every --save-every steps and resumes from it when started again.
-
-    python scripts/train_mini_clip.py --calibrate --seed 5 --out /tmp/mini/clip-calibrated   # a second stage
-
---calibrate continues a finished judge (--start, default the shipped one) for a few hundred steps with one more
-term: an image that shows no object (a bare place, a person) must give none of the object kind's class texts an
-edge (uniform softmax over them and their anchors). Trained on captions alone, the judge read every bare lake as
-"a photo of a tench", every bare snow field as "a photo of a golf ball" and every bare field as "a photo of a
-french horn" (32 renders each, 100%): an object erased down to its background still counted as the object.
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ import torch.nn.functional as F
 from train_mini import Checkpoint, record, step_rng, warmup_cosine
 
 from erase.mini import world
-from erase.mini.clip import CLIP_DIR, CONFIG, build_clip, load_mini_clip, transforms
+from erase.mini.clip import CONFIG, build_clip, transforms
 
 
 @dataclass
@@ -46,15 +38,9 @@ class ClipConfig:
     images: int = 16000  # half of the base world, half showing taught concepts; held-out pairs in proportion
     # The UNet's frozen text encoder is this CLIP at step text_tower_at (written to OUT/../text-tower), so the UNet
     # trains while the judge goes on learning (SD's text encoder and its evaluator's CLIP are different models too).
-    text_tower_at: int | None = 300
+    text_tower_at: int = 300
     max_noise: float = 0.15  # std of added Gaussian noise, in [-1, 1] pixel units, drawn uniformly per image
     p_blur: float = 0.3
-    no_object_weight: float = 0.0  # the calibration term's weight (0: captions only, as the first stage)
-
-
-# The calibration stage: from a finished judge, a short run with the no-object term (the text tower is not saved
-# again: the UNet's was fixed by the first stage).
-CALIBRATE = {"steps": 300, "lr": 2e-4, "warmup": 20, "text_tower_at": None, "no_object_weight": 1.0}
 
 
 def world_images(n: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
@@ -87,29 +73,14 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
     return (t2i + i2t) / 2
 
 
-def object_texts() -> list[str]:
-    """Every class text the evaluator offers when it classifies an object: the kind's class texts and anchors."""
-    from erase.concepts import load_catalog, parse_concepts
-
-    catalog = load_catalog("mini")
-    names = [name for name, spec in catalog.concepts.items() if spec.get("kind") == "object"]
-    return list(dict.fromkeys(t for c in parse_concepts(names, catalog) for t in catalog.alternatives(c)))
-
-
-def no_object_loss(img: torch.Tensor, objects: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the object texts' softmax against the uniform target, for images that show no object."""
-    return -F.log_softmax(scale * img @ objects.T, dim=1).mean()
-
-
-def train(seed: int, out: Path, cfg: ClipConfig, save_every: int, start: Path | None = None) -> None:
+def train(seed: int, out: Path, cfg: ClipConfig, save_every: int) -> None:
     torch.manual_seed(seed)
     images, scenes = world_images(cfg.images, seed)
-    model = load_mini_clip(path=start)[0].train() if start else build_clip()
+    model = build_clip()
     _, tokenizer = transforms()
-    objects = tokenizer(object_texts())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "opt": opt, "sched": sched}, asdict(cfg))
+    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "opt": opt, "sched": sched})
     start, running = time.time(), 0.0
     for step in range(checkpoint.resume() + 1, cfg.steps + 1):
         rng, gen = step_rng(seed, step)
@@ -119,10 +90,6 @@ def train(seed: int, out: Path, cfg: ClipConfig, save_every: int, start: Path | 
         img = model.encode_image(augment(images[torch.from_numpy(idx)], cfg, gen), normalize=True)
         txt = model.encode_text(tokenizer(list(texts)), normalize=True)
         loss = contrastive_loss(img, txt, model.logit_scale.exp(), consistent(list(said), batch))
-        bare = torch.tensor([s.object is None for s in batch])
-        if cfg.no_object_weight and bare.any():
-            loss = loss + cfg.no_object_weight * no_object_loss(
-                img[bare], model.encode_text(objects, normalize=True), model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -156,20 +123,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-every", type=int, default=250, help="checkpoint interval (a stopped run resumes)")
-    parser.add_argument("--calibrate", action="store_true", help="the second stage: continue --start with the "
-                        "no-object term (settings: CALIBRATE)")
-    parser.add_argument("--start", type=Path, default=CLIP_DIR, help="--calibrate: the judge to continue")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = ClipConfig(**CALIBRATE) if args.calibrate else ClipConfig()
+    cfg = ClipConfig()
     if args.steps:
         cfg.steps = args.steps
-    stage = "clip-calibrate" if args.calibrate else "clip"
-    print(f"== {stage} seed {args.seed}: {asdict(cfg)}", flush=True)
+    print(f"== clip seed {args.seed}: {asdict(cfg)}", flush=True)
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    train(args.seed, args.out, cfg, args.save_every, start=args.start if args.calibrate else None)
-    record(args.out.parent, stage, args.seed, time.time() - start)
+    train(args.seed, args.out, cfg, args.save_every)
+    record(args.out.parent, "clip", args.seed, time.time() - start)
 
 
 if __name__ == "__main__":
