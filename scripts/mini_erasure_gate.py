@@ -58,6 +58,19 @@ def ground_truth(pipe, result, prompts: int, neurons: dict) -> dict:
     return {"truth": float(np.mean([v["erased"] for v in report.metrics["forget"].values()]))}
 
 
+def still_named(report, catalog) -> dict[str, dict[str, str]]:
+    """Per erased concept and forget prompt: how many of its erased images the judge still names the concept."""
+    from erase.concepts import parse_concepts
+
+    out = {}
+    for name in report.metrics["forget"]:
+        named = catalog.alternatives(parse_concepts([name], catalog)[0])[0]
+        images = [r for r in report.records if r["role"] == "forget" and r["concept"] == name]
+        out[name] = {p: f"{sum(r['erased_class'] == named for r in images if r['prompt'] == p)}/"
+                        f"{sum(r['prompt'] == p for r in images)}" for p in dict.fromkeys(r["prompt"] for r in images)}
+    return out
+
+
 def kept(report) -> float:
     """Retained concepts' accuracy after erasure over before (pooled)."""
     retain = report.metrics["retain"].values()
@@ -91,9 +104,10 @@ def labels() -> list[str]:
     return ["van gogh, nudity", "the 10 Imagenette classes", *world.TAUGHT_OBJECTS]
 
 
-def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measure) -> None:
+def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measure, grids: Path | None = None) -> None:
     """Hand each row to `landed(row)` as it is measured: a long run records what it has. neurons: the pipeline's
-    neurons.json (ground truth); `measure(label)`: whether to measure that row."""
+    neurons.json (ground truth); `measure(label)`: whether to measure that row; grids: a folder for each row's
+    original | erased grid of its forget images."""
     from erase.mini import world
     from erase.mini.clip import load_mini_clip
 
@@ -105,11 +119,15 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
         if not measure(label):
             return
         result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts)
+        if grids:
+            grids.mkdir(parents=True, exist_ok=True)
+            report.grid().save(grids / f"{method}-{label.replace(' ', '-').replace(',', '')}.png")
         forget = [v["erased"] for v in report.metrics["forget"].values()]
         r = {"label": label, "settings": settings or "defaults", "edited": result.record["totals"]["edited"],
              "forget_before": float(np.mean([v["original"] for v in report.metrics["forget"].values()])),
              "forget": float(np.mean(forget)), "forget_max": float(max(forget)), "kept": kept(report),
              "forget_each": {c: v["erased"] for c, v in report.metrics["forget"].items()},
+             "still_named": still_named(report, catalog),
              "retain": float(np.mean([v["erased"] for v in report.metrics["retain"].values()])),
              "similarity": report.metrics["fidelity"]["paired_similarity_neutral"], "seconds": seconds,
              "threads": torch.get_num_threads()}
@@ -174,7 +192,18 @@ def table(store, prompts: int) -> str:
               "zeroed instead': forgetting when the concept's ground-truth neurons (erase/assets/mini/neurons.json) are "
               "zeroed in place of the method's edit, same prompts and seeds.",
               f"Reproduce: `{REPRODUCE} --method fia --method conceptprune`"]
-    return "\n".join(lines)
+    return "\n".join(lines + named_lines([r for rs in results.values() for r in rs]))
+
+
+def named_lines(rows: list[dict]) -> list[str]:
+    """Which prompts' erased images the judge still names the concept, for the rows that recorded it (compare the
+    floor in "Miniature world: the judge on bare places")."""
+    lines = [f"- {r['method']}, {r['label']}: " + "; ".join(
+        f"{concept}: " * (len(r["still_named"]) > 1) + ", ".join(f"{prompt} {n}" for prompt, n in prompts.items() if not n.startswith("0/"))
+        for concept, prompts in r["still_named"].items() if r["forget_each"][concept] > 0)
+        for r in rows if r.get("still_named") and r["forget_max"] > 0]
+    return ["", "<details><summary>erased images the judge still names the concept, by prompt</summary>", "", *lines,
+            "", "</details>"] if lines else []
 
 
 def main() -> None:
@@ -186,6 +215,8 @@ def main() -> None:
     parser.add_argument("--only", action="append", metavar="LABEL",
                         help="measure only this row (repeatable), e.g. --only church --only 'van gogh, nudity'")
     parser.add_argument("--again", action="store_true", help=f"measure rows already in {STORE_NAME} again")
+    parser.add_argument("--grid", type=Path, metavar="DIR", help="save each measured row's forget images (original | "
+                        "erased) as DIR/METHOD-LABEL.png")
     parser.add_argument("--no-record", action="store_true", help=f"print only; leave {STORE_NAME} and BENCHMARKS.md alone")
     args = parser.parse_args()
     if unknown := set(args.only or ()) - set(labels()):
@@ -214,7 +245,9 @@ def main() -> None:
             wanted = not args.only or label in args.only
             return wanted and (args.again or args.no_record or not store.has(method=method, label=label))
 
-        rows(pipe, catalog, method, args.prompts, landed, neurons, measure)
+        rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid)
+    if not args.no_record:  # also when every row was there already: the section follows this script's layout
+        update_section(SECTION, table(store, args.prompts))
     print(table(store, args.prompts))
 
 if __name__ == "__main__":
