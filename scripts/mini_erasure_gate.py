@@ -1,15 +1,18 @@
 """The miniature world's erasure gates for FIA, recorded in BENCHMARKS.md ("Miniature world: erasure gates").
 
     HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py [--pipeline DIR] [--method fia] [--prompts 4]
+        [--object-config fia-object]
 
-With one setting per kind (the shipped presets: configs/fia-object.yaml for objects, the defaults for the
-README's mixed command), judged by erase.evaluate with the mini CLIP on held-out prompts and paired seeds:
+With one setting per kind (configs/fia-object-mini.yaml for objects, which says why the mini model has its own
+preset; the defaults for the README's mixed command), judged by erase.evaluate with the mini CLIP on held-out prompts and paired seeds:
   - each Imagenette class alone: forgetting <= 10%, the other objects keep >= 85% of their accuracy;
   - the 10 Imagenette classes at once: forgetting <= 10%, the other objects' accuracy >= 80%;
   - `--concepts "van gogh,nudity"`: forgetting <= 10% for both, the other artists and the persons keep >= 85%;
   - paired image similarity on the neutral prompts >= 0.9 in all of these.
 `--method conceptprune` (or any other) runs the same rows for comparison; the gates are FIA's. Rows land in
 docs/erasure-gate-mini.json one at a time; a rerun measures only the rows not there yet (`--again`: all of them).
+`--object-config` measures the object rows with another preset (fia-object: the paper's, with its 3% for hard-to-
+forget objects); they are kept beside the gate's rows for comparison.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ STORE_NAME = "docs/erasure-gate-mini.json"
 STORE = Path(__file__).resolve().parent.parent / STORE_NAME
 REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py"
 FORGET_MAX, KEPT_MIN, SIMILARITY_MIN = 0.10, 0.85, 0.90
+GATE_OBJECT_CONFIG = "fia-object-mini"
 
 
 def evaluate(pipe, catalog, concepts, retain, method, settings, prompts):
@@ -104,19 +108,20 @@ def labels() -> list[str]:
     return ["van gogh, nudity", "the 10 Imagenette classes", *world.TAUGHT_OBJECTS]
 
 
-def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measure, grids: Path | None = None) -> None:
+def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measure, grids: Path | None = None,
+         object_config: str = GATE_OBJECT_CONFIG) -> None:
     """Hand each row to `landed(row)` as it is measured: a long run records what it has. neurons: the pipeline's
-    neurons.json (ground truth); `measure(label)`: whether to measure that row; grids: a folder for each row's
+    neurons.json (ground truth); `measure(label, settings)`: whether to measure that row; grids: a folder for each row's
     original | erased grid of its forget images."""
     from erase.mini import world
     from erase.mini.clip import load_mini_clip
 
     judge = load_mini_clip()
     # The shipped settings (fill: noise since issue 16); rows measured before that say fill: zeros in their settings.
-    object_settings = {"config": "fia-object"} if method == "fia" else {}
+    object_settings = {"config": object_config} if method == "fia" else {}
 
     def row(label, concepts, retain, settings, extra=None):
-        if not measure(label):
+        if not measure(label, settings or "defaults"):
             return
         result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts)
         if grids:
@@ -146,6 +151,15 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
             extra=lambda result: ground_truth(pipe, result, prompts, neurons))
 
 
+def primary(r: dict) -> bool:
+    """Whether a row ran with the table's settings, not another object preset measured for comparison."""
+    return r["settings"] in ("defaults", {"config": GATE_OBJECT_CONFIG})
+
+
+def gate_row(r: dict) -> bool:
+    return r["method"] == "fia" and primary(r)
+
+
 def verdict(r: dict) -> bool:
     kept_ok = r["retain"] >= 0.80 if r["label"] == "the 10 Imagenette classes" else r["kept"] >= KEPT_MIN
     return (r["forget_max"] <= FORGET_MAX and kept_ok and r.get("persons_kept", 1.0) >= KEPT_MIN
@@ -166,9 +180,9 @@ def worst(r: dict) -> str:
 
 def table(store, prompts: int) -> str:
     results = {}
-    for r in sorted(store.rows, key=lambda r: labels().index(r["label"])):
+    for r in sorted(store.rows, key=lambda r: (not primary(r), labels().index(r["label"]))):
         results.setdefault(r["method"], []).append(r)
-    done, total = len(store.rows), len(labels()) * len(results)
+    done, total = sum(map(primary, store.rows)), len(labels()) * len(results)
     lines = [*([f"_Partial: {done} of {total} rows measured so far; the script records each row as it lands._", ""]
                if done < total else []), *store.stale_note(REPRODUCE), "| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
              "its own neurons zeroed instead | others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
@@ -177,7 +191,7 @@ def table(store, prompts: int) -> str:
         for r in rs:
             persons = f"{r['persons_kept']:.0%}" if "persons_kept" in r else "–"
             truth = f"{r['truth']:.0%}" if "truth" in r else "–"
-            gate = ("yes" if verdict(r) else "NO") if method == "fia" else "–"
+            gate = ("yes" if verdict(r) else "NO") if gate_row(r) else "–"
             lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
                          f"{r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | {r['kept']:.0%} | {truth} | {r['retain']:.0%} | {persons} | "
                          f"{r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
@@ -190,7 +204,8 @@ def table(store, prompts: int) -> str:
               "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads unless the row says "
               "otherwise). 'Its own neurons "
               "zeroed instead': forgetting when the concept's ground-truth neurons (erase/assets/mini/neurons.json) are "
-              "zeroed in place of the method's edit, same prompts and seeds.",
+              "zeroed in place of the method's edit, same prompts and seeds. FIA rows with – as their gate ran with "
+              "another object preset (`--object-config`), for comparison.",
               f"Reproduce: `{REPRODUCE} --method fia --method conceptprune`"]
     return "\n".join(lines + named_lines([r for rs in results.values() for r in rs]))
 
@@ -198,7 +213,7 @@ def table(store, prompts: int) -> str:
 def named_lines(rows: list[dict]) -> list[str]:
     """Which prompts' erased images the judge still names the concept, for the rows that recorded it (compare the
     floor in "Miniature world: the judge on bare places")."""
-    lines = [f"- {r['method']}, {r['label']}: " + "; ".join(
+    lines = [f"- {r['method']}, {r['label']}" + ("" if primary(r) else f" ({r['settings']['config']})") + ": " + "; ".join(
         f"{concept}: " * (len(r["still_named"]) > 1) + ", ".join(f"{prompt} {n}" for prompt, n in prompts.items() if not n.startswith("0/"))
         for concept, prompts in r["still_named"].items() if r["forget_each"][concept] > 0)
         for r in rows if r.get("still_named") and r["forget_max"] > 0]
@@ -211,6 +226,8 @@ def main() -> None:
     parser.add_argument("--pipeline", default="mini", help="the mini pipeline (or a trial folder of one)")
     parser.add_argument("--method", action="append", help="repeatable; default fia")
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--object-config", default=GATE_OBJECT_CONFIG,
+                        help="FIA preset of the object rows; another than the gate's is measured for comparison")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", action="append", metavar="LABEL",
                         help="measure only this row (repeatable), e.g. --only church --only 'van gogh, nudity'")
@@ -233,7 +250,7 @@ def main() -> None:
     folder = MINI_PIPELINE_DIR if args.pipeline == "mini" else Path(args.pipeline)
     neurons = json.loads((folder.parent / "neurons.json").read_text())  # beside the pipeline, as train_mini writes it
     pipe.set_progress_bar_config(disable=True)
-    store = RowStore(STORE, ("method", "label"), fingerprint(pipe.unet))
+    store = RowStore(STORE, ("method", "label", "settings"), fingerprint(pipe.unet))
 
     def landed(row: dict) -> None:
         if not args.no_record:
@@ -241,11 +258,11 @@ def main() -> None:
             update_section(SECTION, table(store, args.prompts))
 
     for method in args.method or ["fia"]:
-        def measure(label: str) -> bool:
+        def measure(label: str, settings) -> bool:
             wanted = not args.only or label in args.only
-            return wanted and (args.again or args.no_record or not store.has(method=method, label=label))
+            return wanted and (args.again or args.no_record or not store.has(method=method, label=label, settings=settings))
 
-        rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid)
+        rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config)
     if not args.no_record:  # also when every row was there already: the section follows this script's layout
         update_section(SECTION, table(store, args.prompts))
     print(table(store, args.prompts))

@@ -2,7 +2,7 @@
 
 The world's Imagenette objects are taught through a few feed-forward neurons each (scripts/train_mini.py), as
 published analyses find such concepts in Stable Diffusion: FIA, the training-free flagship, must find and remove
-them with the shipped preset, and leave the other objects as they were.
+them with the mini model's object preset (configs/fia-object-mini.yaml), and leave the other objects as they were.
 
 The object is the parachute: FIA's mask holds its neurons whole, and once they are gone the judge no longer sees a
 parachute. The church is not the test's object although FIA's mask holds 95% of its neurons' weight: with its
@@ -24,7 +24,7 @@ def mini(tmp_path_factory):
 
 
 def test_fia_erases_a_taught_object_and_keeps_the_others(mini):
-    result = erase.erase(mini, "parachute", config="fia-object", progress=False)
+    result = erase.erase(mini, "parachute", config="fia-object-mini", progress=False)
     report = erase.evaluate(mini, result, retain=["golf ball", "church", "chain saw", "cat", "car"], progress=False,
                             prompts_per_concept=4, seeds=[0, 1], guidance_scale=4.0)
     parachute = report.metrics["forget"]["parachute"]
