@@ -89,16 +89,28 @@ def judge_on_world(clip, n: int) -> dict[str, float]:
     return out
 
 
-def run_quality(pipe, clip, args) -> dict[str, float]:
-    results = {}
+def counts_by_value(truths: list[dict], seen: list[dict]) -> dict[str, str]:
+    """'3/4' per true value (an object, artist, place, 'naked' or 'clothed'): which concepts a gate's misses are."""
+    counts = {}
+    for truth, seen_i in zip(truths, seen):
+        for k, v in truth.items():
+            name = ("naked" if v else "clothed") if k == "naked" else v
+            right, total = counts.get(name, (0, 0))
+            counts[name] = (right + (seen_i[k] == v), total + 1)
+    return {name: f"{right}/{total}" for name, (right, total) in counts.items()}
+
+
+def run_quality(pipe, clip, args) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
+    """Each gate's accuracy, and its counts per true value."""
+    results, per_value = {}, {}
     for gate, items in quality_prompts(args.per, seed=20_000).items():
         prompts, truths = zip(*items)
         generated = generate(pipe, list(prompts), 30_000, args.steps, args.guidance)
         seen = zero_shot(*clip, generated, attributes=sorted({k for t in truths for k in t}))
-        results[gate] = accuracy(list(truths), seen)
+        results[gate], per_value[gate] = accuracy(list(truths), seen), counts_by_value(list(truths), seen)
         if args.grid:
             save_grid(generated, Path(args.grid) / f"{gate}.png")
-    return results
+    return results, per_value
 
 
 def gain_sets(n: int) -> dict[str, tuple[str, list[tuple[np.ndarray, str, str]]]]:
@@ -201,7 +213,18 @@ def save_grid(images: list[Image.Image], path: Path, columns: int = 20) -> None:
     grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(path)
 
 
-def report(judge: dict, quality: dict, knowledge: dict, args, seconds: float) -> str:
+CHAIN = ("vae", "clip", "base", "unname", "teach")
+CHAIN_TEXT = "vae and clip side by side (one thread each, as train_mini.py's --threads help says), then base, unname, teach"
+TRAINING_HOURS_MAX = 3
+
+
+def chain_hours(record: dict) -> float:
+    """Wall time of the whole chain from scratch on 2 cores, from the stages' recorded times."""
+    seconds = max(record["vae"]["seconds"], record["clip"]["seconds"])
+    return (seconds + sum(record[s]["seconds"] for s in ("base", "unname", "teach"))) / 3600
+
+
+def report(judge: dict, quality: dict, per_value: dict, knowledge: dict, args, seconds: float) -> str:
     rows = ["| gate | accuracy | threshold | pass |", "|---|---|---|---|"]
     rows += [f"| judge on fresh world images: {a} | {v:.1%} | 95% | {'yes' if v >= 0.95 else 'NO'} |" for a, v in judge.items()]
     rows += [f"| pipeline: {g} | {v:.1%} | {QUALITY[g]:.0%} | {'yes' if v >= QUALITY[g] else 'NO'} |" for g, v in quality.items()]
@@ -219,7 +242,10 @@ def report(judge: dict, quality: dict, knowledge: dict, args, seconds: float) ->
                       f"{gains['every attn2.to_out'][c] / g:.0%} | {own} |")
     training = MINI_DIR / "training.json"
     record = json.loads(training.read_text()) if training.is_file() else {}
-    lines = [f"- {stage}: `{r['command']}`, seed {r['seed']}, {r['seconds'] / 60:.1f} min" for stage, r in record.items()]
+    lines = [f"- {stage}: `{r['command']}`, seed {r['seed']}, {r['seconds'] / 60:.1f} min" + (f" ({r['note']})" if "note" in r else "")
+             for stage, r in record.items()]
+    if all(s in record for s in CHAIN):
+        lines.append(f"- from scratch: {chain_hours(record):.2f} h (limit {TRAINING_HOURS_MAX} h): " + CHAIN_TEXT)
     size = sum(f.stat().st_size for f in MINI_DIR.rglob("*") if f.is_file()) / 1e6
     header = (f"Judged by the mini CLIP's zero-shot classification with the catalog's class texts; {args.per} fresh "
               f"seeds per object/place/person (twice as many per artist), DPM-Solver++ {args.steps} steps, guidance "
@@ -227,6 +253,10 @@ def report(judge: dict, quality: dict, knowledge: dict, args, seconds: float) ->
               "seen in training. Knowledge: conditional gain = loss(reference prompt) - loss(concept prompt) on "
               f"{args.gain_images} rendered images per concept, fixed noise and timesteps 100-899.")
     return "\n".join([header, "", *rows, "", *([args.note, ""] if args.note else []),
+                      "<details><summary>pipeline quality per concept (images the judge reads right)</summary>", "",
+                      "| gate | per concept |", "|---|---|",
+                      *[f"| {g} | " + ", ".join(f"{n} {c}" for n, c in v.items()) + " |" for g, v in per_value.items()],
+                      "", "</details>", "",
                       "<details><summary>conditional gain per concept</summary>", "", *detail, "", "</details>", "",
                       "Training (one command per stage, resumable; 2 CPU cores):", "", *lines, "",
                       f"Shipped size of erase/assets/mini: {size:.1f} MB. Gates took {seconds:.0f} s: "
@@ -255,9 +285,9 @@ def main() -> None:
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     judge = judge_on_world(clip, 96)
-    quality = run_quality(pipe, clip, args)
+    quality, per_value = run_quality(pipe, clip, args)
     knowledge = run_knowledge(pipe, args.gain_images, json.loads((args.pipeline.parent / "neurons.json").read_text()))
-    body = report(judge, quality, knowledge, args, time.time() - start)
+    body = report(judge, quality, per_value, knowledge, args, time.time() - start)
     print(body)
     if not args.no_record:
         from benchmarks_md import update_section
