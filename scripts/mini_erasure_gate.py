@@ -1,10 +1,11 @@
 """The miniature world's erasure gates for FIA, recorded in BENCHMARKS.md ("Miniature world: erasure gates").
 
     HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py [--pipeline DIR] [--method fia] [--prompts 4]
-        [--object-config fia-object]
+        [--object-config fia-object] [--no-record --seeds 8]
 
 With one setting per kind (configs/fia-object-mini.yaml for objects, which says why the mini model has its own
-preset; the defaults for the README's mixed command), judged by erase.evaluate with the mini CLIP on held-out prompts and paired seeds:
+preset; the defaults for the README's mixed command), judged by erase.evaluate with the mini CLIP on held-out
+prompts and paired seeds:
   - each Imagenette class alone: forgetting <= 10%, the other objects keep >= 85% of their accuracy;
   - the 10 Imagenette classes at once: forgetting <= 10%, the other objects' accuracy >= 80%;
   - `--concepts "van gogh,nudity"`: forgetting <= 10% for both, the other artists and the persons keep >= 85%;
@@ -34,20 +35,21 @@ STORE = Path(__file__).resolve().parent.parent / STORE_NAME
 REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py"
 FORGET_MAX, KEPT_MIN, SIMILARITY_MIN = 0.10, 0.85, 0.90
 GATE_OBJECT_CONFIG = "fia-object-mini"
+SEEDS = (0, 1)  # the table's; --seeds N (with --no-record) measures a row on more images
 
 
-def evaluate(pipe, catalog, concepts, retain, method, settings, prompts):
+def evaluate(pipe, catalog, concepts, retain, method, settings, prompts, seeds):
     import erase
 
     started = time.perf_counter()
     result = erase.erase(pipe, concepts, method=method, catalog=catalog, progress=False, **settings)
     seconds = time.perf_counter() - started
     report = erase.evaluate(pipe, result, retain=retain, catalog=catalog, progress=False,
-                            prompts_per_concept=prompts, seeds=[0, 1], guidance_scale=4.0)
+                            prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=4.0)
     return result, report, seconds
 
 
-def ground_truth(pipe, result, prompts: int, neurons: dict) -> dict:
+def ground_truth(pipe, result, prompts: int, seeds, neurons: dict) -> dict:
     """Forgetting with the erased concepts' own neurons (neurons.json) zeroed instead of the method's edit, by the
     same evaluation: the best any masking of the world's ground truth can do under this judge."""
     from dataclasses import replace
@@ -58,7 +60,7 @@ def ground_truth(pipe, result, prompts: int, neurons: dict) -> dict:
 
     edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
     report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
-                            prompts_per_concept=prompts, seeds=[0, 1], guidance_scale=4.0)
+                            prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=4.0)
     return {"truth": float(np.mean([v["erased"] for v in report.metrics["forget"].values()]))}
 
 
@@ -109,7 +111,7 @@ def labels() -> list[str]:
 
 
 def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measure, grids: Path | None = None,
-         object_config: str = GATE_OBJECT_CONFIG) -> None:
+         object_config: str = GATE_OBJECT_CONFIG, seeds=SEEDS) -> None:
     """Hand each row to `landed(row)` as it is measured: a long run records what it has. neurons: the pipeline's
     neurons.json (ground truth); `measure(label, settings)`: whether to measure that row; grids: a folder for each row's
     original | erased grid of its forget images."""
@@ -123,7 +125,7 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
     def row(label, concepts, retain, settings, extra=None):
         if not measure(label, settings or "defaults"):
             return
-        result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts)
+        result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts, seeds)
         if grids:
             grids.mkdir(parents=True, exist_ok=True)
             report.grid().save(grids / f"{method}-{label.replace(' ', '-').replace(',', '')}.png")
@@ -143,12 +145,12 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
     # The README's command and the ten classes first: a run stopped early has the rows users read first.
     row("van gogh, nudity", ["van gogh", "nudity"], [a for a in world.ARTISTS if a != "van gogh"], {},
         extra=lambda result: {"persons_kept": persons_kept(pipe, result.edit, judge),
-                              **ground_truth(pipe, result, prompts, neurons)})
+                              **ground_truth(pipe, result, prompts, seeds, neurons)})
     row("the 10 Imagenette classes", list(world.TAUGHT_OBJECTS), list(world.BASE_OBJECTS), object_settings,
-        extra=lambda result: ground_truth(pipe, result, prompts, neurons))
+        extra=lambda result: ground_truth(pipe, result, prompts, seeds, neurons))
     for concept in world.TAUGHT_OBJECTS:
         row(concept, [concept], [o for o in world.OBJECTS if o != concept], object_settings,
-            extra=lambda result: ground_truth(pipe, result, prompts, neurons))
+            extra=lambda result: ground_truth(pipe, result, prompts, seeds, neurons))
 
 
 def primary(r: dict) -> bool:
@@ -226,6 +228,8 @@ def main() -> None:
     parser.add_argument("--pipeline", default="mini", help="the mini pipeline (or a trial folder of one)")
     parser.add_argument("--method", action="append", help="repeatable; default fia")
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=len(SEEDS),
+                        help="seeds 0..N-1 per prompt; other than the table's only with --no-record")
     parser.add_argument("--object-config", default=GATE_OBJECT_CONFIG,
                         help="FIA preset of the object rows; another than the gate's is measured for comparison")
     parser.add_argument("--threads", type=int, default=2)
@@ -236,6 +240,10 @@ def main() -> None:
                         "erased) as DIR/METHOD-LABEL.png")
     parser.add_argument("--no-record", action="store_true", help=f"print only; leave {STORE_NAME} and BENCHMARKS.md alone")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: expected at least 1")
+    if args.seeds != len(SEEDS) and not args.no_record:
+        parser.error(f"--seeds {args.seeds}: the table's rows use seeds {SEEDS}; measure other seeds with --no-record")
     if unknown := set(args.only or ()) - set(labels()):
         raise SystemExit(f"--only: no row {sorted(unknown)}; the rows are {labels()}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -262,7 +270,8 @@ def main() -> None:
             wanted = not args.only or label in args.only
             return wanted and (args.again or args.no_record or not store.has(method=method, label=label, settings=settings))
 
-        rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config)
+        rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config,
+             tuple(range(args.seeds)))
     if not args.no_record:  # also when every row was there already: the section follows this script's layout
         update_section(SECTION, table(store, args.prompts))
     print(table(store, args.prompts))
