@@ -123,14 +123,15 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
     object_settings = {"config": object_config} if method == "fia" else {}
 
     def row(label, concepts, retain, settings, extra=None):
-        if not measure(label, settings or "defaults"):
+        recorded = settings or "defaults"  # how the row's settings are stored and shown
+        if not measure(label, recorded):
             return
         result, report, seconds = evaluate(pipe, catalog, concepts, retain, method, settings, prompts, seeds)
         if grids:
             grids.mkdir(parents=True, exist_ok=True)
             report.grid().save(grids / f"{method}-{label.replace(' ', '-').replace(',', '')}.png")
         forget = [v["erased"] for v in report.metrics["forget"].values()]
-        r = {"label": label, "settings": settings or "defaults", "edited": result.record["totals"]["edited"],
+        r = {"label": label, "settings": recorded, "edited": result.record["totals"]["edited"],
              "forget_before": float(np.mean([v["original"] for v in report.metrics["forget"].values()])),
              "forget": float(np.mean(forget)), "forget_max": float(max(forget)), "kept": kept(report),
              "forget_each": {c: v["erased"] for c, v in report.metrics["forget"].items()},

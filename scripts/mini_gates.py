@@ -213,15 +213,13 @@ def save_grid(images: list[Image.Image], path: Path, columns: int = 20) -> None:
     grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(path)
 
 
-CHAIN = ("vae", "clip", "base", "unname", "teach")
-CHAIN_TEXT = "vae and clip side by side (one thread each, as train_mini.py's --threads help says), then base, unname, teach"
+SIDE_BY_SIDE, IN_TURN = ("vae", "clip"), ("base", "unname", "teach")  # one thread each, as train_mini's --threads says
 TRAINING_HOURS_MAX = 3
 
 
 def chain_hours(record: dict) -> float:
     """Wall time of the whole chain from scratch on 2 cores, from the stages' recorded times."""
-    seconds = max(record["vae"]["seconds"], record["clip"]["seconds"])
-    return (seconds + sum(record[s]["seconds"] for s in ("base", "unname", "teach"))) / 3600
+    return (max(record[s]["seconds"] for s in SIDE_BY_SIDE) + sum(record[s]["seconds"] for s in IN_TURN)) / 3600
 
 
 def report(judge: dict, quality: dict, per_value: dict, knowledge: dict, args, seconds: float) -> str:
@@ -244,8 +242,9 @@ def report(judge: dict, quality: dict, per_value: dict, knowledge: dict, args, s
     record = json.loads(training.read_text()) if training.is_file() else {}
     lines = [f"- {stage}: `{r['command']}`, seed {r['seed']}, {r['seconds'] / 60:.1f} min" + (f" ({r['note']})" if "note" in r else "")
              for stage, r in record.items()]
-    if all(s in record for s in CHAIN):
-        lines.append(f"- from scratch: {chain_hours(record):.2f} h (limit {TRAINING_HOURS_MAX} h): " + CHAIN_TEXT)
+    if all(s in record for s in SIDE_BY_SIDE + IN_TURN):
+        lines.append(f"- from scratch: {chain_hours(record):.2f} h (limit {TRAINING_HOURS_MAX} h): {' and '.join(SIDE_BY_SIDE)} "
+                     f"side by side (one thread each, as train_mini.py's --threads help says), then {', '.join(IN_TURN)}")
     size = sum(f.stat().st_size for f in MINI_DIR.rglob("*") if f.is_file()) / 1e6
     header = (f"Judged by the mini CLIP's zero-shot classification with the catalog's class texts; {args.per} fresh "
               f"seeds per object/place/person (twice as many per artist), DPM-Solver++ {args.steps} steps, guidance "
