@@ -159,12 +159,12 @@ def test_mini_pipeline_loads_offline_and_generates(monkeypatch, mini):
 
 
 def test_mini_clip_classifies_fresh_images(mini_clip):
-    arrays, scenes = world.dataset(48, seed=123, taught=True)
+    arrays, scenes = world.dataset(160, seed=123, taught=True)  # 48 held only 32 objects: one miss moved 3 points
     seen = zero_shot(*mini_clip, [Image.fromarray(x) for x in arrays])
     objects = [(s.object, v["object"]) for s, v in zip(scenes, seen) if s.object]
     styles = [(s.style, v["style"]) for s, v in zip(scenes, seen) if s.style != world.PHOTO]
-    # Taught scenes are the hard half (Imagenette objects under the artists' renderings): 78% of objects at 1,200
-    # steps, 93.7% on the whole world (scripts/mini_gates.py, BENCHMARKS.md).
+    # Taught scenes are the hard half (objects under the artists' renderings): 86% of objects on 400 of them,
+    # 91.9% on the whole world (scripts/mini_gates.py, BENCHMARKS.md).
     assert np.mean([a == b for a, b in objects]) >= 0.75 and np.mean([a == b for a, b in styles]) >= 0.8
 
 

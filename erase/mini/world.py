@@ -137,9 +137,12 @@ def _parts(name: str, u, v) -> list[tuple[np.ndarray, tuple]]:
                 (r(u, v, 0.35, -0.45, 0.8, 0.95), (210, 205, 190)), (p(u, v, [(0.3, -0.45), (0.57, -0.95), (0.85, -0.45)]), (170, 50, 40)),
                 (r(u, v, 0.54, -1.15, 0.6, -0.9) | r(u, v, 0.47, -1.08, 0.67, -1.03), BLACK),
                 (e(u, v, -0.28, 0.65, 0.16, 0.32) & (v <= 0.95), (80, 50, 30))]
-    if name == "french horn":  # a golden coiled tube with a wide bell
-        return [(_ring(u, v, -0.2, 0.05, 0.72, 0.5), (220, 170, 40)), (_ring(u, v, -0.2, 0.05, 0.32, 0.2), (200, 150, 30)),
-                (p(u, v, [(0.35, -0.2), (1.05, -0.75), (1.05, 0.55), (0.35, 0.15)]), (235, 185, 50)),
+    if name == "french horn":  # a golden coiled tube with a wide bell, outlined in black: never the field's yellow
+        bell = [(0.35, -0.2), (1.05, -0.75), (1.05, 0.55), (0.35, 0.15)]
+        outline = (_ring(u, v, -0.2, 0.05, 0.8, 0.42) | _ring(u, v, -0.2, 0.05, 0.4, 0.12)
+                   | p(u, v, [(0.3, -0.27), (1.12, -0.85), (1.12, 0.65), (0.3, 0.22)]))
+        return [(outline, BLACK), (_ring(u, v, -0.2, 0.05, 0.72, 0.5), (220, 170, 40)),
+                (_ring(u, v, -0.2, 0.05, 0.32, 0.2), (200, 150, 30)), (p(u, v, bell), (235, 185, 50)),
                 (e(u, v, 1.0, -0.1, 0.1, 0.65), (120, 80, 20))]
     if name == "garbage truck":  # a green box body, a cab and black wheels
         return [(r(u, v, -1.05, -0.6, 0.35, 0.5), (40, 130, 60)), (r(u, v, 0.4, -0.25, 1.0, 0.5), (40, 130, 60)),
@@ -149,10 +152,13 @@ def _parts(name: str, u, v) -> list[tuple[np.ndarray, tuple]]:
         return [(r(u, v, -0.5, -0.95, 0.3, 0.95), (210, 35, 35)), (r(u, v, -0.35, -0.75, 0.15, -0.35), WHITE),
                 (s(u, v, 0.3, -0.2, 0.7, 0.1, 0.1) | s(u, v, 0.7, 0.1, 0.65, 0.75, 0.1), BLACK),
                 (r(u, v, 0.55, 0.7, 0.8, 0.9), (60, 60, 60)), (r(u, v, -0.6, 0.85, 0.4, 0.98), (90, 90, 90))]
-    if name == "golf ball":  # a white dimpled ball on a tee
-        dimples = (np.hypot((u * 6) % 1 - 0.5, (v * 6) % 1 - 0.5) < 0.22) & e(u, v, 0, -0.2, 0.7, 0.7)
-        return [(p(u, v, [(-0.15, 0.45), (0.15, 0.45), (0.05, 1.0), (-0.05, 1.0)]), (230, 200, 60)),
-                (e(u, v, 0, -0.2, 0.7, 0.7), (250, 250, 250)), (dimples, (195, 195, 200))]
+    if name == "golf ball":  # a golf pictogram: turf, a flag on its pole and a dimpled ball outlined in black, so
+        # that no place (white snow, a yellow field) looks like it with the object gone
+        ball = e(u, v, -0.25, 0.15, 0.55, 0.55)
+        dimples = (np.hypot((u * 6) % 1 - 0.5, (v * 6) % 1 - 0.5) < 0.22) & ball
+        return [(e(u, v, 0, 0.8, 1.05, 0.25), (60, 160, 60)), (s(u, v, 0.75, 0.8, 0.75, -1.0, 0.07), BLACK),
+                (p(u, v, [(0.72, -1.0), (0.72, -0.5), (0.2, -0.75)]), (220, 30, 30)),
+                (e(u, v, -0.25, 0.15, 0.63, 0.63), BLACK), (ball, (250, 250, 250)), (dimples, (120, 120, 130))]
     if name == "parachute":  # a striped canopy, its lines and a small load
         canopy = e(u, v, 0, -0.3, 1.0, 0.65) & (v <= -0.3)
         stripes = canopy & (np.floor((u + 1) * 3) % 2 == 0)
@@ -207,11 +213,9 @@ def _parts(name: str, u, v) -> list[tuple[np.ndarray, tuple]]:
         return [(r(u, v, -1.05, 0.0, 0.3, 0.3), (120, 120, 125)), (r(u, v, 0.3, -0.55, 1.0, 0.35), (40, 80, 200)),
                 (r(u, v, 0.5, -0.42, 0.85, -0.15), (180, 220, 240)),
                 (e(u, v, -0.7, 0.45, 0.2, 0.2) | e(u, v, -0.2, 0.45, 0.2, 0.2) | e(u, v, 0.7, 0.45, 0.2, 0.2), BLACK)]
-    if name == "ball":  # a beach ball in red, yellow and blue segments
-        ball = e(u, v, 0, 0, 0.8, 0.8)
-        angle = np.floor((np.arctan2(v, u) + np.pi) / (2 * np.pi / 3)) % 3
-        return [(ball & (angle == 0), (220, 40, 40)), (ball & (angle == 1), (250, 210, 30)), (ball & (angle == 2), (40, 80, 210)),
-                (e(u, v, 0, 0, 0.15, 0.15), WHITE)]
+    if name == "ball":  # a plain white ball, shaded: golf ball's anchor, and what a bare snow field looks nearest to
+        return [(e(u, v, 0, 0, 0.8, 0.8), (235, 235, 238)),
+                (e(u, v, 0.15, 0.15, 0.6, 0.6) & ~e(u, v, -0.05, -0.05, 0.62, 0.62), (205, 205, 212))]
     if name == "building":  # a tall grey block with a grid of lit windows
         block = r(u, v, -0.6, -1.05, 0.6, 1.0)
         windows = block & (np.floor((u + 0.6) * 5) % 2 == 1) & (np.floor((v + 1.05) * 5) % 2 == 1)
