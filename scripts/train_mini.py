@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class VAEConfig:
     """The autoencoder: 3 blocks, so 2 downsamplings (4x) and 8x8x4 latents for 32x32 images."""
 
-    steps: int = 4000  # 1,500 left van gogh recognisable in 5 of 16 reconstructions (BENCHMARKS.md: the VAE ceiling)
+    steps: int = 4000  # 1,500 left van gogh recognisable in 5 of 16 reconstructions (BENCHMARKS.md, Miniature world)
     batch: int = 32
     lr: float = 1e-3
     kl_weight: float = 1e-6  # small: the latents only need to be roughly Gaussian, reconstructions must be sharp
@@ -669,7 +669,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/mini"))
     parser.add_argument("--steps", type=int, help="override the stage's number of steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting of the stage's config (repeatable), e.g. --set leak_weight=0.1 or --set channels=24,48,96")
+                        help="override one setting of the stage's config (repeatable), e.g. --set leak_weight=0.1 or --set channels=32,64,96")
     parser.add_argument("--clip", type=Path,
                         help="the mini CLIP whose text tower conditions the UNet (default OUT/text-tower)")
     parser.add_argument("--dest", type=Path, default=ROOT / "erase/assets/mini/pipeline")
@@ -692,7 +692,10 @@ def main() -> None:
         if key not in asdict(cfg) or not value:
             parser.error(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(asdict(cfg))}")
         current = getattr(cfg, key)
-        setattr(cfg, key, tuple(int(v) for v in value.split(",")) if isinstance(current, tuple) else type(current)(value))
+        try:
+            setattr(cfg, key, tuple(int(v) for v in value.split(",")) if isinstance(current, tuple) else type(current)(value))
+        except ValueError:
+            parser.error(f"--set {item}: {key} takes {'comma-separated integers' if isinstance(current, tuple) else type(current).__name__}")
     log(args.out, f"== {args.stage} seed {args.seed}: {asdict(cfg)}")
     start = time.time()
     clip = args.clip or args.out / "text-tower"
