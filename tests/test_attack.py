@@ -97,7 +97,9 @@ MINI_ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 20, "guidance
 
 
 def test_a_weak_erasure_gives_the_concept_back_under_attack_and_the_same_seed_finds_the_same_prompts(mini):
-    weak = erase.erase(mini, "church", method="esd", config="esd-mini", steps=30, sample_steps=10, progress=False)
+    # FIA at a fifth of its r2 leaves church in 1 of 4 prompts and the attack finds it in 3 (measured); 30 steps of
+    # esd-mini, weak on the previous mini model, erase church beyond any attack on the current one
+    weak = erase.erase(mini, "church", r2=0.002, progress=False)
     first = erase.attack(mini, weak, progress=False, **MINI_ATTACK)
     church = first.metrics["concepts"]["church"]
     assert church["original"] >= 0.5, church
