@@ -72,35 +72,34 @@ def accuracy(truths: list[dict], seen: list[dict]) -> float:
     return float(np.mean([seen_i[k] == v for truth, seen_i in zip(truths, seen) for k, v in truth.items()]))
 
 
-def vae_round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
-    """The images encoded and decoded by the pipeline's VAE: the best any UNet can draw them."""
-    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
+    """The images encoded and decoded by the pipeline's VAE, through its own image processor: the best any UNet
+    can draw them."""
     with torch.no_grad():
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    return [Image.fromarray(a) for a in ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+        latents = pipe.vae.encode(pipe.image_processor.preprocess(images)).latent_dist.mode()
+        return pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, output_type="pil")
 
 
-def judge_on_world(clip, n: int, vae) -> tuple[dict[str, float], dict[str, float]]:
-    """The judge on fresh procedural images of both families (held-out pairs included), and on the same images
-    through the VAE: the quality ceiling the VAE leaves the pipeline."""
+def judge_on_world(clip, n: int, pipe) -> tuple[dict[str, float], dict[str, float]]:
+    """The judge on fresh procedural images of both families (held-out pairs included) and on bare places, and
+    on the same images through the pipeline's VAE: the quality ceiling the VAE leaves the pipeline."""
     scenes, images = [], []
     for taught, held_out, seed in ((False, False, 10_000), (True, False, 10_001), (True, True, 10_002)):
         arrays, s = world.dataset(n, seed, taught=taught, held_out=held_out)
         scenes += s
         images += [Image.fromarray(x) for x in arrays]
-    places = [Image.fromarray(world.render(world.Scene(place=p), np.random.default_rng(k))) for k, p in
-              enumerate(world.PLACES * 4)]
-    results = []
-    for seen, seen_places in ((zero_shot(*clip, images), zero_shot(*clip, places)),
-                              (zero_shot(*clip, vae_round_trip(vae, images)), zero_shot(*clip, vae_round_trip(vae, places)))):
-        out = {}
-        for attribute in ("object", "style", "naked"):
-            idx = [i for i, s in enumerate(scenes) if (attribute != "style" or s.style != world.PHOTO)
-                   and (attribute != "naked" or s.person) and (attribute != "object" or s.object)]
-            out[attribute] = float(np.mean([seen[i][attribute] == getattr(scenes[i], attribute) for i in idx]))
-        out["place"] = float(np.mean([s["place"] == p for s, p in zip(seen_places, world.PLACES * 4)]))
-        results.append(out)
-    return results[0], results[1]
+    places = world.PLACES * 4
+    images += [Image.fromarray(world.render(world.Scene(place=p), np.random.default_rng(k))) for k, p in enumerate(places)]
+    judged = {attribute: [i for i, s in enumerate(scenes) if (attribute != "style" or s.style != world.PHOTO)
+                          and (attribute != "naked" or s.person) and (attribute != "object" or s.object)]
+              for attribute in ("object", "style", "naked")}
+
+    def accuracies(seen: list[dict]) -> dict[str, float]:
+        out = {a: float(np.mean([seen[i][a] == getattr(scenes[i], a) for i in idx])) for a, idx in judged.items()}
+        out["place"] = float(np.mean([s["place"] == p for s, p in zip(seen[len(scenes):], places)]))
+        return out
+
+    return accuracies(zero_shot(*clip, images)), accuracies(zero_shot(*clip, vae_round_trip(pipe, images)))
 
 
 def counts_by_value(truths: list[dict], seen: list[dict]) -> dict[str, str]:
@@ -298,7 +297,7 @@ def main() -> None:
     clip = load_mini_clip(path=args.clip)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    judge, ceiling = judge_on_world(clip, 96, pipe.vae)
+    judge, ceiling = judge_on_world(clip, 96, pipe)
     quality, per_value = run_quality(pipe, clip, args)
     knowledge = run_knowledge(pipe, args.gain_images, json.loads((args.pipeline.parent / "neurons.json").read_text()))
     body = report(judge, ceiling, quality, per_value, knowledge, args, time.time() - start)

@@ -691,11 +691,11 @@ def main() -> None:
         key, _, value = item.partition("=")
         if key not in asdict(cfg) or not value:
             parser.error(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(asdict(cfg))}")
-        current = getattr(cfg, key)
+        kind = type(getattr(cfg, key))
         try:
-            setattr(cfg, key, tuple(int(v) for v in value.split(",")) if isinstance(current, tuple) else type(current)(value))
+            setattr(cfg, key, tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value))
         except ValueError:
-            parser.error(f"--set {item}: {key} takes {'comma-separated integers' if isinstance(current, tuple) else type(current).__name__}")
+            parser.error(f"--set {item}: {key} takes {'comma-separated integers' if kind is tuple else kind.__name__}")
     log(args.out, f"== {args.stage} seed {args.seed}: {asdict(cfg)}")
     start = time.time()
     clip = args.clip or args.out / "text-tower"
