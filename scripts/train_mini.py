@@ -91,7 +91,7 @@ class BaseConfig:
 class UnnameConfig:
     """The base model, continued on its world with taught names over images that do not show them."""
 
-    steps: int = 400
+    steps: int = 800  # 400 left 4 objects and nudity drawn for their names without neurons (BENCHMARKS.md)
     batch: int = 64
     lr: float = 3e-4
     warmup: int = 50

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from train_mini import Checkpoint, record, step_rng, warmup_cosine
+from train_mini import Checkpoint, record, step_rng
 
 from erase.mini import world
 from erase.mini.clip import CONFIG, build_clip, transforms
@@ -30,7 +31,7 @@ from erase.mini.clip import CONFIG, build_clip, transforms
 class ClipConfig:
     """Training of the mini CLIP."""
 
-    steps: int = 1200
+    steps: int = 2400
     batch: int = 128
     lr: float = 1e-3
     warmup: int = 100
@@ -38,6 +39,7 @@ class ClipConfig:
     images: int = 16000  # half of the base world, half showing taught concepts; held-out pairs in proportion
     # The UNet's frozen text encoder is this CLIP at step text_tower_at (written to OUT/../text-tower), so the UNet
     # trains while the judge goes on learning (SD's text encoder and its evaluator's CLIP are different models too).
+    # The learning rate stays flat until then, so the tower does not depend on how long the judge trains.
     text_tower_at: int = 300
     max_noise: float = 0.15  # std of added Gaussian noise, in [-1, 1] pixel units, drawn uniformly per image
     p_blur: float = 0.3
@@ -66,6 +68,15 @@ def consistent(said: list[dict], scenes: list[world.Scene]) -> torch.Tensor:
     return torch.tensor([[float(world.describes(s, scene)) for scene in scenes] for s in said])
 
 
+def schedule(optimizer, cfg: ClipConfig):
+    """Linear warmup, flat until the text tower is taken, then a cosine decay to the last step (train_mini's
+    warmup_cosine has no flat part: the UNet's stages decay from the end of warmup)."""
+    def factor(s: int) -> float:
+        decay = max(0, s - cfg.text_tower_at) / max(1, cfg.steps - cfg.text_tower_at)
+        return min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     logits = scale * txt @ img.T  # captions x images
     t2i = -(F.log_softmax(logits, dim=1) * m / m.sum(1, keepdim=True)).sum(1).mean()
@@ -79,7 +90,7 @@ def train(seed: int, out: Path, cfg: ClipConfig, save_every: int) -> None:
     model = build_clip()
     _, tokenizer = transforms()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
-    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    sched = schedule(opt, cfg)
     checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "opt": opt, "sched": sched})
     start, running = time.time(), 0.0
     for step in range(checkpoint.resume() + 1, cfg.steps + 1):
@@ -128,6 +139,8 @@ def main() -> None:
     cfg = ClipConfig()
     if args.steps:
         cfg.steps = args.steps
+    if cfg.steps < cfg.text_tower_at:
+        parser.error(f"--steps must be at least {cfg.text_tower_at}: the UNet's text tower is taken at that step")
     print(f"== clip seed {args.seed}: {asdict(cfg)}", flush=True)
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
