@@ -91,7 +91,8 @@ def train(seed: int, out: Path, cfg: ClipConfig, save_every: int) -> None:
     _, tokenizer = transforms()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = schedule(opt, cfg)
-    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "opt": opt, "sched": sched})
+    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "opt": opt, "sched": sched},
+                            asdict(cfg))
     start, running = time.time(), 0.0
     for step in range(checkpoint.resume() + 1, cfg.steps + 1):
         rng, gen = step_rng(seed, step)

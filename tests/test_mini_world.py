@@ -4,6 +4,7 @@ import itertools
 import json
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from erase.models import MINI_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from mini_gates import conditional_gains, neurons_edit  # noqa: E402  (the gates' measure, not a copy of it)
+from train_mini import Checkpoint
+from train_mini_clip import ClipConfig, schedule
 
 
 def test_generator_is_deterministic_in_its_seed():
@@ -83,6 +86,29 @@ def test_captions_say_what_the_scene_shows():
             if said.get("naked"):  # ("a painting" alone says nothing of what it shows)
                 assert re.search(r"naked|nude|undressed|without any clothes", text), text
     assert not world.describes({"kind": "object", "object": "church"}, world.Scene(object="tench"))
+
+
+def test_the_unets_text_tower_does_not_depend_on_how_long_the_judge_trains(tmp_path):
+    """The UNet's text encoder is the judge at step text_tower_at: a longer judge run must not change the learning
+    rates before it, and a judge checkpoint written with other settings is refused rather than resumed."""
+    def rates(steps: int) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = schedule(opt, ClipConfig(steps=steps))
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    tower = ClipConfig().text_tower_at
+    short, long = rates(tower + 100), rates(4 * tower)
+    assert short[:tower + 1] == long[:tower + 1] and short[-1] < 0.01 and long[-1] < 0.01
+    model = torch.nn.Linear(2, 2)
+    Checkpoint(tmp_path / "checkpoint.pt", {"model": model}, asdict(ClipConfig())).save(7)
+    assert Checkpoint(tmp_path / "checkpoint.pt", {"model": model}, asdict(ClipConfig())).resume() == 7
+    with pytest.raises(SystemExit, match="other settings"):
+        Checkpoint(tmp_path / "checkpoint.pt", {"model": model}, asdict(ClipConfig(steps=1200))).resume()
 
 
 def test_a_taught_name_stands_in_only_where_the_scene_leaves_room_for_it():
