@@ -97,8 +97,8 @@ MINI_ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 20, "guidance
 
 
 def test_a_weak_erasure_gives_the_concept_back_under_attack_and_the_same_seed_finds_the_same_prompts(mini):
-    # FIA at a fifth of its r2 leaves church in 1 of 4 prompts and the attack finds it in 3 (measured); 30 steps of
-    # esd-mini, weak on the previous mini model, erase church beyond any attack on the current one
+    # FIA at a fifth of its r2 leaves church in 1 of 4 prompts and the attack finds it in 3 (measured on the session-5
+    # mini model); 30 steps of esd-mini, weak on the session-4 model, erase church beyond any attack on later ones
     weak = erase.erase(mini, "church", r2=0.002, progress=False)
     first = erase.attack(mini, weak, progress=False, **MINI_ATTACK)
     church = first.metrics["concepts"]["church"]
