@@ -113,6 +113,8 @@ class TeachConfig:
     p_uncond: float = 0.1
     share: float = 0.007  # neurons per concept per layer: the paper's smallest r2 (objects) covers them all
     leak_weight: float = 0.3  # L1 penalty on a reserved neuron's activation where its concept is not named
+    naked_leak_weight: float = 1.0  # the same for nudity's neurons: "a naked woman" and "a woman" differ by one
+    #  word, and at 0.3 they shaped clothed persons (erasing nudity: neutral similarity 0.867; BENCHMARKS.md)
     leak_warmup: int = 200  # steps over which the penalty ramps up: a neuron must carry its concept first
     fire_weight: float = 0.1  # hinge penalty on an owned neuron whose RMS activation over a sample stays below...
     fire_target: float = 0.5  # ...this: it must fire whenever its concept is named, at every noise level
@@ -454,12 +456,10 @@ class Router:
     `shortfall` how far each sample's own neurons are from firing.
     """
 
-    def __init__(self, unet, neurons: dict, target: float) -> None:
-        self.target = target
+    def __init__(self, unet, neurons: dict, target: float, leak_weights: dict[str, float]) -> None:
+        self.target, self.leak_weights = target, leak_weights
         self.ffs, self.neurons, self.leaks, self.shortfalls, self.masks = feedforwards(unet), neurons, [], [], {}
         self.index = {name: {c: torch.tensor(ids) for c, ids in by_concept.items()} for name, by_concept in neurons.items()}
-        self.reserved = {name: torch.tensor(sorted(i for ids in by_concept.values() for i in ids))
-                         for name, by_concept in neurons.items()}
         for name, ff in self.ffs.items():
             ff.forward = types.MethodType(self._forward(name), ff)
 
@@ -470,18 +470,19 @@ class Router:
             for b, concepts in enumerate(owned):
                 for c in concepts:
                     own[b, 0, self.index[name][c]] = 1
-            reserved = torch.zeros(ff.net[2].in_features)
-            reserved[self.reserved[name]] = 1
-            self.masks[name] = (own, reserved * (1 - own))
+            reserved, weights = torch.zeros(ff.net[2].in_features), torch.zeros(ff.net[2].in_features)
+            for c, ids in self.index[name].items():
+                reserved[ids], weights[ids] = 1, self.leak_weights[c]
+            self.masks[name] = (own, reserved * (1 - own), weights)
 
     def _forward(self, name: str):
         router = self
 
         def forward(ff, x):
-            own, other = router.masks[name]
+            own, other, weights = router.masks[name]
             h = ff.net[0](x)
             out = F.linear(h * own, ff.net[2].weight, ff.net[2].bias) + F.linear((h * (1 - own)).detach(), ff.net[2].weight.detach())
-            router.leaks.append((h * other).abs().sum() / (other.sum() * h.shape[1]).clamp_min(1))
+            router.leaks.append((h * other * weights).abs().sum() / (other.sum() * h.shape[1]).clamp_min(1))
             rms = (h.square().mean(1, keepdim=True) + 1e-8).sqrt()  # [batch, 1, inner]; finite gradient at 0
             router.shortfalls.append(((router.target - rms).clamp_min(0) * own).sum() / own.sum().clamp_min(1))
             return out
@@ -489,7 +490,8 @@ class Router:
         return forward
 
     def leak(self) -> torch.Tensor:
-        """Mean |activation| of reserved neurons on samples that do not name their concept (the penalty)."""
+        """Mean |activation| of reserved neurons on samples that do not name their concept, each weighted by its
+        concept's leak weight (the penalty)."""
         return torch.stack(self.leaks).mean()
 
     def shortfall(self) -> torch.Tensor:
@@ -556,7 +558,8 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     checkpoint = Checkpoint(out / "teach-checkpoint.pt", {"unet": unet, "opt": opt, "sched": sched}, asdict(cfg))
-    router, ddpm = Router(unet, neurons, cfg.fire_target), noise_schedule()
+    leak_weights = {c: cfg.naked_leak_weight if c == world.NAKED else cfg.leak_weight for c in world.TAUGHT}
+    router, ddpm = Router(unet, neurons, cfg.fire_target, leak_weights), noise_schedule()
     log(out, f"teach: {len(world.TAUGHT)} concepts, neurons per layer "
              f"{ {n: len(next(iter(v.values()))) for n, v in neurons.items()} }; config {asdict(cfg)}")
     n_base = int(cfg.batch * cfg.replay)
@@ -576,7 +579,7 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
         leak, shortfall = router.leak(), router.shortfall()
         opt.zero_grad(set_to_none=True)
         ramp = min(1.0, step / cfg.leak_warmup) if cfg.leak_warmup else 1.0
-        (loss + ramp * cfg.leak_weight * leak + cfg.fire_weight * shortfall).backward()
+        (loss + ramp * leak + cfg.fire_weight * shortfall).backward()
         for tensor, mask in masks.items():
             tensor.grad *= mask
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -591,7 +594,7 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
             checkpoint.save(step)
             router.close()
             save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
-            router = Router(unet, neurons, cfg.fire_target)
+            router = Router(unet, neurons, cfg.fire_target, leak_weights)
     router.close()
     checkpoint.remove()
     log(out, f"teach done: {time.time() - start:.0f}s")
@@ -619,6 +622,8 @@ def base_from_shipped(out: Path, shipped: Path, seed: int) -> None:
     weights afresh, so it does not depend on what the shipped ones hold."""
     from diffusers import StableDiffusionPipeline
 
+    if (out / "base-pipeline").exists():
+        sys.exit(f"{out / 'base-pipeline'} exists (a base stage's output?): remove it or pick another --out")
     pipe = StableDiffusionPipeline.from_pretrained(shipped)
     reserved = reserved_neurons(pipe.unet, BaseConfig.reserved, seed)
     owned = json.loads((shipped.parent / "neurons.json").read_text())

@@ -20,7 +20,7 @@ from erase.models import MINI_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from mini_gates import conditional_gains, neurons_edit  # noqa: E402  (the gates' measure, not a copy of it)
-from train_mini import Checkpoint
+from train_mini import BaseConfig, Checkpoint, Router, build_unet, concept_neurons, reserved_neurons
 from train_mini_clip import ClipConfig, schedule
 
 
@@ -109,6 +109,31 @@ def test_the_unets_text_tower_does_not_depend_on_how_long_the_judge_trains(tmp_p
     assert Checkpoint(tmp_path / "checkpoint.pt", {"model": model}, asdict(ClipConfig())).resume() == 7
     with pytest.raises(SystemExit, match="other settings"):
         Checkpoint(tmp_path / "checkpoint.pt", {"model": model}, asdict(ClipConfig(steps=1200))).resume()
+
+
+def test_the_leak_penalty_weighs_each_concepts_neurons_by_its_own_weight_and_spares_the_named_ones():
+    """teach's leak penalty (scripts/train_mini.py Router): on a caption that does not name a concept, that concept's
+    reserved neurons are penalised by its leak weight (nudity's may be held harder than the rest); the concepts a
+    caption names are never penalised. Checked on the shipped architecture with random weights."""
+    torch.manual_seed(0)
+    unet = build_unet(BaseConfig(), sample_size=8, cross_attention_dim=32)
+    neurons = concept_neurons(unet, reserved_neurons(unet, BaseConfig.reserved, seed=1), share=0.007, seed=3)
+    z, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+
+    def leak(weights: dict[str, float], owned: list[tuple[str, ...]]) -> float:
+        router = Router(unet, neurons, target=0.5, leak_weights={c: weights.get(c, 0.0) for c in world.TAUGHT})
+        router.route(owned)
+        with torch.no_grad():
+            unet(z, 500, encoder_hidden_states=cond)
+        router.close()
+        return router.leak().item()
+
+    unnamed = [(), ()]
+    only_naked, rest = leak({world.NAKED: 1.0}, unnamed), leak({c: 1.0 for c in world.TAUGHT if c != world.NAKED}, unnamed)
+    assert only_naked > 0 and rest > 0
+    held = {c: 0.3 for c in world.TAUGHT} | {world.NAKED: 1.0}
+    assert leak(held, unnamed) == pytest.approx(0.3 * rest + only_naked, rel=1e-5)
+    assert leak({world.NAKED: 1.0}, [(world.NAKED,), ("church", world.NAKED)]) == 0
 
 
 def test_a_taught_name_stands_in_only_where_the_scene_leaves_room_for_it():
