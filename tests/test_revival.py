@@ -148,3 +148,16 @@ def test_on_the_miniature_world_revival_completes_exactly_the_pruned_zeros_and_f
     found = erase.attack(mini, noised, kind="revival", progress=False, **settings)
     assert found.records[0]["words"] == "0 weights revived"
     assert found.metrics["concepts"]["church"]["attack_success_rate"] == 0  # erased, and nothing to revive
+
+
+def test_on_the_miniature_world_revival_brings_back_what_conceptprune_zeroed_from_ten_classes(mini):
+    """BENCHMARKS.md's revival table (conceptprune, the 10 Imagenette classes, zeros), same settings and seeds: the
+    attacker with the checkpoint alone brings the classes back in 20% of the images on the session-6 model and 35% on
+    the session-7 one (0% erased). Below 10% revival would no longer show what exact zeros give away on this world."""
+    classes = ["tench", "english springer", "cassette player", "chain saw", "church", "french horn", "garbage truck",
+               "gas pump", "golf ball", "parachute"]
+    pruned = erase.erase(mini, classes, method="conceptprune", fill="zeros", progress=False)
+    revived = erase.attack(mini, pruned, kind="revival", progress=False, prompts_per_concept=2, seeds=[0, 1])
+    summary = revived.metrics["summary"]
+    assert summary["erased"] == 0 and summary["original"] >= 0.5, summary
+    assert summary["attack_success_rate"] >= 0.1, summary
