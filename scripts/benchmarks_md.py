@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -14,11 +15,18 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery section is written by the script it names; rerun the script to refresh it.\n"
 
 
-def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
-    """Replace (or append) the section `## {title}` with `body`, atomically; scripts run side by side take turns
-    (a lock file beside it), so neither loses the other's section."""
+@contextlib.contextmanager
+def turn(path: Path):
+    """Hold the lock file beside `path`: scripts run side by side take turns at reading and rewriting it."""
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the section `## {title}` with `body`, atomically; scripts run side by side take turns,
+    so neither loses the other's section."""
+    with turn(path):
         write_atomically(path, replace_section(path.read_text() if path.exists() else HEADER, title, body))
 
 
@@ -56,11 +64,14 @@ class RowStore:
         return self.get(**fields) is not None
 
     def put(self, row: dict) -> None:
-        """Record `row` (measured on this model) in place of the one with the same key, atomically."""
+        """Record `row` (measured on this model) in place of the one with the same key, atomically. The file is read
+        again first: rows another run of the same benchmark landed meanwhile are kept."""
         row = {**row, "model": self.model}
-        self.rows = [r for r in self.rows if self.identity(r) != self.identity(row)] + [row]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, json.dumps(self.rows, indent=1) + "\n")
+        with turn(self.path):
+            landed = json.loads(self.path.read_text()) if self.path.is_file() else []
+            self.rows = [r for r in landed if self.identity(r) != self.identity(row)] + [row]
+            write_atomically(self.path, json.dumps(self.rows, indent=1) + "\n")
 
     def stale_note(self, command: str) -> list[str]:
         """A line for the table when some rows were measured on another model than the one shipped now."""

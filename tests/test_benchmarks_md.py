@@ -1,0 +1,33 @@
+"""scripts/benchmarks_md.py: benchmark rows and BENCHMARKS.md sections written by scripts that may run side by side."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from benchmarks_md import RowStore, update_section
+
+
+def test_two_runs_of_one_benchmark_keep_each_others_rows(tmp_path):
+    """Two runs load the same store, then each lands a row: the file holds both (a run re-measuring a row replaces
+    only that row), and a row of another model stays until measured again."""
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"method": "esd", "size": 10, "model": "old"}]))
+    first, second = RowStore(path, ("method", "size"), "new"), RowStore(path, ("method", "size"), "new")
+    first.put({"method": "fia", "size": 1, "forget": 0.1})
+    second.put({"method": "esd", "size": 1, "forget": 0.2})
+    first.put({"method": "fia", "size": 1, "forget": 0.0})
+    rows = json.loads(path.read_text())
+    assert sorted((r["method"], r["size"], r.get("forget"), r["model"]) for r in rows) == [
+        ("esd", 1, 0.2, "new"), ("esd", 10, None, "old"), ("fia", 1, 0.0, "new")]
+    assert RowStore(path, ("method", "size"), "new").has(method="esd", size=1)
+    assert not RowStore(path, ("method", "size"), "new").has(method="esd", size=10)
+
+
+def test_sections_written_one_after_another_are_both_kept(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    update_section("A", "table a\n", path)
+    update_section("B", "table b\n", path)
+    update_section("A", "table a, again\n", path)
+    text = path.read_text()
+    assert "table a, again" in text and "table b" in text and "table a\n" not in text
