@@ -135,8 +135,8 @@ def mini(tmp_path_factory):
 
 def test_on_the_miniature_world_revival_completes_exactly_the_pruned_zeros_and_finds_nothing_in_noise(mini):
     """BENCHMARKS.md's revival table (fia, church), same settings and seeds. Whether the completed weights bring church
-    back depends on the model (the session-4 model: 2 of 8 images; the session-6 model: none), so that is measured
-    there, not asserted here; what holds on any model is what revival finds to fill."""
+    back depends on the model (the session-4 model: 2 of 8 images; the session-6 and session-7 models: none), so that
+    is measured there, not asserted here; what holds on any model is what revival finds to fill."""
     settings = {"prompts_per_concept": 4, "seeds": [0, 1]}
     pruned = erase.erase(mini, "church", config="fia-object", fill="zeros", progress=False)
     revived = erase.attack(mini, pruned, kind="revival", progress=False, **settings)
