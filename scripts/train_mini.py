@@ -457,10 +457,14 @@ class Router:
     """
 
     def __init__(self, unet, neurons: dict, target: float, leak_weights: dict[str, float]) -> None:
-        self.target, self.leak_weights = target, leak_weights
-        self.ffs, self.neurons, self.leaks, self.shortfalls, self.masks = feedforwards(unet), neurons, [], [], {}
+        self.target = target
+        self.ffs, self.leaks, self.shortfalls, self.masks = feedforwards(unet), [], [], {}
         self.index = {name: {c: torch.tensor(ids) for c, ids in by_concept.items()} for name, by_concept in neurons.items()}
+        self.reserved, self.weights = {}, {}  # per layer: which neurons are reserved, and each one's leak weight
         for name, ff in self.ffs.items():
+            self.reserved[name], self.weights[name] = torch.zeros(ff.net[2].in_features), torch.zeros(ff.net[2].in_features)
+            for c, ids in self.index[name].items():
+                self.reserved[name][ids], self.weights[name][ids] = 1, leak_weights[c]
             ff.forward = types.MethodType(self._forward(name), ff)
 
     def route(self, owned: list[tuple[str, ...]]) -> None:
@@ -470,19 +474,16 @@ class Router:
             for b, concepts in enumerate(owned):
                 for c in concepts:
                     own[b, 0, self.index[name][c]] = 1
-            reserved, weights = torch.zeros(ff.net[2].in_features), torch.zeros(ff.net[2].in_features)
-            for c, ids in self.index[name].items():
-                reserved[ids], weights[ids] = 1, self.leak_weights[c]
-            self.masks[name] = (own, reserved * (1 - own), weights)
+            self.masks[name] = (own, self.reserved[name] * (1 - own))
 
     def _forward(self, name: str):
         router = self
 
         def forward(ff, x):
-            own, other, weights = router.masks[name]
+            own, other = router.masks[name]
             h = ff.net[0](x)
             out = F.linear(h * own, ff.net[2].weight, ff.net[2].bias) + F.linear((h * (1 - own)).detach(), ff.net[2].weight.detach())
-            router.leaks.append((h * other * weights).abs().sum() / (other.sum() * h.shape[1]).clamp_min(1))
+            router.leaks.append((h * other * router.weights[name]).abs().sum() / (other.sum() * h.shape[1]).clamp_min(1))
             rms = (h.square().mean(1, keepdim=True) + 1e-8).sqrt()  # [batch, 1, inner]; finite gradient at 0
             router.shortfalls.append(((router.target - rms).clamp_min(0) * own).sum() / own.sum().clamp_min(1))
             return out

@@ -10,6 +10,7 @@ import erase
 from erase.attacks.revival import soft_impute
 from erase.cli import main
 from erase.errors import EraseError
+from erase.mini import world
 from erase.saliency import noise_fill
 from tiny import tiny_pipeline
 
@@ -154,9 +155,7 @@ def test_on_the_miniature_world_revival_brings_back_what_conceptprune_zeroed_fro
     """BENCHMARKS.md's revival table (conceptprune, the 10 Imagenette classes, zeros), same settings and seeds: the
     attacker with the checkpoint alone brings the classes back in 20% of the images on the session-6 model and 35% on
     the session-7 one (0% erased). Below 10% revival would no longer show what exact zeros give away on this world."""
-    classes = ["tench", "english springer", "cassette player", "chain saw", "church", "french horn", "garbage truck",
-               "gas pump", "golf ball", "parachute"]
-    pruned = erase.erase(mini, classes, method="conceptprune", fill="zeros", progress=False)
+    pruned = erase.erase(mini, list(world.TAUGHT_OBJECTS), method="conceptprune", fill="zeros", progress=False)
     revived = erase.attack(mini, pruned, kind="revival", progress=False, prompts_per_concept=2, seeds=[0, 1])
     summary = revived.metrics["summary"]
     assert summary["erased"] == 0 and summary["original"] >= 0.5, summary
