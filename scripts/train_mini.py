@@ -393,8 +393,21 @@ def unname_stage(seed: int, out: Path, cfg: UnnameConfig) -> None:
 
     parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet.train().requires_grad_(True))
     train_base_world("unname", seed, out, cfg, parts, reserved, data, batch)
-    shutil.copytree(out / "pipeline", out / "base-pipeline", dirs_exist_ok=True)
-    done.write_text(json.dumps({"seed": seed, "steps": cfg.steps}) + "\n")
+    publish_base(out, {"seed": seed, "steps": cfg.steps})
+
+
+def publish_base(out: Path, unnamed: dict | None = None) -> None:
+    """Replace OUT/base-pipeline with OUT/pipeline (and unname's record), whole: a stopped copy or an earlier
+    stage's files (a stale unnamed.json would make unname refuse a fresh base) never mix into it."""
+    partial, old = out / "base-pipeline.partial", out / "base-pipeline.old"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(out / "pipeline", partial)
+    if unnamed is not None:
+        (partial / "unnamed.json").write_text(json.dumps(unnamed) + "\n")
+    if (out / "base-pipeline").exists():
+        (out / "base-pipeline").rename(old)
+    partial.rename(out / "base-pipeline")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def train_base_world(stage: str, seed: int, out: Path, cfg, parts: tuple, reserved: dict, data: Latents, batch) -> None:
@@ -709,7 +722,7 @@ def main() -> None:
         train_vae(args.seed, args.out, cfg)
     elif args.stage == "base":
         base_stage(args.seed, args.out, cfg, clip)
-        shutil.copytree(args.out / "pipeline", args.out / "base-pipeline", dirs_exist_ok=True)
+        publish_base(args.out)
     elif args.stage == "unname":
         unname_stage(args.seed, args.out, cfg)
     else:

@@ -20,7 +20,7 @@ from erase.models import MINI_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from mini_gates import conditional_gains, neurons_edit  # noqa: E402  (the gates' measure, not a copy of it)
-from train_mini import BaseConfig, Checkpoint, Router, build_unet, concept_neurons, reserved_neurons
+from train_mini import BaseConfig, Checkpoint, Router, build_unet, concept_neurons, publish_base, reserved_neurons
 from train_mini_clip import ClipConfig, schedule
 
 
@@ -240,3 +240,18 @@ def test_a_taught_concept_lives_in_its_recorded_neurons(mini):
         others = [c for c in gain if c != concept]
         assert ablated[concept] < most_kept * gain[concept], (concept, gain, ablated)
         assert all(abs(ablated[c] - gain[c]) < 0.1 * gain[c] for c in others), (concept, gain, ablated)
+
+
+def test_a_new_base_replaces_the_old_one_whole_so_unname_takes_it(tmp_path):
+    """A base run over an earlier chain's OUT: its base-pipeline must not keep the earlier unname's record,
+    or unname refuses the fresh base as already unnamed (an old folder's record would have stopped a chain)."""
+    (tmp_path / "pipeline" / "unet").mkdir(parents=True)
+    (tmp_path / "pipeline" / "unet" / "weights").write_text("new")
+    (tmp_path / "base-pipeline" / "unet").mkdir(parents=True)
+    (tmp_path / "base-pipeline" / "unet" / "stale").write_text("old")
+    (tmp_path / "base-pipeline" / "unnamed.json").write_text("{}")
+    publish_base(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "base-pipeline").rglob("*")) == ["unet", "weights"]
+    publish_base(tmp_path, {"seed": 4, "steps": 800})
+    assert json.loads((tmp_path / "base-pipeline" / "unnamed.json").read_text()) == {"seed": 4, "steps": 800}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base-pipeline", "pipeline"]
