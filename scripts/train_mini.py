@@ -400,7 +400,8 @@ def publish_base(out: Path, unnamed: dict | None = None) -> None:
     """Replace OUT/base-pipeline with OUT/pipeline (and unname's record), whole: a stopped copy or an earlier
     stage's files (a stale unnamed.json would make unname refuse a fresh base) never mix into it."""
     partial, old = out / "base-pipeline.partial", out / "base-pipeline.old"
-    shutil.rmtree(partial, ignore_errors=True)
+    for leftover in (partial, old):  # a copy stopped half-way last time
+        shutil.rmtree(leftover, ignore_errors=True)
     shutil.copytree(out / "pipeline", partial)
     if unnamed is not None:
         (partial / "unnamed.json").write_text(json.dumps(unnamed) + "\n")

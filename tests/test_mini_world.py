@@ -250,6 +250,7 @@ def test_a_new_base_replaces_the_old_one_whole_so_unname_takes_it(tmp_path):
     (tmp_path / "base-pipeline" / "unet").mkdir(parents=True)
     (tmp_path / "base-pipeline" / "unet" / "stale").write_text("old")
     (tmp_path / "base-pipeline" / "unnamed.json").write_text("{}")
+    (tmp_path / "base-pipeline.old" / "unet").mkdir(parents=True)  # left by a copy stopped half-way
     publish_base(tmp_path)
     assert sorted(p.name for p in (tmp_path / "base-pipeline").rglob("*")) == ["unet", "weights"]
     publish_base(tmp_path, {"seed": 4, "steps": 800})
