@@ -20,7 +20,17 @@ from erase.models import MINI_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from mini_gates import conditional_gains, neurons_edit  # noqa: E402  (the gates' measure, not a copy of it)
-from train_mini import BaseConfig, Checkpoint, Router, build_unet, concept_neurons, publish_base, reserved_neurons
+from train_mini import (
+    BaseConfig,
+    Checkpoint,
+    Router,
+    VAEConfig,
+    build_unet,
+    concept_neurons,
+    publish_base,
+    reserved_neurons,
+    train_vae,
+)
 from train_mini_clip import ClipConfig, schedule
 
 
@@ -256,3 +266,31 @@ def test_a_new_base_replaces_the_old_one_whole_so_unname_takes_it(tmp_path):
     publish_base(tmp_path, {"seed": 4, "steps": 800})
     assert json.loads((tmp_path / "base-pipeline" / "unnamed.json").read_text()) == {"seed": 4, "steps": 800}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base-pipeline", "pipeline"]
+
+
+def test_a_stopped_and_resumed_vae_stage_ends_with_the_uninterrupted_runs_weights(tmp_path, monkeypatch, capsys):
+    """The resume promise of train_mini.py: a stage stopped after a checkpoint and started again draws the same
+    batches and noise, with the same optimiser and schedule state, as a run that never stopped."""
+    from safetensors.torch import load_file
+
+    cfg = VAEConfig(steps=120, batch=4, images=64, channels=(16, 16, 32))
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    train_vae(0, whole, cfg)
+    save = Checkpoint.save
+
+    def stop_after_first_checkpoint(self, step):
+        save(self, step)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(0, resumed, cfg)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    capsys.readouterr()
+    train_vae(0, resumed, cfg)
+    assert "at step 100" in capsys.readouterr().out
+    weights = [load_file(d / "vae" / "diffusion_pytorch_model.safetensors") for d in (whole, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not (resumed / "vae-checkpoint.pt").exists()
