@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import erase
 from erase.concepts import load_catalog, parse_concepts
@@ -271,11 +272,10 @@ def test_a_new_base_replaces_the_old_one_whole_so_unname_takes_it(tmp_path):
 def test_a_stopped_and_resumed_vae_stage_ends_with_the_uninterrupted_runs_weights(tmp_path, monkeypatch, capsys):
     """The resume promise of train_mini.py: a stage stopped after a checkpoint and started again draws the same
     batches and noise, with the same optimiser and schedule state, as a run that never stopped."""
-    from safetensors.torch import load_file
-
     cfg = VAEConfig(steps=120, batch=4, images=64, channels=(16, 16, 32))
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    whole.mkdir(), resumed.mkdir()
+    whole.mkdir()
+    resumed.mkdir()
     train_vae(0, whole, cfg)
     save = Checkpoint.save
 
