@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from erase.evaluation import MINI_GUIDANCE
+
 sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "Miniature world: erasure gates"
 STORE_NAME = "docs/erasure-gate-mini.json"
@@ -45,7 +47,7 @@ def evaluate(pipe, catalog, concepts, retain, method, settings, prompts, seeds):
     result = erase.erase(pipe, concepts, method=method, catalog=catalog, progress=False, **settings)
     seconds = time.perf_counter() - started
     report = erase.evaluate(pipe, result, retain=retain, catalog=catalog, progress=False,
-                            prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=4.0)
+                            prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=MINI_GUIDANCE)
     return result, report, seconds
 
 
@@ -60,7 +62,7 @@ def ground_truth(pipe, result, prompts: int, seeds, neurons: dict) -> dict:
 
     edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
     report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
-                            prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=4.0)
+                            prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=MINI_GUIDANCE)
     return {"truth": float(np.mean([v["erased"] for v in report.metrics["forget"].values()]))}
 
 
@@ -91,7 +93,7 @@ def persons_kept(pipe, edit, judge) -> float:
     prompts = [f"a photo of a {q}" for q in world.PERSONS for _ in range(4)]
 
     def accuracy():
-        images = pipe(prompts, num_inference_steps=25, guidance_scale=4.0,
+        images = pipe(prompts, num_inference_steps=25, guidance_scale=MINI_GUIDANCE,
                       generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
         seen = zero_shot(*judge, images, attributes=("person",))
         return np.mean([s["person"] == p.split()[-1] for s, p in zip(seen, prompts)])
@@ -202,7 +204,7 @@ def table(store, prompts: int) -> str:
               f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
               f"and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on the catalog's neutral prompts ≥ "
               f"{SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, {prompts} held-out prompts per concept × "
-              "seeds 0 and 1, DPM-Solver++ 25 steps, guidance 4; 'others' = every other object (one class), the 15 "
+              f"seeds 0 and 1, DPM-Solver++ 25 steps, guidance {MINI_GUIDANCE:g}; 'others' = every other object (one class), the 15 "
               "everyday objects (ten classes), the other artists (van gogh, nudity); persons: 'a photo of a {person}' "
               "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads unless the row says "
               "otherwise). 'Its own neurons "

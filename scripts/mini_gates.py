@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erase.evaluation import MINI_GUIDANCE
 from erase.mini import world
 from erase.mini.clip import CLIP_DIR, load_mini_clip, zero_shot
 from erase.models import MINI_DIR, MINI_PIPELINE_DIR
@@ -283,7 +284,8 @@ def main() -> None:
     parser.add_argument("--per", type=int, default=4, help="fresh seeds per object, place and person")
     parser.add_argument("--gain-images", type=int, default=32)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=MINI_GUIDANCE,
+                        help="classifier-free guidance (default: erase.evaluation.MINI_GUIDANCE, what every table uses)")
     parser.add_argument("--grid", help="folder for PNG grids of the generated images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--note", default="", help="free text recorded under the table (what was tried, ...)")
