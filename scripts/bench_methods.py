@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from erase.evaluation import MINI_GUIDANCE
+
 sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parent.parent
 PLOT = ROOT / "docs" / "methods-mini.png"
@@ -41,12 +43,13 @@ METHODS = {  # method → preset or settings used on the mini world (presets in 
     "salun": {"config": "salun-mini"},
     "dynamic": {"config": "dynamic-mini"},
 }
-EVAL = {"prompts_per_concept": 4, "seeds": [0, 1, 2], "steps": 25, "guidance_scale": 4.0}  # the mini world's seeds
+# the mini world's seeds and guidance
+EVAL = {"prompts_per_concept": 4, "seeds": [0, 1, 2], "steps": 25, "guidance_scale": MINI_GUIDANCE}
 # A lighter evaluation, for the attack table (beside the attack, whose budget is the prompt kind's defaults) and the
 # r2/alpha sweep (twelve erasures): half the prompts and retained concepts, two seeds.
-LIGHT_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance_scale": 4.0, "max_retain": 4,
+LIGHT_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance_scale": MINI_GUIDANCE, "max_retain": 4,
                "max_cross_retain": 2}
-ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "guidance_scale": 4.0}
+ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "guidance_scale": MINI_GUIDANCE}
 ATTACK_ROWS = ROOT / "docs" / "attack-mini.json"
 REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/bench_methods.py"
 # The original model's images, shared by every run (evaluate() keys them by model, prompts and seeds): each method's

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from erase.evaluation import MINI_GUIDANCE
+
 sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "Miniature world: revival"
 ROWS = Path(__file__).resolve().parent.parent / "docs" / "revival-mini.json"
@@ -81,7 +83,8 @@ def table(store) -> str:
               "published; noise: each masked weight drawn from N(mean, std) of its row's unmasked weights, seeded). "
               "Evaluation: erase.evaluate with the mini CLIP judge, "
               f"{PROMPTS[1]} (1 concept) or {PROMPTS[10]} (10) held-out prompts per concept × seeds 0, 1, 25 steps "
-              "DPM-Solver++, guidance 4; brackets: 95% bootstrap intervals. Revival: erase.attack kind 'revival' "
+              f"DPM-Solver++, guidance {MINI_GUIDANCE:g}; brackets: 95% bootstrap intervals. "
+              "Revival: erase.attack kind 'revival' "
               "(SoftImpute of the pruned entries of every ff.net.2 weight, rank 50, ≤ 100 iterations; signs of the "
               "top 60% completed magnitudes; magnitudes ≥ the row's largest kept weight), on the same prompts and "
               "seeds; its success rate counts an image judged the concept with the revived weights or the erased "

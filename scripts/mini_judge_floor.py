@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erase.evaluation import MINI_GUIDANCE
+
 sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "Miniature world: the judge on bare places"
 
@@ -43,7 +45,7 @@ def pipeline_places(places: list[str], seeds: int) -> dict[str, torch.Tensor]:
 
     pipe = erase.load_pipeline("mini")
     pipe.set_progress_bar_config(disable=True)
-    return {p: pipe([f"a photo of the {p}"] * seeds, num_inference_steps=25, guidance_scale=4.0,
+    return {p: pipe([f"a photo of the {p}"] * seeds, num_inference_steps=25, guidance_scale=MINI_GUIDANCE,
                     generator=[torch.Generator().manual_seed(s) for s in range(seeds)]).images for p in places}
 
 
@@ -78,7 +80,8 @@ def table(places: list[str], rows: list[dict], clip: str, renders: int, seeds: i
         lines.append(f"| {r['object']} | {drawn} | {bare} | {r['floor']:.0%} | {piped} | {r['floor_piped']:.0%} |")
     lines += ["", f"Judge: {clip}; {renders} ground-truth renders per cell (world.render, no diffusion) and the mini "
               f"pipeline's own images of \"a photo of the {{place}}\" (seeds 0-{seeds - 1}, DPM-Solver++ 25 steps, "
-              "guidance 4), classified by erase.evaluate's judge among the concept's alternatives (the object kind's "
+              f"guidance {MINI_GUIDANCE:g}), classified by erase.evaluate's judge among the concept's alternatives "
+              "(the object kind's "
               "class texts and its anchor). Floor: the forgetting accuracy of an erasure that leaves exactly the bare "
               "place (as the world draws it, or as the pipeline draws it), with one evaluation prompt per place as in "
               f"the erasure gates. {seconds:.0f} s: `HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py`"]

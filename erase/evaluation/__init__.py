@@ -45,7 +45,7 @@ class JudgedSettings:
     """Each prompt is generated once per seed, identically for every model compared. None: seeds 0, 1, 2 on the
     miniature world (its images are cheap), seed 0 otherwise."""
     guidance_scale: float | None = None
-    """Classifier-free guidance. None: 4.0 on the miniature world, 7.5 otherwise."""
+    """Classifier-free guidance. None: MINI_GUIDANCE on the miniature world, 7.5 otherwise."""
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     batch_size: int = 16
