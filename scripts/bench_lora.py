@@ -115,7 +115,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     ranks = [parse_rank(r) for r in args.ranks.split(",")]
-    store = RowStore(ROWS, ("method", "rank"), mini_model())
+    store = RowStore(ROWS, ("method", "rank"), mini_model(), SETTINGS["guidance_scale"])
     if args.table:
         return update_section(SECTION, table(store))
     for method in args.methods.split(","):

@@ -123,7 +123,7 @@ def methods_store(model: str):
     """The methods table's rows (docs/methods-mini.json), one per method and forget set."""
     from benchmarks_md import RowStore
 
-    return RowStore(PLOT.with_suffix(".json"), ("method", "concepts"), model)
+    return RowStore(PLOT.with_suffix(".json"), ("method", "concepts"), model, MINI_GUIDANCE)
 
 
 def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
@@ -150,7 +150,7 @@ def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
 def table(store) -> str:
     from benchmarks_md import RowStore
 
-    attacks = RowStore(ATTACK_ROWS, ("method", "concepts"), store.model)
+    attacks = RowStore(ATTACK_ROWS, ("method", "concepts"), store.model, MINI_GUIDANCE)
     lines = [*store.stale_note(REPRODUCE), "| method | forget set | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | "
              "generality ↓ | attack success rate ↓ | CLIP score | paired similarity | KID (neutral) ↓ | weights edited | "
              "wall time | peak memory |", "|---" * 14 + "|"]
@@ -257,7 +257,7 @@ def sweep(model: str) -> None:
     docs/sweep-mini.json and the section as it finishes (a stopped sweep keeps its rows)."""
     from benchmarks_md import RowStore, update_section
 
-    store = RowStore(ROOT / "docs" / "sweep-mini.json", ("r2", "alpha"), model)
+    store = RowStore(ROOT / "docs" / "sweep-mini.json", ("r2", "alpha"), model, MINI_GUIDANCE)
     for r2, alpha in SWEEP:
         if not store.has(r2=r2, alpha=alpha):
             settings = {**METHODS["fia"], "r2": r2, "alpha": alpha}
@@ -299,7 +299,7 @@ def attack_table(sizes: list[int], methods: list[str], model: str) -> str:
     time and are kept in docs/attack-mini.json as they finish (a part measured later joins them)."""
     from benchmarks_md import RowStore, update_section
 
-    store = RowStore(ATTACK_ROWS, ("method", "concepts"), model)
+    store = RowStore(ATTACK_ROWS, ("method", "concepts"), model, MINI_GUIDANCE)
     for n in sizes:
         for method in methods:
             if store.has(method=method, concepts=FORGET_SETS[n]):

@@ -115,7 +115,7 @@ def main() -> None:
     import erase
 
     torch.set_num_threads(1)
-    store = RowStore(ROWS, ("method", "size", "fill"), mini_model())
+    store = RowStore(ROWS, ("method", "size", "fill"), mini_model(), MINI_GUIDANCE)
     pipe = erase.load_pipeline("mini")
     for size in sizes:
         for method in methods:

@@ -45,20 +45,24 @@ def write_atomically(path: Path, text: str) -> None:
 class RowStore:
     """A benchmark's measured rows, kept in a JSON file as each lands (a long run stopped early keeps what it
     measured; a later run measures only what is missing). `key` names the fields that identify a row; each row is
-    stamped with `model`, the fingerprint of the UNet it was measured on, and a row of another model counts as
-    missing (it is shown, marked, until measured again)."""
+    stamped with `model`, the fingerprint of the UNet it was measured on, and with `guidance` where the benchmark
+    samples images. A row stamped otherwise counts as missing (it is shown, marked, until measured again)."""
 
-    def __init__(self, path: Path, key: tuple[str, ...], model: str):
+    def __init__(self, path: Path, key: tuple[str, ...], model: str, guidance: float | None = None):
         self.path, self.key, self.model = path, key, model
+        self.stamp = {"model": model} | ({} if guidance is None else {"guidance": guidance})
         self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
 
     def identity(self, row: dict) -> tuple:
         return tuple(json.dumps(row[k], sort_keys=True) for k in self.key)
 
+    def current(self, row: dict) -> bool:
+        """Whether `row` was measured on this model at this guidance."""
+        return all(row.get(k) == v for k, v in self.stamp.items())
+
     def get(self, **fields) -> dict | None:
-        """The row with these key fields measured on this model, if any."""
-        return next((r for r in self.rows if r.get("model") == self.model and self.identity(r) == self.identity(fields)),
-                    None)
+        """The row with these key fields measured on this model (at this guidance), if any."""
+        return next((r for r in self.rows if self.current(r) and self.identity(r) == self.identity(fields)), None)
 
     def has(self, **fields) -> bool:
         return self.get(**fields) is not None
@@ -66,7 +70,7 @@ class RowStore:
     def put(self, row: dict) -> None:
         """Record `row` (measured on this model) in place of the one with the same key, atomically. The file is read
         again first: rows another run of the same benchmark landed meanwhile are kept."""
-        row = {**row, "model": self.model}
+        row = {**row, **self.stamp}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with turn(self.path):
             landed = json.loads(self.path.read_text()) if self.path.is_file() else []
@@ -74,15 +78,18 @@ class RowStore:
             write_atomically(self.path, json.dumps(self.rows, indent=1) + "\n")
 
     def stale_note(self, command: str) -> list[str]:
-        """A line for the table when some rows were measured on another model than the one shipped now."""
-        stale = [r for r in self.rows if r.get("model") != self.model]
+        """A line for the table when some rows were measured on another model, or at another guidance, than now."""
+        stale = [r for r in self.rows if not self.current(r)]
         if not stale:
             return []
-        return [f"_{len(stale)} of these {len(self.rows)} rows were measured on an earlier mini model (not the shipped "
-                f"UNet {self.model.removeprefix('sha256:')[:12]}…) and are marked †; `{command}` measures them again._", ""]
+        shipped = f"the shipped UNet {self.model.removeprefix('sha256:')[:12]}…"
+        if "guidance" in self.stamp:
+            shipped += f" at guidance {self.stamp['guidance']:g}"
+        return [(f"_{len(stale)} of these {len(self.rows)} rows were measured on an earlier mini model or at another "
+                 f"guidance (not {shipped}) and are marked †; `{command}` measures them again._"), ""]
 
     def mark(self, row: dict) -> str:
-        return "" if row.get("model") == self.model else " †"
+        return "" if self.current(row) else " †"
 
 
 def mini_model() -> str:

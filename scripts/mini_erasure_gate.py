@@ -262,7 +262,7 @@ def main() -> None:
     folder = MINI_PIPELINE_DIR if args.pipeline == "mini" else Path(args.pipeline)
     neurons = json.loads((folder.parent / "neurons.json").read_text())  # beside the pipeline, as train_mini writes it
     pipe.set_progress_bar_config(disable=True)
-    store = RowStore(STORE, ("method", "label", "settings"), fingerprint(pipe.unet))
+    store = RowStore(STORE, ("method", "label", "settings"), fingerprint(pipe.unet), MINI_GUIDANCE)
 
     def landed(row: dict) -> None:
         if not args.no_record:
