@@ -80,15 +80,15 @@ def test_every_accuracy_has_an_interval_around_it_and_the_settings_behind_it(run
 
 
 def test_unset_seeds_and_guidance_take_the_miniature_worlds_values_on_its_catalog_only():
-    from erase.evaluation import EvalSettings
+    from erase.evaluation import MINI_GUIDANCE, EvalSettings
 
-    for catalog, seeds, guidance in (("mini", [0, 1, 2], 4.0), ("catalog", [0], 7.5)):
+    for catalog, seeds, guidance in (("mini", [0, 1, 2], MINI_GUIDANCE), ("catalog", [0], 7.5)):
         config = EvalSettings()
         config.fill_defaults(erase.load_catalog(catalog))
         assert (config.seeds, config.guidance_scale) == (seeds, guidance)
-    config = EvalSettings(seeds=[5], guidance_scale=2.0)
+    config = EvalSettings(seeds=[5], guidance_scale=MINI_GUIDANCE + 1)
     config.fill_defaults(erase.load_catalog("mini"))
-    assert (config.seeds, config.guidance_scale) == ([5], 2.0)
+    assert (config.seeds, config.guidance_scale) == ([5], MINI_GUIDANCE + 1)
     with pytest.raises(erase.EraseError, match="guidance_scale=-1"):
         evaluate(erase.load_pipeline("mini"), erase.load_pipeline("mini"), guidance_scale=-1, progress=False)
 

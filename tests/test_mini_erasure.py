@@ -26,7 +26,7 @@ def mini(tmp_path_factory):
 def test_fia_erases_a_taught_object_and_keeps_the_others(mini):
     result = erase.erase(mini, "parachute", config="fia-object-mini", progress=False)
     report = erase.evaluate(mini, result, retain=["golf ball", "church", "chain saw", "cat", "car"], progress=False,
-                            prompts_per_concept=4, seeds=[0, 1], guidance_scale=4.0)
+                            prompts_per_concept=4, seeds=[0, 1])  # the mini guidance
     parachute = report.metrics["forget"]["parachute"]
     assert parachute["original"] >= 0.75, parachute
     assert parachute["erased"] <= 0.25, parachute
