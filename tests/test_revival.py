@@ -134,29 +134,35 @@ def mini(tmp_path_factory):
     return erase.load_pipeline("mini")
 
 
-def test_on_the_miniature_world_revival_completes_exactly_the_pruned_zeros_and_finds_nothing_in_noise(mini):
+def test_on_the_miniature_world_revival_completes_the_pruned_zeros_and_finds_only_the_models_own_in_noise(mini):
     """BENCHMARKS.md's revival table (fia, church), same settings and seeds. Whether the completed weights bring church
-    back depends on the model (the session-4 model: 2 of 8 images; the session-6 and session-7 models: none), so that
-    is measured there, not asserted here; what holds on any model is what revival finds to fill."""
+    back depends on the model (the session-4 model: 2 of 8 images; the session-6 and session-7 models: none; the
+    session-10 model: 1 of 8), so that is measured there, not asserted here; what holds on any model is what revival
+    finds to fill: the pruned zeros, and the exact zeros the model had already (an attacker cannot tell them apart;
+    the session-10 model's float16 weights hold one), which are all it finds in a noise fill."""
+    from erase.attacks.revival import pruned_zeros
+
+    own = sum(int(pruned_zeros(p.detach()).sum()) for n, p in mini.unet.named_parameters() if n.endswith("ff.net.2.weight"))
     settings = {"prompts_per_concept": 4, "seeds": [0, 1]}
     pruned = erase.erase(mini, "church", config="fia-object", fill="zeros", progress=False)
     revived = erase.attack(mini, pruned, kind="revival", progress=False, **settings)
     church = revived.metrics["concepts"]["church"]
-    assert revived.records[0]["words"] == f"{pruned.record['totals']['edited']} weights revived"  # exactly the pruned
+    assert revived.records[0]["words"] == f"{pruned.record['totals']['edited'] + own} weights revived"
     assert church["original"] >= 0.5 and church["erased"] == 0 and church["anchor"] == 0, church
 
     noised = erase.erase(mini, "church", config="fia-object", progress=False)  # the default fill
     found = erase.attack(mini, noised, kind="revival", progress=False, **settings)
-    assert found.records[0]["words"] == "0 weights revived"
+    assert found.records[0]["words"] == f"{own} weights revived"
     assert found.metrics["concepts"]["church"]["attack_success_rate"] == 0  # erased, and nothing to revive
 
 
 def test_on_the_miniature_world_revival_brings_back_what_conceptprune_zeroed_from_ten_classes(mini):
     """BENCHMARKS.md's revival table (conceptprune, the 10 Imagenette classes, zeros), same settings and seeds: the
-    attacker with the checkpoint alone brings the classes back in 20% of the images on the session-6 model and 35% on
-    the session-7 one (0% erased). Below 10% revival would no longer show what exact zeros give away on this world."""
+    attacker with the checkpoint alone brings the classes back in 20% of the images on the session-6 model, 35% on
+    the session-7 one and 20% on the session-10 one (0%, 0% and 3% erased). Below 10% revival would no longer show what
+    exact zeros give away on this world."""
     pruned = erase.erase(mini, list(world.TAUGHT_OBJECTS), method="conceptprune", fill="zeros", progress=False)
     revived = erase.attack(mini, pruned, kind="revival", progress=False, prompts_per_concept=2, seeds=[0, 1])
     summary = revived.metrics["summary"]
-    assert summary["erased"] == 0 and summary["original"] >= 0.5, summary
+    assert summary["erased"] <= 0.05 and summary["original"] >= 0.5, summary
     assert summary["attack_success_rate"] >= 0.1, summary
