@@ -81,10 +81,10 @@ def table(places: list[str], rows: list[dict], clip: str, renders: int, seeds: i
     lines += ["", f"Judge: {clip}; {renders} ground-truth renders per cell (world.render, no diffusion) and the mini "
               f"pipeline's own images of \"a photo of the {{place}}\" (seeds 0-{seeds - 1}, DPM-Solver++ 25 steps, "
               f"guidance {MINI_GUIDANCE:g}), classified by erase.evaluate's judge among the concept's alternatives "
-              "(the object kind's "
-              "class texts and its anchor). Floor: the forgetting accuracy of an erasure that leaves exactly the bare "
-              "place (as the world draws it, or as the pipeline draws it), with one evaluation prompt per place as in "
-              f"the erasure gates. {seconds:.0f} s: `HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py`"]
+              "(the object kind's class texts and its anchor). Floor: the forgetting accuracy of an erasure that "
+              "leaves exactly the bare place (as the world draws it, or as the pipeline draws it), with one evaluation "
+              f"prompt per place as in the erasure gates. {seconds:.0f} s: "
+              "`HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py`"]
     return "\n".join(lines)
 
 

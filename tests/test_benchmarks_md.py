@@ -24,7 +24,6 @@ def test_two_runs_of_one_benchmark_keep_each_others_rows(tmp_path):
     assert not RowStore(path, ("method", "size"), "new").has(method="esd", size=10)
 
 
-
 def test_a_row_sampled_at_another_guidance_counts_as_missing_and_is_marked(tmp_path):
     """Changing the mini world's guidance changes every number: rows measured at the old one (or before rows were
     stamped with it) must be measured again, not shown as current."""
@@ -38,6 +37,7 @@ def test_a_row_sampled_at_another_guidance_counts_as_missing_and_is_marked(tmp_p
     store.put({"method": "fia", "size": 1, "forget": 0.1})
     assert RowStore(path, ("method", "size"), "m", guidance=2.0).get(method="fia", size=1)["forget"] == 0.1
     assert not RowStore(path, ("method", "size"), "m", guidance=4.0).has(method="fia", size=1)
+
 
 def test_sections_written_one_after_another_are_both_kept(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
