@@ -92,7 +92,7 @@ class UnnameConfig:
     """The base model, continued on its world with taught names over images that do not show them."""
 
     steps: int = 1600  # 400 left 4 objects and nudity drawn for their names without neurons; 800 left tench
-    #  by the lake (2 of 8 with its neurons zeroed); at 1,600 no object is drawn with its neurons zeroed (BENCHMARKS.md)
+    #  by the lake in 2 of 8 images with its neurons zeroed, 1,600 in none (BENCHMARKS.md)
     batch: int = 64
     lr: float = 3e-4
     warmup: int = 50
