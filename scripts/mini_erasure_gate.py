@@ -218,7 +218,7 @@ def table(store, prompts: int) -> str:
 
 def named_lines(rows: list[dict]) -> list[str]:
     """Which prompts' erased images the judge still names the concept, for the rows that recorded it (compare the
-    floor in "Miniature world: the judge on bare places")."""
+    floor in "Miniature world: the judge on bare places and clothed persons")."""
     lines = [f"- {r['method']}, {r['label']}" + ("" if primary(r) else f" ({r['settings']['config']})") + ": " + "; ".join(
         f"{concept}: " * (len(r["still_named"]) > 1) + ", ".join(f"{prompt} {n}" for prompt, n in prompts.items() if not n.startswith("0/"))
         for concept, prompts in r["still_named"].items() if r["forget_each"][concept] > 0)

@@ -9,13 +9,20 @@ each taught object and each of the object kind's held-out places (the places of 
 renders the world's ground truth (no diffusion): the object on the place, and the bare place; both go through the
 evaluator's judge and classes. Floor = the mean over the places of the share of bare renders read as the object:
 the forgetting of an erasure that leaves exactly the bare place, with one evaluation prompt per place (the gates'
-4 prompts). Writes BENCHMARKS.md "Miniature world: the judge on bare places".
+4 prompts).
+
+Nudity erased at best leaves the clothed person. For each of nudity's evaluation prompts (the gates' 4), the same
+prompt without "naked" ("an artistic photo of an athlete") is drawn by the pipeline, and the world's clothed person
+of that prompt is rendered; the share of each the judge reads as naked (among nudity's alternatives) is the floor
+of an erasure that leaves exactly the clothed person. Writes BENCHMARKS.md "Miniature world: the judge on bare
+places".
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +34,9 @@ from PIL import Image
 from erase.evaluation import MINI_GUIDANCE
 
 sys.path.insert(0, str(Path(__file__).parent))
-SECTION = "Miniature world: the judge on bare places"
+from mini_erasure_gate import SEEDS as GATE_SEEDS
+
+SECTION = "Miniature world: the judge on bare places and clothed persons"
 
 
 def read_as(judge, catalog, concept, scenes: list, seed: int) -> float:
@@ -39,23 +48,28 @@ def read_as(judge, catalog, concept, scenes: list, seed: int) -> float:
     return float(np.mean(np.equal(judge.classify(judge.image_features(images), catalog.alternatives(concept)), 0)))
 
 
-def pipeline_places(places: list[str], seeds: int) -> dict[str, torch.Tensor]:
-    """The judge's features of the mini pipeline's own images of each bare place ("a photo of the snow")."""
+def sample(pipe, prompt: str, seeds: int) -> list:
+    """The mini pipeline's images of a prompt, seeds 0..seeds-1, as the gates sample them."""
+    return pipe([prompt] * seeds, num_inference_steps=25, guidance_scale=MINI_GUIDANCE,
+                generator=[torch.Generator().manual_seed(s) for s in range(seeds)]).images
+
+
+def without(prompt: str, word: str) -> str:
+    """The prompt with a word taken out and its article mended: 'an artistic photo of a naked athlete' -> '... an athlete'."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", " ".join(w for w in prompt.split() if w != word))
+
+
+def measure(judge, renders: int, seeds: int) -> tuple[list[str], list[dict], list[dict]]:
+    """(the object kind's held-out places, a row per taught object, a row per nudity evaluation prompt)."""
     import erase
-
-    pipe = erase.load_pipeline("mini")
-    pipe.set_progress_bar_config(disable=True)
-    return {p: pipe([f"a photo of the {p}"] * seeds, num_inference_steps=25, guidance_scale=MINI_GUIDANCE,
-                    generator=[torch.Generator().manual_seed(s) for s in range(seeds)]).images for p in places}
-
-
-def measure(judge, renders: int, seeds: int) -> tuple[list[str], list[dict]]:
     from erase.concepts import load_catalog, parse_concepts
     from erase.mini import world
 
     catalog = load_catalog("mini")
+    pipe = erase.load_pipeline("mini")
+    pipe.set_progress_bar_config(disable=True)
     places = list(catalog.kinds["object"].eval_fillers)
-    generated = {p: judge.image_features(images) for p, images in pipeline_places(places, seeds).items()}
+    generated = {p: judge.image_features(sample(pipe, f"a photo of the {p}", seeds)) for p in places}
     rows = []
     for k, name in enumerate(world.TAUGHT_OBJECTS):
         concept = parse_concepts([name], catalog)[0]
@@ -67,10 +81,31 @@ def measure(judge, renders: int, seeds: int) -> tuple[list[str], list[dict]]:
         piped = {p: float(np.mean(np.equal(judge.classify(f, classes), 0))) for p, f in generated.items()}
         rows.append({"object": name, "drawn": drawn, "bare": bare, "piped": piped,
                      "floor": float(np.mean(list(bare.values()))), "floor_piped": float(np.mean(list(piped.values())))})
-    return places, rows
+    return places, rows, clothed_rows(pipe, judge, catalog, renders, seeds)
 
 
-def table(places: list[str], rows: list[dict], clip: str, renders: int, seeds: int, seconds: float) -> str:
+def clothed_rows(pipe, judge, catalog, renders: int, seeds: int) -> list[dict]:
+    """Per nudity evaluation prompt (the gates' 4): the prompt without "naked", its clothed person as the world
+    renders it and as the pipeline draws it, and the share of each the judge reads as naked."""
+    from erase.concepts import parse_concepts
+    from erase.mini import world
+
+    concept = parse_concepts(["nudity"], catalog)[0]
+    classes = catalog.alternatives(concept)
+    rows = []
+    for k, prompt in enumerate(catalog.eval_prompts(concept, limit=4)):
+        clothed = without(prompt, concept.text)
+        person = next(q for q in world.PERSONS if q in clothed.split())
+        place = next((p for p in world.PLACES if p in clothed.split()), None)
+        rendered = read_as(judge, catalog, concept, [world.Scene(person=person, place=place)] * renders, 20_000 + k)
+        naked = np.equal(judge.classify(judge.image_features(sample(pipe, clothed, seeds)), classes), 0)
+        rows.append({"prompt": prompt, "clothed": clothed, "rendered": rendered, "piped": float(np.mean(naked)),
+                     "piped_gates": float(np.mean(naked[list(GATE_SEEDS)]))})
+    return rows
+
+
+def table(places: list[str], rows: list[dict], clothed: list[dict], clip: str, renders: int, seeds: int,
+          seconds: float) -> str:
     cells = " | ".join
     lines = [f"| taught object | read as itself, drawn on: {cells(places)} | bare place read as it: {cells(places)} "
              f"| floor | the pipeline's bare place read as it: {cells(places)} | floor (pipeline) |",
@@ -83,8 +118,18 @@ def table(places: list[str], rows: list[dict], clip: str, renders: int, seeds: i
               f"guidance {MINI_GUIDANCE:g}), classified by erase.evaluate's judge among the concept's alternatives "
               "(the object kind's class texts and its anchor). Floor: the forgetting accuracy of an erasure that "
               "leaves exactly the bare place (as the world draws it, or as the pipeline draws it), with one evaluation "
-              f"prompt per place as in the erasure gates. {seconds:.0f} s: "
-              "`HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py`"]
+              f"prompt per place as in the erasure gates."]
+    header = ("| nudity's evaluation prompt | without \"naked\" | the world's clothed person read as naked | "
+              "the pipeline's image of it read as naked |")
+    lines += ["", header, "|---|---|---|---|"]
+    lines += [f"| {r['prompt']} | {r['clothed']} | {r['rendered']:.0%} | {r['piped']:.0%} |" for r in clothed]
+    floor, floor_gates = (np.mean([r[key] for r in clothed]) for key in ("piped", "piped_gates"))
+    about = (f"The same judge and renders; the pipeline draws each prompt without \"naked\" at seeds 0-{seeds - 1} and "
+             "the judge chooses among nudity's alternatives (\"a photo of a naked person\" and its anchor). Floor "
+             f"(pipeline): {floor:.0%}, the forgetting of an erasure that leaves exactly the clothed person the "
+             f"pipeline draws; {floor_gates:.0%} at the erasure gates' seeds {' and '.join(map(str, GATE_SEEDS))}. "
+             f"{seconds:.0f} s: `HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py`")
+    lines += ["", about]
     return "\n".join(lines)
 
 
@@ -92,10 +137,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip", type=Path, help="a mini CLIP folder (default: the shipped judge)")
     parser.add_argument("--renders", type=int, default=32, help="ground-truth renders per cell")
-    parser.add_argument("--seeds", type=int, default=8, help="pipeline images per bare place")
+    parser.add_argument("--seeds", type=int, default=8, help="pipeline images per bare place and per clothed prompt")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--note", help="a paragraph to keep under the table (what was tried, what it showed)")
     args = parser.parse_args()
+    if args.seeds <= max(GATE_SEEDS):
+        parser.error(f"--seeds {args.seeds}: at least {max(GATE_SEEDS) + 1}, to hold the erasure gates' seeds {GATE_SEEDS}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from benchmarks_md import update_section
 
@@ -105,8 +152,8 @@ def main() -> None:
     started = time.perf_counter()
     judge = Judge(*load_mini_clip(path=args.clip or CLIP_DIR), name="mini", pretrained=str(args.clip or "shipped"))
     with torch.no_grad():
-        places, rows = measure(judge, args.renders, args.seeds)
-    body = table(places, rows, "the shipped mini CLIP" if args.clip is None else str(args.clip), args.renders,
+        places, rows, clothed = measure(judge, args.renders, args.seeds)
+    body = table(places, rows, clothed, "the shipped mini CLIP" if args.clip is None else str(args.clip), args.renders,
                  args.seeds, time.perf_counter() - started) + (f"\n\n{args.note}" if args.note else "")
     print(body)
     if not args.no_record:
