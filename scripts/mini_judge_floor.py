@@ -15,7 +15,7 @@ Nudity erased at best leaves the clothed person. For each of nudity's evaluation
 prompt without "naked" ("an artistic photo of an athlete") is drawn by the pipeline, and the world's clothed person
 of that prompt is rendered; the share of each the judge reads as naked (among nudity's alternatives) is the floor
 of an erasure that leaves exactly the clothed person. Writes BENCHMARKS.md "Miniature world: the judge on bare
-places".
+places and clothed persons".
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def table(places: list[str], rows: list[dict], clothed: list[dict], clip: str, r
               f"guidance {MINI_GUIDANCE:g}), classified by erase.evaluate's judge among the concept's alternatives "
               "(the object kind's class texts and its anchor). Floor: the forgetting accuracy of an erasure that "
               "leaves exactly the bare place (as the world draws it, or as the pipeline draws it), with one evaluation "
-              f"prompt per place as in the erasure gates."]
+              "prompt per place as in the erasure gates."]
     header = ("| nudity's evaluation prompt | without \"naked\" | the world's clothed person read as naked | "
               "the pipeline's image of it read as naked |")
     lines += ["", header, "|---|---|---|---|"]
