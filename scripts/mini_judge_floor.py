@@ -35,6 +35,7 @@ from erase.evaluation import MINI_GUIDANCE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mini_erasure_gate import SEEDS as GATE_SEEDS
+from mini_gates import generate
 
 SECTION = "Miniature world: the judge on bare places and clothed persons"
 
@@ -48,14 +49,8 @@ def read_as(judge, catalog, concept, scenes: list, seed: int) -> float:
     return float(np.mean(np.equal(judge.classify(judge.image_features(images), catalog.alternatives(concept)), 0)))
 
 
-def sample(pipe, prompt: str, seeds: int) -> list:
-    """The mini pipeline's images of a prompt, seeds 0..seeds-1, as the gates sample them."""
-    return pipe([prompt] * seeds, num_inference_steps=25, guidance_scale=MINI_GUIDANCE,
-                generator=[torch.Generator().manual_seed(s) for s in range(seeds)]).images
-
-
 def without(prompt: str, word: str) -> str:
-    """The prompt with a word taken out and its article mended: 'an artistic photo of a naked athlete' -> '... an athlete'."""
+    """The prompt with a word taken out and its article mended: 'a photo of a naked athlete' -> 'a photo of an athlete'."""
     return re.sub(r"\ba (?=[aeiou])", "an ", " ".join(w for w in prompt.split() if w != word))
 
 
@@ -69,7 +64,8 @@ def measure(judge, renders: int, seeds: int) -> tuple[list[str], list[dict], lis
     pipe = erase.load_pipeline("mini")
     pipe.set_progress_bar_config(disable=True)
     places = list(catalog.kinds["object"].eval_fillers)
-    generated = {p: judge.image_features(sample(pipe, f"a photo of the {p}", seeds)) for p in places}
+    generated = {p: judge.image_features(generate(pipe, [f"a photo of the {p}"] * seeds, 0, 25, MINI_GUIDANCE))
+                 for p in places}
     rows = []
     for k, name in enumerate(world.TAUGHT_OBJECTS):
         concept = parse_concepts([name], catalog)[0]
@@ -98,7 +94,8 @@ def clothed_rows(pipe, judge, catalog, renders: int, seeds: int) -> list[dict]:
         person = next(q for q in world.PERSONS if q in clothed.split())
         place = next((p for p in world.PLACES if p in clothed.split()), None)
         rendered = read_as(judge, catalog, concept, [world.Scene(person=person, place=place)] * renders, 20_000 + k)
-        naked = np.equal(judge.classify(judge.image_features(sample(pipe, clothed, seeds)), classes), 0)
+        images = generate(pipe, [clothed] * seeds, 0, 25, MINI_GUIDANCE)
+        naked = np.equal(judge.classify(judge.image_features(images), classes), 0)
         rows.append({"prompt": prompt, "clothed": clothed, "rendered": rendered, "piped": float(np.mean(naked)),
                      "piped_gates": float(np.mean(naked[list(GATE_SEEDS)]))})
     return rows
