@@ -63,7 +63,15 @@ def ground_truth(pipe, result, prompts: int, seeds, neurons: dict) -> dict:
     edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
     report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
                             prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=MINI_GUIDANCE)
-    return {"truth": float(np.mean([v["erased"] for v in report.metrics["forget"].values()]))}
+    return {"truth": float(np.mean([v["erased"] for v in report.metrics["forget"].values()])),
+            "found": found(result.edit, edit)}
+
+
+def found(method_edit, truth_edit) -> float:
+    """The share of the erased concepts' own weights (their neurons' ff.net.2 columns) that the method's mask holds:
+    whether it finds where the world stored them."""
+    own = sum(int(mask.sum()) for mask in truth_edit.masks.values())
+    return sum(int((mask & method_edit.masks[name]).sum()) for name, mask in truth_edit.masks.items()) / own
 
 
 def still_named(report, catalog) -> dict[str, dict[str, str]]:
@@ -190,15 +198,16 @@ def table(store, prompts: int) -> str:
     done, total = sum(map(primary, store.rows)), len(labels()) * len(results)
     lines = [*([f"_Partial: {done} of {total} rows measured so far; the script records each row as it lands._", ""]
                if done < total else []), *store.stale_note(REPRODUCE), "| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
-             "its own neurons zeroed instead | others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "its own neurons zeroed instead | its own weights in the mask | others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, rs in results.items():
         for r in rs:
             persons = f"{r['persons_kept']:.0%}" if "persons_kept" in r else "–"
             truth = f"{r['truth']:.0%}" if "truth" in r else "–"
+            found_share = f"{r['found']:.0%}" if "found" in r else "–"
             gate = ("yes" if verdict(r) else "NO") if gate_row(r) else "–"
             lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
-                         f"{r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | {r['kept']:.0%} | {truth} | {r['retain']:.0%} | {persons} | "
+                         f"{r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | {r['kept']:.0%} | {truth} | {found_share} | {r['retain']:.0%} | {persons} | "
                          f"{r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
     lines += ["", f"Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the other objects keep ≥ "
               f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
@@ -210,7 +219,8 @@ def table(store, prompts: int) -> str:
               "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads unless the row says "
               "otherwise). 'Its own neurons "
               "zeroed instead': forgetting when the concept's ground-truth neurons (erase/assets/mini/neurons.json) are "
-              "zeroed in place of the method's edit, same prompts and seeds. FIA rows with – as their gate ran with "
+              "zeroed in place of the method's edit, same prompts and seeds; 'its own weights in the mask': the share of "
+              "those neurons' ff.net.2 weights the method's mask holds. FIA rows with – as their gate ran with "
               "another object preset (`--object-config`), for comparison.",
               f"Reproduce: `{REPRODUCE} --method fia --method conceptprune`"]
     return "\n".join(lines + named_lines([r for rs in results.values() for r in rs]))
