@@ -53,7 +53,8 @@ def evaluate(pipe, catalog, concepts, retain, method, settings, prompts, seeds):
 
 def ground_truth(pipe, result, prompts: int, seeds, neurons: dict) -> dict:
     """Forgetting with the erased concepts' own neurons (neurons.json) zeroed instead of the method's edit, by the
-    same evaluation: the best any masking of the world's ground truth can do under this judge."""
+    same evaluation: the best any masking of the world's ground truth can do under this judge; and how much of
+    those neurons' weights the method's mask holds (`found`)."""
     from dataclasses import replace
 
     from mini_gates import neurons_edit
