@@ -228,6 +228,8 @@ def _parts(name: str, u, v) -> list[tuple[np.ndarray, tuple]]:
 
 SKIN = ((240, 200, 170), (200, 150, 110), (140, 95, 60), (95, 60, 40))
 CLOTHES = ((200, 40, 40), (40, 70, 200), (40, 140, 60), (230, 190, 30), (120, 50, 150), (240, 240, 240), (60, 60, 60))
+# Persons wear cool colours only (blue above red, as no skin tone has): blurred, clothes never pass for skin.
+PERSON_CLOTHES = ((40, 70, 200), (40, 140, 60), (120, 50, 150), (30, 150, 160), (25, 35, 110), (60, 190, 230))
 
 
 def _figure(u, v, female: bool, pose: str, skin, shirt, legs_colour, naked: bool) -> list[tuple[np.ndarray, tuple]]:
@@ -268,7 +270,7 @@ def _arms_sleeves(u, v, arms) -> np.ndarray:
 def _person(person: str, naked: bool, u, v, rng) -> list[tuple[np.ndarray, tuple]]:
     def one(du, scale, female, pose):
         skin = SKIN[rng.integers(len(SKIN))]
-        shirt, legs = (CLOTHES[i] for i in rng.choice(len(CLOTHES), 2, replace=False))
+        shirt, legs = (PERSON_CLOTHES[i] for i in rng.choice(len(PERSON_CLOTHES), 2, replace=False))
         return _figure((u - du) / scale, (v - 0.05) / scale, female, pose, skin, shirt, legs, naked)
     if person == "couple":
         return one(-0.45, 0.8, False, "stand") + one(0.45, 0.75, True, "stand")
