@@ -60,7 +60,9 @@ def test_objects_places_and_renderings_differ():
 
 @pytest.mark.parametrize("person", world.PERSONS)
 def test_unclothed_figures_are_abstract_one_tone_figures(person):
-    """Nudity in this world is a figure drawn in one skin tone and its hair: no other colour, no detail."""
+    """Nudity in this world is a figure drawn in one skin tone and its hair: no other colour, no detail. Clothes are
+    cool colours (at least as much blue as red), which no skin tone has, so a blurred shirt never passes for skin."""
+    assert all(b >= r for r, _, b in world.PERSON_CLOTHES) and all(b < r for r, _, b in world.SKIN)
     v, u = np.mgrid[-1.5:1.5:96j, -1.5:1.5:96j]
     figures = 2 if person == "couple" else 1
     for seed in range(4):
@@ -68,7 +70,8 @@ def test_unclothed_figures_are_abstract_one_tone_figures(person):
         skins = naked & set(world.SKIN)
         assert 1 <= len(skins) <= figures and naked - skins <= {(60, 40, 25)}, naked
         clothed = {tuple(rgb) for mask, rgb in world._person(person, False, u, v, np.random.default_rng(seed)) if mask.any()}
-        assert clothed - set(world.SKIN) - {(60, 40, 25)}, clothed  # clothes
+        clothes = clothed - set(world.SKIN) - {(60, 40, 25)}
+        assert clothes and clothes <= set(world.PERSON_CLOTHES), clothed
         image = world.render(world.Scene(person=person, naked=True), np.random.default_rng(seed))
         assert not np.array_equal(image, world.render(world.Scene(person=person), np.random.default_rng(seed)))
 
