@@ -137,10 +137,11 @@ def mini(tmp_path_factory):
 def test_on_the_miniature_world_revival_completes_the_pruned_zeros_and_finds_only_the_models_own_in_noise(mini):
     """BENCHMARKS.md's revival table (fia, church), same settings and seeds. Whether the completed weights bring
     church back depends on the model (the session-4 model: 2 of 8 images; the session-6 and session-7 models: none;
-    the session-10 model: 1 of 8; the session-11 model: none), so that is measured there, not asserted here; what
-    holds on any model is what revival finds to fill: the pruned zeros, and the exact zeros the model had already
-    (an attacker cannot tell them apart; the session-10 model's float16 weights hold one, the session-11 one's
-    none), which are all it finds in a noise fill."""
+    the session-10 model: 1 of 8; the session-11 model: none; the session-14 model: none beyond the 1 of 8 its
+    erasure keeps, at the snow, as zeroing church's own neurons does), so that is measured there, not asserted here;
+    what holds on any model is what revival finds to fill: the pruned zeros, and the exact zeros the model had already
+    (an attacker cannot tell them apart; the session-10 model's float16 weights hold one, the later ones' none), which
+    are all it finds in a noise fill: with none, the noised model's own images."""
     from erase.attacks.revival import pruned_zeros
 
     own = sum(int(pruned_zeros(p.detach()).sum()) for n, p in mini.unet.named_parameters() if n.endswith("ff.net.2.weight"))
@@ -149,12 +150,13 @@ def test_on_the_miniature_world_revival_completes_the_pruned_zeros_and_finds_onl
     revived = erase.attack(mini, pruned, kind="revival", progress=False, **settings)
     church = revived.metrics["concepts"]["church"]
     assert revived.records[0]["words"] == f"{pruned.record['totals']['edited'] + own} weights revived"
-    assert church["original"] >= 0.5 and church["erased"] == 0 and church["anchor"] == 0, church
+    assert church["original"] >= 0.5 and church["erased"] < church["original"] and church["anchor"] == 0, church
 
     noised = erase.erase(mini, "church", config="fia-object", progress=False)  # the default fill
     found = erase.attack(mini, noised, kind="revival", progress=False, **settings)
     assert found.records[0]["words"] == f"{own} weights revived"
-    assert found.metrics["concepts"]["church"]["attack_success_rate"] == 0  # erased, and nothing to revive
+    church = found.metrics["concepts"]["church"]
+    assert church["erased"] < church["original"] and church["attack_success_rate"] == church["erased"], church
 
 
 def test_on_the_miniature_world_revival_brings_back_what_conceptprune_zeroed_from_ten_classes(mini):
