@@ -186,6 +186,11 @@ def threads(r: dict) -> str:
     return "" if n == 2 else f", {n} thread{'s' * (n > 1)}"
 
 
+def share(r: dict, key: str) -> str:
+    """A share only some rows have (ground truth, persons), as a percentage; – where the row has none."""
+    return f"{r[key]:.0%}" if key in r else "–"
+
+
 def worst(r: dict) -> str:
     """', church': the concept forgotten least, where several were erased and one was not fully forgotten."""
     each = r.get("forget_each", {})
@@ -203,12 +208,9 @@ def table(store, prompts: int) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, rs in results.items():
         for r in rs:
-            persons = f"{r['persons_kept']:.0%}" if "persons_kept" in r else "–"
-            truth = f"{r['truth']:.0%}" if "truth" in r else "–"
-            found_share = f"{r['found']:.0%}" if "found" in r else "–"
             gate = ("yes" if verdict(r) else "NO") if gate_row(r) else "–"
             lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
-                         f"{r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | {r['kept']:.0%} | {truth} | {found_share} | {r['retain']:.0%} | {persons} | "
+                         f"{r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | {r['kept']:.0%} | {share(r, 'truth')} | {share(r, 'found')} | {r['retain']:.0%} | {share(r, 'persons_kept')} | "
                          f"{r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
     lines += ["", f"Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the other objects keep ≥ "
               f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
