@@ -171,11 +171,15 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def section_pattern(title: str) -> re.Pattern:
+    """A Markdown section `## {title}`, up to the next `## ` heading or the end."""
+    return re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+
+
 def replace_section(text: str, title: str, body: str) -> str:
     """Markdown `text` with its section `## {title}` replaced by `body` (appended if it has none); the other
     sections stay as they are, so several writers can share one file (BENCHMARKS.md, a report with attacks)."""
-    section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    section, pattern = f"## {title}\n\n{body.strip()}\n", section_pattern(title)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     return text.rstrip() + "\n"
 

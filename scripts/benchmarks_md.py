@@ -6,10 +6,11 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from erase.export import replace_section
+from erase.export import replace_section, section_pattern
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery section is written by the script it names; rerun the script to refresh it.\n"
@@ -23,11 +24,25 @@ def turn(path: Path):
         yield
 
 
-def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
+NOTES, NOTES_END = "<!-- notes: kept when the script runs again; add one with its --note -->", "<!-- end of notes -->"
+
+
+def update_section(title: str, body: str, path: Path = BENCHMARKS, note: str | None = None) -> None:
     """Replace (or append) the section `## {title}` with `body`, atomically; scripts run side by side take turns,
-    so neither loses the other's section."""
+    so neither loses the other's section. The section's notes (prose between NOTES and NOTES_END at its end: what
+    was tried, what it showed) stay after the new body, `note` added first: measuring a table again keeps them."""
     with turn(path):
-        write_atomically(path, replace_section(path.read_text() if path.exists() else HEADER, title, body))
+        text = path.read_text() if path.exists() else HEADER
+        notes = [p for p in (note, section_notes(text, title)) if p]
+        block = "\n\n".join([NOTES, *notes, NOTES_END]) if notes else ""
+        write_atomically(path, replace_section(text, title, f"{body.strip()}\n\n{block}"))
+
+
+def section_notes(text: str, title: str) -> str:
+    """The notes of section `## {title}` in `text` (empty where it has none)."""
+    section = section_pattern(title).search(text)
+    notes = section and re.search(rf"{re.escape(NOTES)}(.*?){re.escape(NOTES_END)}", section.group(0), re.DOTALL)
+    return notes.group(1).strip() if notes else ""
 
 
 def write_atomically(path: Path, text: str) -> None:

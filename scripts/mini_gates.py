@@ -266,7 +266,7 @@ def report(judge: dict, ceiling: dict, quality: dict, per_value: dict, knowledge
               f"{args.guidance}, 32x32 images. Held-out: each object's (object, place) and (object, artist) pair never "
               "seen in training. Knowledge: conditional gain = loss(reference prompt) - loss(concept prompt) on "
               f"{args.gain_images} rendered images per concept, fixed noise and timesteps 100-899.")
-    return "\n".join([header, "", *rows, "", *([args.note, ""] if args.note else []),
+    return "\n".join([header, "", *rows, "",
                       "<details><summary>pipeline quality per concept (images the judge reads right)</summary>", "",
                       "| gate | per concept |", "|---|---|",
                       *[f"| {g} | " + ", ".join(f"{n} {c}" for n, c in v.items()) + " |" for g, v in per_value.items()],
@@ -288,7 +288,7 @@ def main() -> None:
                         help="classifier-free guidance (default: erase.evaluation.MINI_GUIDANCE, what every table uses)")
     parser.add_argument("--grid", help="folder for PNG grids of the generated images")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--note", default="", help="free text recorded under the table (what was tried, ...)")
+    parser.add_argument("--note", default="", help="a paragraph added to the section's notes, which a rerun keeps (what was tried, ...)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -307,7 +307,7 @@ def main() -> None:
     if not args.no_record:
         from benchmarks_md import update_section
 
-        update_section("Miniature world", body)
+        update_section("Miniature world", body, note=args.note)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--renders", type=int, default=32, help="ground-truth renders per cell")
     parser.add_argument("--seeds", type=int, default=8, help="pipeline images per bare place and per clothed prompt")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    parser.add_argument("--note", help="a paragraph to keep under the table (what was tried, what it showed)")
+    parser.add_argument("--note", help="a paragraph added to the section's notes, which a rerun keeps (what was tried, what it showed)")
     args = parser.parse_args()
     if args.seeds <= max(GATE_SEEDS):
         parser.error(f"--seeds {args.seeds}: at least {max(GATE_SEEDS) + 1}, to hold the erasure gates' seeds {GATE_SEEDS}")
@@ -151,10 +151,10 @@ def main() -> None:
     with torch.no_grad():
         places, rows, clothed = measure(judge, args.renders, args.seeds)
     body = table(places, rows, clothed, "the shipped mini CLIP" if args.clip is None else str(args.clip), args.renders,
-                 args.seeds, time.perf_counter() - started) + (f"\n\n{args.note}" if args.note else "")
+                 args.seeds, time.perf_counter() - started)
     print(body)
     if not args.no_record:
-        update_section(SECTION, body)
+        update_section(SECTION, body, note=args.note)
 
 
 if __name__ == "__main__":

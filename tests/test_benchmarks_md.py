@@ -46,3 +46,16 @@ def test_sections_written_one_after_another_are_both_kept(tmp_path):
     update_section("A", "table a, again\n", path)
     text = path.read_text()
     assert "table a, again" in text and "table b" in text and "table a\n" not in text
+
+
+def test_a_section_measured_again_keeps_its_notes(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    update_section("A", "table a\n", path, note="first probe: r2 0.03 forgot less")
+    update_section("B", "table b\n", path)
+    update_section("A", "table a, again\n", path)
+    update_section("A", "table a, third\n", path, note="second probe: a longer unname")
+    text = path.read_text()
+    assert "table a, third" in text and "table a, again" not in text and "table b" in text
+    section_a = text[text.index("## A"):text.index("## B")]
+    assert section_a.index("table a, third") < section_a.index("second probe") < section_a.index("first probe")
+    assert "probe" not in text[text.index("## B"):]
