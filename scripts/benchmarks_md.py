@@ -13,7 +13,9 @@ from pathlib import Path
 from erase.export import replace_section, section_pattern
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nEvery section is written by the script it names; rerun the script to refresh it.\n"
+HEADER = ("# Benchmarks\n\nEvery section is written by the script it names; rerun the script to refresh it. A section's "
+          "notes (what was tried and what it showed, in a marked block at its end) are kept when it is written again; "
+          "add one with the script's --note.\n")
 
 
 @contextlib.contextmanager
