@@ -91,8 +91,9 @@ class BaseConfig:
 class UnnameConfig:
     """The base model, continued on its world with taught names over images that do not show them."""
 
-    steps: int = 1600  # 400 left 4 objects and nudity drawn for their names without neurons; 800 left tench
-    #  by the lake in 2 of 8 images with its neurons zeroed, 1,600 in none (BENCHMARKS.md)
+    steps: int = 3200  # 400 left 4 objects and nudity drawn for their names without neurons; 800 left tench
+    #  by the lake in 2 of 8 images with its neurons zeroed, 1,600 left tench (ten at once) and church in 2 and 1,
+    #  3,200 in none (BENCHMARKS.md)
     batch: int = 64
     lr: float = 3e-4
     warmup: int = 50
