@@ -97,13 +97,14 @@ MINI_ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 20}  # at the
 
 
 def test_a_weak_erasure_gives_the_concept_back_under_attack_and_the_same_seed_finds_the_same_prompts(mini):
-    # FIA at a fifth of its r2 leaves church in 1 of 4 prompts and the attack finds it in 3 (measured on the session-5
-    # mini model); 30 steps of esd-mini, weak on the session-4 model, erase church beyond any attack on later ones
-    weak = erase.erase(mini, "church", r2=0.002, progress=False)
+    # FIA at a fifth of its r2 leaves tench in 3 of 4 prompts and the attack in all 4 (session 16's mini model, which
+    # draws church, this test's concept until then, in only 1 of these 4 original images); 30 steps of esd-mini,
+    # weak on the session-4 model, erase beyond any attack on later ones
+    weak = erase.erase(mini, "tench", r2=0.002, progress=False)
     first = erase.attack(mini, weak, progress=False, **MINI_ATTACK)
-    church = first.metrics["concepts"]["church"]
-    assert church["original"] >= 0.5, church
-    assert church["attack_success_rate"] > church["anchor"], church  # more than the judge's floor
+    tench = first.metrics["concepts"]["tench"]
+    assert tench["original"] >= 0.5, tench
+    assert tench["attack_success_rate"] > tench["anchor"], tench  # more than the judge's floor
     again = erase.attack(mini, weak, progress=False, **MINI_ATTACK)
     assert [r["attacked_prompt"] for r in again.records] == [r["attacked_prompt"] for r in first.records]
     assert again.metrics == first.metrics
