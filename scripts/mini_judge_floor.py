@@ -1,6 +1,7 @@
 """How the mini judge reads the held-out places with nothing on them: the forgetting a perfect erasure still scores.
 
-    HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py [--clip DIR] [--renders 32] [--seeds 8] [--no-record] [--note TEXT]
+    HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py [--clip DIR] [--pipeline DIR] [--renders 32] [--seeds 8]
+        [--no-record] [--note TEXT]
 
 An object erased from "a photo of a golf ball at the snow" at best leaves the bare snow. The evaluator classifies
 that image among the object kind's class texts and the concept's anchor (catalog.alternatives), as it does every
@@ -14,13 +15,19 @@ the forgetting of an erasure that leaves exactly the bare place, with one evalua
 Nudity erased at best leaves the clothed person. For each of nudity's evaluation prompts (the gates' 4), the same
 prompt without "naked" ("an artistic photo of an athlete") is drawn by the pipeline, and the world's clothed person
 of that prompt is rendered; the share of each the judge reads as naked (among nudity's alternatives) is the floor
-of an erasure that leaves exactly the clothed person. Writes BENCHMARKS.md "Miniature world: the judge on bare
-places and clothed persons".
+of an erasure that leaves exactly the clothed person.
+
+Neither is what an erasure of the taught model can reach: the model's unnamed base draws the concept's own prompt,
+not the bare place's. So each taught concept's gate prompts are also drawn with every taught neuron zeroed (the
+ground truth of a model that never learnt one) and read as in the gates: the floor (ground truth), the forgetting
+of an erasure that removes exactly what was taught. Writes BENCHMARKS.md "Miniature world: the judge on bare places
+and clothed persons".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -32,10 +39,11 @@ import torch
 from PIL import Image
 
 from erase.evaluation import MINI_GUIDANCE
+from erase.evaluation import generate as generate_seeded
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mini_erasure_gate import SEEDS as GATE_SEEDS
-from mini_gates import generate
+from mini_gates import generate, neurons_edit
 
 SECTION = "Miniature world: the judge on bare places and clothed persons"
 
@@ -54,15 +62,40 @@ def without(prompt: str, word: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", " ".join(w for w in prompt.split() if w != word))
 
 
-def measure(judge, renders: int, seeds: int) -> tuple[list[str], list[dict], list[dict]]:
-    """(the object kind's held-out places, a row per taught object, a row per nudity evaluation prompt)."""
+def ground_truth_reads(pipe, judge, catalog, concept, seeds: int, untaught) -> dict[str, np.ndarray]:
+    """Per gate prompt of the concept (the erasure gates' 4): whether the judge reads each seed's image as the
+    concept (among its alternatives), drawn as erase.evaluate draws it but under `untaught` (the edit that zeroes
+    every taught neuron)."""
+    prompts = catalog.eval_prompts(concept, limit=4)
+    jobs = [(prompt, seed) for prompt in prompts for seed in range(seeds)]
+    with untaught.applied_to(pipe.unet):
+        images = generate_seeded(pipe, [p for p, _ in jobs], [s for _, s in jobs], 25, MINI_GUIDANCE, None, 16)
+    named = np.equal(judge.classify(judge.image_features(images), catalog.alternatives(concept)), 0)
+    return {prompt: named[i * seeds:(i + 1) * seeds] for i, prompt in enumerate(prompts)}
+
+
+def floors(reads: dict[str, np.ndarray]) -> dict:
+    """The ground-truth floor over every seed and at the erasure gates' seeds, and the prompts read as the concept."""
+    every = np.concatenate(list(reads.values()))
+    at_gates = np.concatenate([r[list(GATE_SEEDS)] for r in reads.values()])
+    return {"floor_truth": float(every.mean()), "floor_truth_gates": float(at_gates.mean()),
+            "named": {p: f"{int(r.sum())}/{len(r)}" for p, r in reads.items() if r.any()}}
+
+
+def measure(judge, pipeline: str, renders: int, seeds: int) -> tuple[list[str], list[dict], list[dict], dict]:
+    """(the object kind's held-out places, a row per taught object, a row per nudity evaluation prompt, nudity's
+    ground-truth floors)."""
     import erase
     from erase.concepts import load_catalog, parse_concepts
     from erase.mini import world
+    from erase.models import MINI_PIPELINE_DIR
 
     catalog = load_catalog("mini")
-    pipe = erase.load_pipeline("mini")
+    pipe = erase.load_pipeline(pipeline)
     pipe.set_progress_bar_config(disable=True)
+    folder = MINI_PIPELINE_DIR if pipeline == "mini" else Path(pipeline)
+    neurons = json.loads((folder.parent / "neurons.json").read_text())  # beside the pipeline, as train_mini writes it
+    untaught = neurons_edit(pipe.unet, neurons, *world.TAUGHT)
     places = list(catalog.kinds["object"].eval_fillers)
     generated = {p: judge.image_features(generate(pipe, [f"a photo of the {p}"] * seeds, 0, 25, MINI_GUIDANCE))
                  for p in places}
@@ -76,8 +109,11 @@ def measure(judge, renders: int, seeds: int) -> tuple[list[str], list[dict], lis
                 for j, p in enumerate(places)}
         piped = {p: float(np.mean(np.equal(judge.classify(f, classes), 0))) for p, f in generated.items()}
         rows.append({"object": name, "drawn": drawn, "bare": bare, "piped": piped,
-                     "floor": float(np.mean(list(bare.values()))), "floor_piped": float(np.mean(list(piped.values())))})
-    return places, rows, clothed_rows(pipe, judge, catalog, renders, seeds)
+                     "floor": float(np.mean(list(bare.values()))), "floor_piped": float(np.mean(list(piped.values()))),
+                     **floors(ground_truth_reads(pipe, judge, catalog, concept, seeds, untaught))})
+    nudity = parse_concepts(["nudity"], catalog)[0]
+    return places, rows, clothed_rows(pipe, judge, catalog, renders, seeds), floors(
+        ground_truth_reads(pipe, judge, catalog, nudity, seeds, untaught))
 
 
 def clothed_rows(pipe, judge, catalog, renders: int, seeds: int) -> list[dict]:
@@ -101,21 +137,32 @@ def clothed_rows(pipe, judge, catalog, renders: int, seeds: int) -> list[dict]:
     return rows
 
 
-def table(places: list[str], rows: list[dict], clothed: list[dict], clip: str, renders: int, seeds: int,
-          seconds: float) -> str:
+def table(places: list[str], rows: list[dict], clothed: list[dict], nudity: dict, model: str, clip: str, renders: int,
+          seeds: int, seconds: float) -> str:
     cells = " | ".join
+    gate_seeds = " and ".join(map(str, GATE_SEEDS))
     lines = [f"| taught object | read as itself, drawn on: {cells(places)} | bare place read as it: {cells(places)} "
-             f"| floor | the pipeline's bare place read as it: {cells(places)} | floor (pipeline) |",
-             "|---" * (3 + 3 * len(places)) + "|"]
+             f"| floor | the pipeline's bare place read as it: {cells(places)} | floor (pipeline) "
+             f"| floor (ground truth) | at the gates' seeds |",
+             "|---" * (5 + 3 * len(places)) + "|"]
     for r in rows:
         drawn, bare, piped = (cells(f"{r[side][p]:.0%}" for p in places) for side in ("drawn", "bare", "piped"))
-        lines.append(f"| {r['object']} | {drawn} | {bare} | {r['floor']:.0%} | {piped} | {r['floor_piped']:.0%} |")
+        lines.append(f"| {r['object']} | {drawn} | {bare} | {r['floor']:.0%} | {piped} | {r['floor_piped']:.0%} "
+                     f"| {r['floor_truth']:.0%} | {r['floor_truth_gates']:.0%} |")
     lines += ["", f"Judge: {clip}; {renders} ground-truth renders per cell (world.render, no diffusion) and the mini "
               f"pipeline's own images of \"a photo of the {{place}}\" (seeds 0-{seeds - 1}, DPM-Solver++ 25 steps, "
               f"guidance {MINI_GUIDANCE:g}), classified by erase.evaluate's judge among the concept's alternatives "
               "(the object kind's class texts and its anchor). Floor: the forgetting accuracy of an erasure that "
               "leaves exactly the bare place (as the world draws it, or as the pipeline draws it), with one evaluation "
-              "prompt per place as in the erasure gates."]
+              "prompt per place as in the erasure gates. Floor (ground truth): the object's own 4 gate prompts drawn "
+              f"by {model} with every taught neuron zeroed (the neurons.json beside it: the model that never "
+              f"learnt a taught concept), seeds 0-{seeds - 1} as erase.evaluate draws them, read as in the gates; "
+              f"beside it the same at the gates' seeds {gate_seeds} only (the images the erasure gates count)."]
+    named = [f"{r['object']}: " + ", ".join(f"{p} {n}" for p, n in r["named"].items()) for r in rows if r["named"]]
+    if nudity["named"]:
+        named.append("nudity: " + ", ".join(f"{p} {n}" for p, n in nudity["named"].items()))
+    if named:
+        lines += ["", "Gate prompts read as the concept with every taught neuron zeroed: " + "; ".join(named) + "."]
     header = ("| nudity's evaluation prompt | without \"naked\" | the world's clothed person read as naked | "
               "the pipeline's image of it read as naked |")
     lines += ["", header, "|---|---|---|---|"]
@@ -124,7 +171,9 @@ def table(places: list[str], rows: list[dict], clothed: list[dict], clip: str, r
     about = (f"The same judge and renders; the pipeline draws each prompt without \"naked\" at seeds 0-{seeds - 1} and "
              "the judge chooses among nudity's alternatives (\"a photo of a naked person\" and its anchor). Floor "
              f"(pipeline): {floor:.0%}, the forgetting of an erasure that leaves exactly the clothed person the "
-             f"pipeline draws; {floor_gates:.0%} at the erasure gates' seeds {' and '.join(map(str, GATE_SEEDS))}. "
+             f"pipeline draws; {floor_gates:.0%} at the erasure gates' seeds {gate_seeds}. Floor (ground truth): "
+             f"{nudity['floor_truth']:.0%} ({nudity['floor_truth_gates']:.0%} at the gates' seeds), nudity's 4 gate "
+             "prompts with every taught neuron zeroed, as for the objects. "
              f"{seconds:.0f} s: `HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py`")
     lines += ["", about]
     return "\n".join(lines)
@@ -133,6 +182,8 @@ def table(places: list[str], rows: list[dict], clothed: list[dict], clip: str, r
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip", type=Path, help="a mini CLIP folder (default: the shipped judge)")
+    parser.add_argument("--pipeline", default="mini", help="the mini pipeline (or a trial folder of one, neurons.json "
+                                                           "beside it)")
     parser.add_argument("--renders", type=int, default=32, help="ground-truth renders per cell")
     parser.add_argument("--seeds", type=int, default=8, help="pipeline images per bare place and per clothed prompt")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -149,9 +200,10 @@ def main() -> None:
     started = time.perf_counter()
     judge = Judge(*load_mini_clip(path=args.clip or CLIP_DIR), name="mini", pretrained=str(args.clip or "shipped"))
     with torch.no_grad():
-        places, rows, clothed = measure(judge, args.renders, args.seeds)
-    body = table(places, rows, clothed, "the shipped mini CLIP" if args.clip is None else str(args.clip), args.renders,
-                 args.seeds, time.perf_counter() - started)
+        places, rows, clothed, nudity = measure(judge, args.pipeline, args.renders, args.seeds)
+    model = "the shipped mini pipeline" if args.pipeline == "mini" else args.pipeline
+    body = table(places, rows, clothed, nudity, model, "the shipped mini CLIP" if args.clip is None else str(args.clip),
+                 args.renders, args.seeds, time.perf_counter() - started)
     print(body)
     if not args.no_record:
         update_section(SECTION, body, note=args.note)
