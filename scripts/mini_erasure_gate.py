@@ -19,7 +19,6 @@ forget objects); they are kept beside the gate's rows for comparison.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -266,14 +265,13 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     from benchmarks_md import RowStore, update_section
+    from mini_gates import taught_neurons
 
     import erase
     from erase.edits import fingerprint
-    from erase.models import MINI_PIPELINE_DIR
 
     pipe, catalog = erase.load_pipeline(args.pipeline), erase.load_catalog("mini")
-    folder = MINI_PIPELINE_DIR if args.pipeline == "mini" else Path(args.pipeline)
-    neurons = json.loads((folder.parent / "neurons.json").read_text())  # beside the pipeline, as train_mini writes it
+    neurons = taught_neurons(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     store = RowStore(STORE, ("method", "label", "settings"), fingerprint(pipe.unet), MINI_GUIDANCE)
 

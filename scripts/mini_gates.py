@@ -185,6 +185,13 @@ def conditional_gains(pipe, sets, zeroed: str | None) -> dict[str, float]:
     return gains
 
 
+def taught_neurons(pipeline: str | Path) -> dict:
+    """The ground truth of a mini pipeline ("mini": the shipped one, or a trial folder): the neurons.json beside it,
+    as train_mini writes it (per feed-forward layer, each taught concept's neurons)."""
+    folder = MINI_PIPELINE_DIR if str(pipeline) == "mini" else Path(pipeline)
+    return json.loads((folder.parent / "neurons.json").read_text())
+
+
 def neurons_edit(unet, neurons: dict, *concepts: str):
     """The MaskEdit that zeroes taught concepts' own feed-forward neurons (their ff.net.2 columns)."""
     from erase.edits import MaskEdit
@@ -301,7 +308,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     judge, ceiling = judge_on_world(clip, 96, pipe)
     quality, per_value = run_quality(pipe, clip, args)
-    knowledge = run_knowledge(pipe, args.gain_images, json.loads((args.pipeline.parent / "neurons.json").read_text()))
+    knowledge = run_knowledge(pipe, args.gain_images, taught_neurons(args.pipeline))
     body = report(judge, ceiling, quality, per_value, knowledge, args, time.time() - start)
     print(body)
     if not args.no_record:

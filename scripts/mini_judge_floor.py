@@ -17,8 +17,8 @@ prompt without "naked" ("an artistic photo of an athlete") is drawn by the pipel
 of that prompt is rendered; the share of each the judge reads as naked (among nudity's alternatives) is the floor
 of an erasure that leaves exactly the clothed person.
 
-Neither is what an erasure of the taught model can reach: the model's unnamed base draws the concept's own prompt,
-not the bare place's. So each taught concept's gate prompts are also drawn with every taught neuron zeroed (the
+Neither is what an erasure of the taught model leaves at best: without the concept the model still draws the rest
+of the concept's own prompt, not the bare place's prompt. So each taught concept's gate prompts are also drawn with every taught neuron zeroed (the
 ground truth of a model that never learnt one) and read as in the gates: the floor (ground truth), the forgetting
 of an erasure that removes exactly what was taught. Writes BENCHMARKS.md "Miniature world: the judge on bare places
 and clothed persons".
@@ -27,7 +27,6 @@ and clothed persons".
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -43,7 +42,7 @@ from erase.evaluation import generate as generate_seeded
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mini_erasure_gate import SEEDS as GATE_SEEDS
-from mini_gates import generate, neurons_edit
+from mini_gates import generate, neurons_edit, taught_neurons
 
 SECTION = "Miniature world: the judge on bare places and clothed persons"
 
@@ -88,14 +87,11 @@ def measure(judge, pipeline: str, renders: int, seeds: int) -> tuple[list[str], 
     import erase
     from erase.concepts import load_catalog, parse_concepts
     from erase.mini import world
-    from erase.models import MINI_PIPELINE_DIR
 
     catalog = load_catalog("mini")
     pipe = erase.load_pipeline(pipeline)
     pipe.set_progress_bar_config(disable=True)
-    folder = MINI_PIPELINE_DIR if pipeline == "mini" else Path(pipeline)
-    neurons = json.loads((folder.parent / "neurons.json").read_text())  # beside the pipeline, as train_mini writes it
-    untaught = neurons_edit(pipe.unet, neurons, *world.TAUGHT)
+    untaught = neurons_edit(pipe.unet, taught_neurons(pipeline), *world.TAUGHT)
     places = list(catalog.kinds["object"].eval_fillers)
     generated = {p: judge.image_features(generate(pipe, [f"a photo of the {p}"] * seeds, 0, 25, MINI_GUIDANCE))
                  for p in places}
