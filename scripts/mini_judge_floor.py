@@ -17,11 +17,11 @@ prompt without "naked" ("an artistic photo of an athlete") is drawn by the pipel
 of that prompt is rendered; the share of each the judge reads as naked (among nudity's alternatives) is the floor
 of an erasure that leaves exactly the clothed person.
 
-Neither is what an erasure of the taught model leaves at best: without the concept the model still draws the rest
-of the concept's own prompt, not the bare place's prompt. So each taught concept's gate prompts are also drawn with every taught neuron zeroed (the
-ground truth of a model that never learnt one) and read as in the gates: the floor (ground truth), the forgetting
-of an erasure that removes exactly what was taught. Writes BENCHMARKS.md "Miniature world: the judge on bare places
-and clothed persons".
+Neither is what an erasure of the taught model leaves at best: without the concept the model still draws the rest of
+the concept's own prompt, not the bare place's prompt. So each taught concept's gate prompts are also drawn with
+every taught neuron zeroed (the ground truth of a model that never learnt one) and read as in the gates: the floor
+(ground truth), the forgetting of an erasure that removes exactly what was taught. Writes BENCHMARKS.md "Miniature
+world: the judge on bare places and clothed persons".
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from erase.evaluation import MINI_GUIDANCE
+from erase.evaluation import MINI_GUIDANCE, EvalSettings
 from erase.evaluation import generate as generate_seeded
+from erase.models import image_side
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mini_erasure_gate import SEEDS as GATE_SEEDS
@@ -65,10 +66,12 @@ def ground_truth_reads(pipe, judge, catalog, concept, seeds: int, untaught) -> d
     """Per gate prompt of the concept (the erasure gates' 4): whether the judge reads each seed's image as the
     concept (among its alternatives), drawn as erase.evaluate draws it but under `untaught` (the edit that zeroes
     every taught neuron)."""
+    drawn = EvalSettings()  # the evaluator's steps and batches; its mini guidance below
     prompts = catalog.eval_prompts(concept, limit=4)
     jobs = [(prompt, seed) for prompt in prompts for seed in range(seeds)]
     with untaught.applied_to(pipe.unet):
-        images = generate_seeded(pipe, [p for p, _ in jobs], [s for _, s in jobs], 25, MINI_GUIDANCE, None, 16)
+        images = generate_seeded(pipe, [p for p, _ in jobs], [s for _, s in jobs], drawn.steps, MINI_GUIDANCE,
+                                 image_side(pipe, drawn.resolution), drawn.batch_size)
     named = np.equal(judge.classify(judge.image_features(images), catalog.alternatives(concept)), 0)
     return {prompt: named[i * seeds:(i + 1) * seeds] for i, prompt in enumerate(prompts)}
 
