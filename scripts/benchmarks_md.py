@@ -63,12 +63,13 @@ class RowStore:
     """A benchmark's measured rows, kept in a JSON file as each lands (a long run stopped early keeps what it
     measured; a later run measures only what is missing). `key` names the fields that identify a row; each row is
     stamped with `model`, the fingerprint of the UNet it was measured on, and with `guidance` where the benchmark
-    samples images. A row stamped otherwise counts as missing (it is shown, marked, until measured again)."""
+    samples images. A row stamped otherwise counts as missing (it is shown, marked, until measured again).
+    path None keeps the rows in memory only: a print-only run shows what it measured, never the recorded rows."""
 
-    def __init__(self, path: Path, key: tuple[str, ...], model: str, guidance: float | None = None):
+    def __init__(self, path: Path | None, key: tuple[str, ...], model: str, guidance: float | None = None):
         self.path, self.key, self.model = path, key, model
         self.stamp = {"model": model} | ({} if guidance is None else {"guidance": guidance})
-        self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+        self.rows: list[dict] = json.loads(path.read_text()) if path and path.is_file() else []
 
     def identity(self, row: dict) -> tuple:
         return tuple(json.dumps(row[k], sort_keys=True) for k in self.key)
@@ -88,6 +89,9 @@ class RowStore:
         """Record `row` (measured on this model) in place of the one with the same key, atomically. The file is read
         again first: rows another run of the same benchmark landed meanwhile are kept."""
         row = {**row, **self.stamp}
+        if self.path is None:
+            self.rows = [r for r in self.rows if self.identity(r) != self.identity(row)] + [row]
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with turn(self.path):
             landed = json.loads(self.path.read_text()) if self.path.is_file() else []

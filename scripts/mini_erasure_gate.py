@@ -196,13 +196,20 @@ def worst(r: dict) -> str:
     return f", {max(each, key=each.get)}" if len(each) > 1 and r["forget_max"] > 0 else ""
 
 
-def table(store, prompts: int) -> str:
+def seed_words(seeds) -> str:
+    """'seeds 0 and 1', 'seeds 0–7': the seeds a table's rows were sampled from."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return f"seeds {seeds[0]} and {seeds[1]}" if len(seeds) == 2 else f"seeds {seeds[0]}–{seeds[-1]}"
+
+
+def table(store, prompts: int, seeds=SEEDS) -> str:
     results = {}
     for r in sorted(store.rows, key=lambda r: (not primary(r), labels().index(r["label"]))):
         results.setdefault(r["method"], []).append(r)
     done, total = sum(map(primary, store.rows)), len(labels()) * len(results)
     lines = [*([f"_Partial: {done} of {total} rows measured so far; the script records each row as it lands._", ""]
-               if done < total else []), *store.stale_note(REPRODUCE), "| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
+               if done < total and store.path else []), *store.stale_note(REPRODUCE), "| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
              "its own neurons zeroed instead | its own weights in the mask | others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, rs in results.items():
@@ -215,7 +222,7 @@ def table(store, prompts: int) -> str:
               f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
               f"and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on the catalog's neutral prompts ≥ "
               f"{SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, {prompts} held-out prompts per concept × "
-              f"seeds 0 and 1, DPM-Solver++ 25 steps, guidance {MINI_GUIDANCE:g}; 'others' = every other object "
+              f"{seed_words(seeds)}, DPM-Solver++ 25 steps, guidance {MINI_GUIDANCE:g}; 'others' = every other object "
               "(one class), the 15 everyday objects (ten classes), the other artists (van gogh, nudity); persons: "
               "'a photo of a {person}' "
               "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads unless the row says "
@@ -224,7 +231,8 @@ def table(store, prompts: int) -> str:
               "zeroed in place of the method's edit, same prompts and seeds; 'its own weights in the mask': the share of "
               "those neurons' ff.net.2 weights the method's mask holds. FIA rows with – as their gate ran with "
               "another object preset (`--object-config`), for comparison.",
-              f"Reproduce: `{REPRODUCE} --method fia --method conceptprune`"]
+              (f"Reproduce: `{REPRODUCE} --method fia --method conceptprune"
+               f"{'' if seeds == SEEDS else f' --seeds {len(seeds)} --no-record'}`")]
     return "\n".join(lines + named_lines([r for rs in results.values() for r in rs]))
 
 
@@ -273,23 +281,25 @@ def main() -> None:
     pipe, catalog = erase.load_pipeline(args.pipeline), erase.load_catalog("mini")
     neurons = taught_neurons(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    store = RowStore(STORE, ("method", "label", "settings"), fingerprint(pipe.unet), MINI_GUIDANCE)
+    # A print-only run keeps its rows in memory: its table is what it measured, at the seeds it used.
+    store = RowStore(None if args.no_record else STORE, ("method", "label", "settings"), fingerprint(pipe.unet),
+                     MINI_GUIDANCE)
+    seeds = tuple(range(args.seeds))
 
     def landed(row: dict) -> None:
+        store.put(row)
         if not args.no_record:
-            store.put(row)
-            update_section(SECTION, table(store, args.prompts))
+            update_section(SECTION, table(store, args.prompts, seeds))
 
     for method in args.method or ["fia"]:
         def measure(label: str, settings) -> bool:
             wanted = not args.only or label in args.only
-            return wanted and (args.again or args.no_record or not store.has(method=method, label=label, settings=settings))
+            return wanted and (args.again or not store.has(method=method, label=label, settings=settings))
 
-        rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config,
-             tuple(range(args.seeds)))
+        rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config, seeds)
     if not args.no_record:  # also when every row was there already: the section follows this script's layout
-        update_section(SECTION, table(store, args.prompts))
-    print(table(store, args.prompts))
+        update_section(SECTION, table(store, args.prompts, seeds))
+    print(table(store, args.prompts, seeds))
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,16 @@ def test_two_runs_of_one_benchmark_keep_each_others_rows(tmp_path):
     assert not RowStore(path, ("method", "size"), "new").has(method="esd", size=10)
 
 
+def test_a_print_only_store_holds_only_what_it_measured():
+    """A --no-record run's table must show the rows it measured (at its own seeds), not the recorded ones."""
+    store = RowStore(None, ("method", "size"), "m")
+    store.put({"method": "fia", "size": 1, "forget": 0.1})
+    store.put({"method": "fia", "size": 1, "forget": 0.0})
+    assert store.rows == [{"method": "fia", "size": 1, "forget": 0.0, "model": "m"}]
+    assert store.has(method="fia", size=1) and not store.has(method="esd", size=1)
+    assert store.stale_note("rerun") == []
+
+
 def test_a_row_sampled_at_another_guidance_counts_as_missing_and_is_marked(tmp_path):
     """Changing the mini world's guidance changes every number: rows measured at the old one (or before rows were
     stamped with it) must be measured again, not shown as current."""
