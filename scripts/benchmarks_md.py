@@ -90,13 +90,17 @@ class RowStore:
         again first: rows another run of the same benchmark landed meanwhile are kept."""
         row = {**row, **self.stamp}
         if self.path is None:
-            self.rows = [r for r in self.rows if self.identity(r) != self.identity(row)] + [row]
+            self.rows = self.replaced(self.rows, row)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with turn(self.path):
             landed = json.loads(self.path.read_text()) if self.path.is_file() else []
-            self.rows = [r for r in landed if self.identity(r) != self.identity(row)] + [row]
+            self.rows = self.replaced(landed, row)
             write_atomically(self.path, json.dumps(self.rows, indent=1) + "\n")
+
+    def replaced(self, rows: list[dict], row: dict) -> list[dict]:
+        """`rows` with `row` in place of the one with its key."""
+        return [r for r in rows if self.identity(r) != self.identity(row)] + [row]
 
     def stale_note(self, command: str) -> list[str]:
         """A line for the table when some rows were measured on another model, or at another guidance, than now."""
