@@ -43,6 +43,7 @@ from erase.models import image_side
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mini_erasure_gate import SEEDS as GATE_SEEDS
+from mini_erasure_gate import seed_words
 from mini_gates import generate, neurons_edit, taught_neurons
 
 SECTION = "Miniature world: the judge on bare places and clothed persons"
@@ -139,7 +140,7 @@ def clothed_rows(pipe, judge, catalog, renders: int, seeds: int) -> list[dict]:
 def table(places: list[str], rows: list[dict], clothed: list[dict], nudity: dict, model: str, clip: str, renders: int,
           seeds: int, seconds: float) -> str:
     cells = " | ".join
-    gate_seeds = " and ".join(map(str, GATE_SEEDS))
+    gate_seeds = seed_words(GATE_SEEDS)  # 'seeds 0 and 1'
     lines = [f"| taught object | read as itself, drawn on: {cells(places)} | bare place read as it: {cells(places)} "
              f"| floor | the pipeline's bare place read as it: {cells(places)} | floor (pipeline) "
              f"| floor (ground truth) | at the gates' seeds |",
@@ -156,7 +157,7 @@ def table(places: list[str], rows: list[dict], clothed: list[dict], nudity: dict
               "prompt per place as in the erasure gates. Floor (ground truth): the object's own 4 gate prompts drawn "
               f"by {model} with every taught neuron zeroed (the neurons.json beside it: the model that never "
               f"learnt a taught concept), seeds 0-{seeds - 1} as erase.evaluate draws them, read as in the gates; "
-              f"beside it the same at the gates' seeds {gate_seeds} only (the images the erasure gates count)."]
+              f"beside it the same at the gates' {gate_seeds} only (the images the erasure gates count)."]
     named = [f"{r['object']}: " + ", ".join(f"{p} {n}" for p, n in r["named"].items()) for r in rows if r["named"]]
     if nudity["named"]:
         named.append("nudity: " + ", ".join(f"{p} {n}" for p, n in nudity["named"].items()))
@@ -170,7 +171,7 @@ def table(places: list[str], rows: list[dict], clothed: list[dict], nudity: dict
     about = (f"The same judge and renders; the pipeline draws each prompt without \"naked\" at seeds 0-{seeds - 1} and "
              "the judge chooses among nudity's alternatives (\"a photo of a naked person\" and its anchor). Floor "
              f"(pipeline): {floor:.0%}, the forgetting of an erasure that leaves exactly the clothed person the "
-             f"pipeline draws; {floor_gates:.0%} at the erasure gates' seeds {gate_seeds}. Floor (ground truth): "
+             f"pipeline draws; {floor_gates:.0%} at the erasure gates' {gate_seeds}. Floor (ground truth): "
              f"{nudity['floor_truth']:.0%} ({nudity['floor_truth_gates']:.0%} at the gates' seeds), nudity's 4 gate "
              "prompts with every taught neuron zeroed, as for the objects. "
              f"{seconds:.0f} s: `HF_HUB_OFFLINE=1 python scripts/mini_judge_floor.py`")
