@@ -7,8 +7,8 @@
     report = erase.evaluate(pipe, result)
     attacked = erase.attack(pipe, result)    # adversarial recovery: attack success rate per concept
 
-The public names load on first use (PEP 562), so `erase-concepts --help`, a bad option or Ctrl-C during start-up
-answers before torch is imported.
+The public names load on first use (PEP 562), so `erase-concepts --version`, a bad option or Ctrl-C during
+start-up answers before torch is imported.
 """
 
 import importlib

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import platform
 import resource
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .card import write_card
 from .concepts import Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog, parse_concepts
 from .config import as_dict, config_from
 from .edits import MaskEdit, fingerprint
@@ -22,8 +21,10 @@ from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, chec
                      save_patch, write_json)
 from .lora import check_lora_method, lora_name, parse_rank, save_lora, to_lora
 from .methods import get_method
-from .models import MINI_PIPELINE_DIR, check_pipeline, image_side, model_record
+from .models import check_pipeline, image_side, model_record
+from .profile import profile_of
 from .single_file import save_single_file, unsupported
+from .versions import versions
 
 
 @dataclass
@@ -66,7 +67,8 @@ class EraseResult:
 
     def save(self, out: str | Path, overwrite: bool = False, single_file: bool | None = None,
              half: bool = False, lora: int | str | None = None, patch: bool = True) -> Path:
-        """Write unet/ (diffusers), <out name>.safetensors (original SD layout), patch.safetensors and erase.json.
+        """Write unet/ (diffusers), <out name>.safetensors (original SD layout), patch.safetensors, erase.json and
+        README.md (a Hugging Face model card: base model, concepts, method, how to load each file).
 
         single_file: None writes the single file where the model has an original layout (SD1.x, SD2.x, SDXL) and
         records why not otherwise; True requires it; False skips it. half: store the single file in float16.
@@ -109,6 +111,7 @@ class EraseResult:
                 save_lora(tmp / record["lora"]["name"], low_rank, header)
             record["timings"] = dict(record["timings"], export_s=round(time.perf_counter() - started, 3))
             write_json(tmp / RECORD_NAME, record)
+            write_card(tmp, out.name)
         self.record = record
         return out
 
@@ -120,17 +123,11 @@ def result_from_patch(pipe, patch: str | Path) -> EraseResult:
     concepts = concepts_from_record(json.loads(metadata.get("concepts", "[]")), f"the header of {patch}")
     record = {"erase_version": versions()["erase"], "applied_patch": str(patch), "model": model_record(pipe),
               "base_fingerprint": base,
-              "catalog": default_catalog(pipe),
+              "catalog": profile_of(pipe).catalog,
               "method": metadata.get("method"), "concepts": [c.as_dict() for c in concepts],
               "patch_erase_version": metadata.get("erase_version"), "layers": edit.stats(), "timings": {},
               "versions": versions()}
     return EraseResult(pipe, edit, metadata.get("method", "unknown"), None, concepts, record)
-
-
-def default_catalog(pipe) -> str:
-    """The mini world's catalog for the shipped mini pipeline, the real one for everything else."""
-    source = getattr(pipe, "name_or_path", None) or ""
-    return "mini" if source and Path(source).resolve() == MINI_PIPELINE_DIR.resolve() else "catalog"
 
 
 def resolve_config(method: str, config=None, **overrides):
@@ -150,7 +147,7 @@ def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catal
     spec = get_method(method)
     cfg = resolve_config(method, config, **overrides)
     if not isinstance(catalog, Catalog):
-        catalog = load_catalog(catalog or default_catalog(pipe))
+        catalog = load_catalog(catalog or profile_of(pipe).catalog)
     concept_list = parse_concepts(concepts, catalog)
     check_prompts_fit(pipe.tokenizer, concept_list, catalog)
     image_side(pipe, getattr(cfg, "resolution", None))  # refused now rather than after a minute of work
@@ -196,13 +193,3 @@ def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> 
         "versions": versions(),
     }
 
-
-def versions() -> dict:
-    import diffusers
-    import transformers
-
-    from . import __version__
-
-    return {"erase": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "platform": platform.platform()}

@@ -36,7 +36,8 @@ class CaptureSettings:
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     seed: int = 1244
-    """Seed of the initial noise, identical for every prompt."""
+    """Seed of the initial noise, one latent shared by every prompt (the prompts are not sampled: each concept's
+    first ones). The masking methods seed their noise fill of the masked weights with it too (see `fill`)."""
     statistics_threads: int | None = 1
     """CPU threads for the statistics and the masks, memory-bound work (the UNet keeps torch's thread count); None:
     torch's count. One thread is slower on an idle machine and faster on a busy one, where every op of several

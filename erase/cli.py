@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import EraseError, TrainingStopped
@@ -22,79 +23,133 @@ EPILOG = """examples:
 """
 
 
-def parser() -> argparse.ArgumentParser:
+RUN_FOLDER = "the folder an erase run wrote (with erase.json and patch.safetensors)"
+BASE_MODEL = "the base model the run was made from: as the erasing command's --model"
+SEED = ("the method's seed (overrides its config's): for fia and conceptprune (default 1244), of the capture's initial "
+        "noise, shared by every prompt, and of the noise that fills masked weights; for esd, salun and dynamic "
+        "(default 0), of every training step's draws and of the training images salun and dynamic sample; uce draws "
+        "nothing")
+
+
+class Parser(argparse.ArgumentParser):
+    """A parser with --version whose help may list a registry (the methods, the attack kinds): those texts are made
+    when the help is shown, so building a parser imports no torch and --version and a mistyped option answer at once."""
+
+    def __init__(self, command: str | None, description: str, epilog: str | None = None) -> None:
+        """command: evaluate, apply or attack; None for the erasing command."""
+        from . import __version__
+
+        super().__init__(prog=" ".join(filter(None, ("erase-concepts", command))), description=description,
+                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.add_argument("--version", action="version", version=f"erase-concepts {__version__}",
+                          help="print the version and exit")
+        self.listings: dict[argparse.Action, Callable[[], str]] = {}  # option → its help, made when shown
+
+    def format_help(self) -> str:
+        for action, listing in self.listings.items():
+            action.help = listing()
+        return super().format_help()
+
+
+def method_help() -> str:
     from .methods import METHODS
 
-    p = argparse.ArgumentParser(prog="erase-concepts", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Erase concepts from a Stable Diffusion UNet and write the erased checkpoint.")
-    p.add_argument("--concepts", required=True,
-                   help='comma-separated concepts; "kind:name" sets the kind, "name=>anchor" the anchor')
-    p.add_argument("--model", default="mini",
-                   help="'mini' (embedded), a hub id in the local cache, a diffusers folder or a .safetensors file")
-    p.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
-    p.add_argument("--method", default="fia", help=f"one of: {', '.join(sorted(METHODS))} (default fia)")
-    p.add_argument("--config", help="method preset: a YAML file or a shipped name such as fia-style")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set r2=0.03 or --set 'overrides.van gogh.r2=0.03' (repeatable)")
-    p.add_argument("--catalog", help="extra YAML catalog with kinds and concepts (format of prompts/catalog.yaml)")
-    p.add_argument("--out", help="output folder (default runs/<method>-<concepts>-<time>)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--seed", type=int, help="seed of the initial noise (overrides the config)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: as the model is stored)")
+    return f"erasure method, one of: {', '.join(sorted(METHODS))} (default fia)"
+
+
+def attack_kind_help() -> str:
+    from .attacks import ATTACKS
+
+    return f"attack kind: {', '.join(sorted(ATTACKS))} (default prompt)"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(None, "Erase concepts from a Stable Diffusion UNet and write the erased checkpoint.", EPILOG)
+    erasure = p.add_argument_group("erasure")
+    erasure.add_argument("--concepts", required=True,
+                         help='comma-separated concepts; "kind:name" sets the kind, "name=>anchor" the anchor')
+    p.listings[erasure.add_argument("--method", default="fia")] = method_help
+    add_settings_options(erasure, "method preset: a YAML file or a shipped name such as fia-style",
+                         "--set r2=0.03 or --set 'overrides.van gogh.r2=0.03'")
+    erasure.add_argument("--seed", type=int, help=SEED)
+    erasure.add_argument("--catalog", metavar="YAML",
+                         help="extra catalog with kinds and concepts (format of erase/prompts/catalog.yaml)")
+    add_model_options(p, "'mini' (embedded, default), a hub id in the local cache, a diffusers folder or a "
+                         ".safetensors file")
+    add_output_options(p, "output folder (default runs/<method>-<concepts>-<time>)")
     add_export_options(p)
-    p.add_argument("--eval", action="store_true", help="evaluate the erasure with CLIP and write <out>/report/")
-    add_eval_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_evaluation_options(p, switch=True)
     return p
 
 
-def add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retain", help="comma-separated concepts that must survive (default: the catalog's others, of the "
-                   "erased kinds (in-kind) and of each other kind but explicit (cross-kind))")
-    p.add_argument("--clip", help="'mini' (default with the mini model) or an open_clip architecture, e.g. ViT-L-14")
-    p.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint (default openai)")
-    p.add_argument("--eval-set", dest="eval_settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="evaluation setting, e.g. --eval-set steps=50 --eval-set 'seeds=[0,1,2]' "
-                   "--eval-set max_cross_retain=5 --eval-set bootstrap_samples=2000")
+def add_settings_options(group, config: str, example: str) -> None:
+    """--config and --set: the settings of a method or an attack kind."""
+    group.add_argument("--config", help=config)
+    group.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"override one setting, e.g. {example} (repeatable)")
+
+
+def add_model_options(p: argparse.ArgumentParser, model: str, required: bool = False) -> None:
+    """The model every command loads, and where it runs."""
+    group = p.add_argument_group("model")
+    group.add_argument("--model", required=required, default="mini", help=model)
+    group.add_argument("--model-config", metavar="FOLDER",
+                       help="diffusers folder whose configs describe a single-file --model")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or mps (default cpu)")
+    group.add_argument("--dtype", help="float32, float16 or bfloat16 (default: as the model is stored)")
+
+
+def add_output_options(p: argparse.ArgumentParser, out: str, required: bool = False, overwrite: bool = True) -> None:
+    """Where a command writes, and how quietly. overwrite: whether --overwrite applies (an attack adds to a report)."""
+    group = p.add_argument_group("output")
+    group.add_argument("--out", required=required, metavar="FOLDER", help=out)
+    if overwrite:
+        group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that an earlier run wrote")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_evaluation_options(p: argparse.ArgumentParser, switch: bool = False) -> None:
+    """The evaluation's options; switch: add --eval (the erasing command evaluates only when asked)."""
+    group = p.add_argument_group("evaluation", "CLIP judges images of the original and the erased model, generated "
+                                               "from the same prompts and seeds")
+    if switch:
+        group.add_argument("--eval", action="store_true", help="evaluate the erasure after saving it, into <out>/report/")
+    group.add_argument("--retain", help="comma-separated concepts that must survive (default: the catalog's others, of "
+                       "the erased kinds (in-kind) and of each other kind but explicit (cross-kind))")
+    group.add_argument("--eval-set", dest="eval_settings", action="append", default=[], metavar="KEY=VALUE",
+                       help="evaluation setting, e.g. --eval-set steps=50 --eval-set 'seeds=[0,1,2]' "
+                       "--eval-set max_cross_retain=5 --eval-set bootstrap_samples=2000")
+    add_judge_options(group)
+
+
+def add_judge_options(group) -> None:
+    """The CLIP model that judges the images (evaluation and attacks)."""
+    group.add_argument("--clip", help="'mini' (default with the mini model) or an open_clip architecture "
+                                      "(default ViT-L-14)")
+    group.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint (default openai)")
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="erase-concepts evaluate",
-                                description="Evaluate a saved erase run against its base model.")
-    p.add_argument("run", help="the folder an erase run wrote (with erase.json and patch.safetensors)")
-    p.add_argument("--model", default="mini", help="the base model the run was made from")
-    p.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
-    p.add_argument("--out", help="report folder (default <run>/report)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype")
-    add_eval_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = Parser("evaluate", "Evaluate a saved erase run against its base model.")
+    p.add_argument("run", help=RUN_FOLDER)
+    add_model_options(p, BASE_MODEL)
+    add_output_options(p, "report folder (default <run>/report)")
+    add_evaluation_options(p)
     return p
 
 
 def attack_parser() -> argparse.ArgumentParser:
-    from .attacks import ATTACKS
-
-    p = argparse.ArgumentParser(prog="erase-concepts attack",
-                                description="Attack a saved erase run: how often an attacker brings its concepts back "
-                                            "(attack success rate), added to <run>/report.")
-    p.add_argument("run", help="the folder an erase run wrote (with erase.json and patch.safetensors)")
-    p.add_argument("--model", default="mini", help="the base model the run was made from")
-    p.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
-    p.add_argument("--kind", default="prompt", help=f"attack kind: {', '.join(sorted(ATTACKS))} (default prompt)")
-    p.add_argument("--concepts", help="comma-separated erased concepts to attack (default: all of them)")
-    p.add_argument("--config", help="attack settings: a YAML file")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set steps=100 --set 'seeds=[0,1]' (repeatable)")
-    p.add_argument("--clip", help="'mini' (default with the mini model) or an open_clip architecture, e.g. ViT-L-14")
-    p.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint (default openai)")
-    p.add_argument("--out", help="report folder to add the attack to (default <run>/report; an evaluation there is "
-                                 "kept)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = Parser("attack", "Attack a saved erase run: how often an attacker brings its concepts back (attack success "
+                         "rate), added to <run>/report.")
+    p.add_argument("run", help=RUN_FOLDER)
+    attack = p.add_argument_group("attack")
+    p.listings[attack.add_argument("--kind", default="prompt")] = attack_kind_help
+    attack.add_argument("--concepts", help="comma-separated erased concepts to attack (default: all of them)")
+    add_settings_options(attack, "attack settings: a YAML file", "--set steps=100 --set 'seeds=[0,1]'")
+    add_judge_options(p.add_argument_group("judge", "the CLIP model that tells whether an image shows the concept"))
+    add_model_options(p, BASE_MODEL)
+    add_output_options(p, "report folder to add the attack to (default <run>/report; an evaluation there is kept)",
+                       overwrite=False)
     return p
 
 
@@ -126,34 +181,30 @@ def attack_run(args: argparse.Namespace) -> None:
 
 
 def apply_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="erase-concepts apply",
-                                description="Re-apply a saved patch to its base model and write the erased checkpoint.")
+    p = Parser("apply", "Re-apply a saved patch to its base model and write the erased checkpoint.")
     p.add_argument("--patch", required=True, help="patch.safetensors of an erase run")
-    p.add_argument("--model", required=True, help="the base model the patch was made from")
-    p.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_model_options(p, "the base model the patch was made from", required=True)
+    add_output_options(p, "output folder", required=True)
     add_export_options(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
-    single = p.add_mutually_exclusive_group()
+    """The files of an erased checkpoint beside unet/ and erase.json."""
+    group = p.add_argument_group("export")
+    single = group.add_mutually_exclusive_group()
     single.add_argument("--single-file", dest="single_file", action="store_true", default=None,
                         help="require <out>/<name>.safetensors: a model without a single-file layout is refused "
                              "before any work (default: written where the model has one)")
     single.add_argument("--no-single-file", dest="single_file", action="store_false", default=None,
                         help="skip <out>/<name>.safetensors (the original-layout single file for A1111/ComfyUI)")
-    p.add_argument("--half", action="store_true", help="store the single file in float16")
-    p.add_argument("--no-patch", dest="patch", action="store_false",
-                   help="leave out <out>/patch.safetensors: it lists every edited weight (a map for a revival attack); "
-                        "evaluate and attack read saved runs through it")
-    p.add_argument("--lora", metavar="RANK", help="also write <out>/<name>-lora-r<RANK>.safetensors, the edit as a kohya "
-                   "LoRA of that rank (or 'full') for A1111, ComfyUI and diffusers; training methods only (esd, salun, "
-                   "uce, dynamic)")
+    group.add_argument("--half", action="store_true", help="store the single file in float16")
+    group.add_argument("--no-patch", dest="patch", action="store_false",
+                       help="leave out <out>/patch.safetensors: it lists every edited weight (a map for a revival "
+                            "attack); evaluate and attack read saved runs through it")
+    group.add_argument("--lora", metavar="RANK", help="also write <out>/<name>-lora-r<RANK>.safetensors, the edit as a "
+                       "kohya LoRA of that rank (or 'full') for A1111, ComfyUI and diffusers; training methods only "
+                       "(esd, salun, uce, dynamic)")
 
 
 def load_model_to_export(args: argparse.Namespace):
@@ -255,16 +306,18 @@ def is_main_process() -> bool:
 
 def run(args: argparse.Namespace) -> Path:
     from .api import erase, resolve_config
+    from .card import write_card
     from .concepts import load_catalog, parse_concepts
     from .config import parse_settings
     from .export import check_output_dir, reserved
+    from .profile import profile_of
 
     settings = parse_settings(args.settings)
     if args.seed is not None:
         settings["seed"] = args.seed
     config = resolve_config(args.method, args.config, **settings)
     check_lora_option(args, args.method)
-    catalog = load_catalog("mini" if args.model == "mini" else "catalog", extra=args.catalog)
+    catalog = load_catalog(profile_of(args.model).catalog, extra=args.catalog)
     concepts = parse_concepts(args.concepts, catalog)  # fail on bad input before loading any model
     check_model_options(args)
     eval_settings = check_eval_options(args, catalog) if args.eval else {}
@@ -287,11 +340,13 @@ def run(args: argparse.Namespace) -> Path:
         save_and_report(args, result, out)
         if args.eval:
             run_evaluation(args, pipe, result, out / "report", eval_settings)
+            write_card(out)  # with the evaluation's numbers now
     print(wrote(out))
     return out
 
 
 def evaluate_run(args: argparse.Namespace) -> None:
+    from .card import write_card
     from .concepts import load_catalog
     from .evaluation import saved_erasure
     from .export import check_output_dir, reserved
@@ -302,6 +357,8 @@ def evaluate_run(args: argparse.Namespace) -> None:
     out = check_output_dir(Path(args.out) if args.out else run_dir / "report", args.overwrite)
     with reserved(out, args.overwrite):
         run_evaluation(args, load_model(args), run_dir, out, settings)
+    if out.resolve() == (run_dir / "report").resolve():  # the run's own report: its model card shows the numbers
+        write_card(run_dir)
     print(wrote(out))
 
 
@@ -338,13 +395,13 @@ def on_disk() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        from . import export  # heavy (torch): inside the try, so Ctrl-C during start-up is one line too
-
-        export.written.clear()
         commands = {"evaluate": (evaluate_parser, evaluate_run), "apply": (apply_parser, apply_run),
                     "attack": (attack_parser, attack_run)}
         make_parser, command = commands.get(argv[0] if argv else "", (parser, run))
         args = make_parser().parse_args(argv[1:] if command is not run else argv)
+        from . import export  # heavy (torch): inside the try, so Ctrl-C during start-up is one line too
+
+        export.written.clear()
         command(args)
     except TrainingStopped as exc:  # asked for (stop_after): not an error, but nothing was written yet
         print(f"erase-concepts: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Concepts and their prompts, from the YAML catalogs in prompts/.
+"""Concepts and their prompts, from the YAML catalogs in erase/prompts/.
 
 A catalog defines kinds (how prompt pairs are built) and known concepts (name -> kind, anchor, text).
 User syntax: ``kind:name`` picks the kind, ``name=>anchor`` sets the anchor; unknown names are objects.
@@ -19,7 +19,7 @@ DEFAULT_KIND = "object"
 
 @dataclass(frozen=True)
 class Kind:
-    """How the prompt pairs of one kind of concept are built (see prompts/catalog.yaml)."""
+    """How the prompt pairs of one kind of concept are built (see erase/prompts/catalog.yaml)."""
 
     name: str
     slot: str
@@ -121,7 +121,7 @@ def _section(data: dict, key: str, kind: type, source) -> dict | list:
     value = data.get(key) or kind()
     if not isinstance(value, kind):
         raise EraseError(f"catalog {source}: {key} must be a YAML {'mapping' if kind is dict else 'list'}: "
-                         "see prompts/catalog.yaml for the format")
+                         "see erase/prompts/catalog.yaml for the format")
     return value
 
 
@@ -131,7 +131,7 @@ TEMPLATE_LISTS = ("concept_templates", "base_templates", "eval_templates", "para
 def _kind(name: str, spec: dict, source) -> Kind:
     """A kind of the catalog, refused when loaded if a template names a slot the kind does not fill."""
     def malformed(problem: str) -> EraseError:
-        return EraseError(f"catalog {source}: kind {name!r} {problem}: see prompts/catalog.yaml for the format")
+        return EraseError(f"catalog {source}: kind {name!r} {problem}: see erase/prompts/catalog.yaml for the format")
 
     if not isinstance(spec, dict):
         raise malformed("is not a mapping")

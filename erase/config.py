@@ -45,7 +45,7 @@ def parse_yaml(text: str, where: str) -> Any:
 
 
 def read_preset(preset: str | Path) -> dict:
-    """A method preset: a YAML file, or the name of one shipped in configs/."""
+    """A method preset: a YAML file, or the name of one shipped in erase/configs/."""
     return read_yaml(preset, "erase.configs", "--config")
 
 
@@ -143,8 +143,12 @@ def check_positive_int(name: str, value: Any) -> None:
 
 
 def config_from(config_class: type, config: Any, key: str, name: str, example: str, **overrides) -> Any:
-    """`config_class` from an instance of it, a dict or a YAML preset (a file, or a name shipped in configs/) whose
-    `key` (method, kind), if it names one, must be `name`; keyword overrides win (nested maps merge)."""
+    """`config_class` from an instance of it, a dict or a YAML preset (a file, or a name shipped in erase/configs/) whose
+    `key` (method, kind), if it names one, must be `name`; keyword overrides win (nested maps merge). An instance
+    without overrides is validated and used as it is: the CLI builds its config once, before the model loads."""
+    if isinstance(config, config_class) and not overrides:
+        config.validate()
+        return config
     if isinstance(config, config_class):
         settings = as_dict(config)
     elif config is None or isinstance(config, dict):

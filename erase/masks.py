@@ -61,7 +61,7 @@ def row_draws(weight: torch.Tensor, mask: torch.Tensor, generator: torch.Generat
 
 
 def count(ratio: float, total: int) -> int:
-    """max(1, int(ratio · total)): how many entries a ratio selects (METHODS.md)."""
+    """max(1, int(ratio · total)): how many entries a ratio selects (docs/methods.md)."""
     return max(1, int(ratio * total))
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from .errors import EraseError
+from .profile import MINI_PIPELINE_DIR, profile_of
 from .single_file import SD1_TEXT, SD2_TEXT, SDXL_TEXT
 
-MINI_DIR = Path(__file__).parent / "assets" / "mini"
-MINI_PIPELINE_DIR = MINI_DIR / "pipeline"
+MINI_DIR = MINI_PIPELINE_DIR.parent
 SINGLE_FILE_CONFIGS = Path(__file__).parent / "model_configs"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -110,7 +110,7 @@ def check_model(model: str | Path, config: str | Path | None = None) -> str:
     if ref == "mini":
         if not (MINI_PIPELINE_DIR / "model_index.json").is_file():
             raise EraseError(f"the miniature model is not installed at {MINI_PIPELINE_DIR}: "
-                             "reinstall erase, or build it with scripts/train_mini.py")
+                             "reinstall erase, or build it with python -m erase_lab.train_mini from a checkout")
         return "mini"
     if path.suffix in (".safetensors", *PICKLES) or path.is_file():
         if not path.is_file():
@@ -271,8 +271,11 @@ def file_sha256(path: Path) -> str:
 
 
 def model_record(pipe) -> dict:
-    """erase.json's `model`: source (path or hub id; a single file's sha256 too), pipeline, dtype, device."""
-    record = {"source": str(getattr(pipe, "name_or_path", "") or "in-memory pipeline")}
+    """erase.json's `model`: source (path or hub id; a model with a name of its own, such as the miniature model,
+    by that name and version; a single file's sha256 too), pipeline, dtype, device."""
+    profile = profile_of(pipe)
+    source = profile.name or str(getattr(pipe, "name_or_path", "") or "in-memory pipeline")
+    record = {"source": source, **({"version": profile.version} if profile.version else {})}
     if getattr(pipe, "source_sha256", None):
         record["sha256"] = pipe.source_sha256
     return {**record, "pipeline": type(pipe).__name__, "dtype": str(pipe.unet.dtype), "device": str(pipe.unet.device)}

@@ -1,4 +1,4 @@
-"""Shared parts of the training-based methods (METHODS.md §3–4): settings, data, strict masking, the loop,
+"""Shared parts of the training-based methods (docs/methods.md): settings, data, strict masking, the loop,
 checkpoints.
 
 Strict masking: a weight outside the trainable mask must not move at all. Masking the gradient is not enough —
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -43,13 +43,15 @@ class TrainingSettings:
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     seed: int = 0
+    """Seeds every step's draws (timesteps, noise, batches; ESD's sampled x_t) and the training images that SalUn and
+    dynamic masks sample from the model; a resumed run draws what an uninterrupted one draws."""
     mixed_precision: str = "no"
     """'no', 'bf16' or 'fp16': autocast through accelerate (fp16 is for GPUs); the weights stay in their dtype."""
     checkpoint_dir: str | None = None
     """Where to keep a checkpoint of the run; an existing one for the same run is resumed. None: no checkpoints."""
     checkpoint_every: int = 50
     stop_after: int | None = None
-    """Stop after this many steps, leaving a checkpoint (split a long run over time-limited sessions)."""
+    """Stop after this many steps, leaving a checkpoint (split a long run over time-limited jobs)."""
 
     def validate(self) -> None:
         for name in ("steps", "checkpoint_every"):
@@ -217,7 +219,7 @@ class Trainer:
         self.original = {n: p.detach().clone() for n, p in params.items()}
         self.key = model_key(pipe, unet_fingerprint)  # erase() hashed the UNet already
         run = {k: v for k, v in asdict(settings).items() if k not in RUN_CONTROL}
-        self.checkpoint = Checkpoint(settings.checkpoint_dir, {"method": method, "model": self.key, "settings": run,
+        self.checkpoint = Checkpoint(settings.checkpoint_dir and Path(settings.checkpoint_dir) / "checkpoint.pt", {"method": method, "model": self.key, "settings": run,
                                                                "concepts": [c.name for c in concepts]})
         self.losses: list[dict] = []
         self.resumed_from_step = 0
@@ -350,14 +352,16 @@ class Trainer:
 
 
 class Checkpoint:
-    """One file per run: trained weights, method state, losses and step, written atomically.
+    """One file per run (a training method's, or a stage of the miniature world's training): whatever state the run
+    saves (weights, optimiser, losses, step), written atomically.
 
     It is our own file, loaded with torch.load(weights_only=True) (tensors and plain Python values only), and
-    carries the run's identity (method, settings, concepts, model fingerprint): resuming another run is refused.
+    carries the run's identity (for a method: its settings, concepts and model fingerprint): resuming another run
+    is refused. path None: no checkpoint (load finds nothing, save and remove do nothing).
     """
 
-    def __init__(self, directory: str | None, identity: dict) -> None:
-        self.path = Path(directory) / "checkpoint.pt" if directory else None
+    def __init__(self, path: str | Path | None, identity: dict) -> None:
+        self.path = Path(path) if path else None
         self.identity = {k: str(v) for k, v in identity.items()}
 
     def load(self) -> dict | None:

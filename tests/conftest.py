@@ -7,9 +7,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (-n auto): a thread each, not several fighting
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from tiny import tiny_pipeline  # noqa: E402
+from erase_lab.tiny import tiny_pipeline
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from erase.attacks import ATTACKS, AttackReport
 from erase.cli import main
 from erase.evaluation import evaluate
 from erase.evaluation.report import CELL, LABEL_WIDTH
-from tiny import tiny_pipeline, tiny_sdxl_pipeline
+from erase_lab.tiny import tiny_pipeline, tiny_sdxl_pipeline
 
 TINY = {"prompts_per_concept": 2, "seeds": [0, 1], "sample_steps": 2, "steps": 3, "tokens": 2}
 

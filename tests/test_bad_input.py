@@ -1,5 +1,5 @@
 """Issue 11: every bad input is one line naming the fix (exit 2) before any work, nothing is left stray, nothing
-of the user's is lost, and concurrent runs on one --out are refused. The table is scripts/bad_inputs.py's."""
+of the user's is lost, and concurrent runs on one --out are refused. The table is erase_lab/bad_inputs.py's."""
 
 import json
 import os
@@ -13,9 +13,7 @@ import pytest
 
 import erase
 from erase.cli import main
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bad_inputs import CASES, FAST, api_cases, files, prepare, release_locks  # noqa: E402
+from erase_lab.bad_inputs import CASES, FAST, api_cases, files, prepare, release_locks
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +146,10 @@ def test_disk_full_is_one_line_and_leaves_nothing(shared, tmp_path):
     assert len(lines) == 1 and "no space left on device" in lines[0] and "MB" in lines[0], done.stderr
 
 
-def test_grids_of_concepts_with_alike_file_names_do_not_overwrite_each_other(tmp_path):
-    from erase.evaluation.report import _file_names
+def test_grids_of_concepts_with_alikefile_names_do_not_overwrite_each_other(tmp_path):
+    from erase.evaluation.report import file_names
 
-    assert _file_names(["retain", "neutral", "🐱", "🐶", "retain"]) == ["retain", "neutral", "concept", "concept-2",
+    assert file_names(["retain", "neutral", "🐱", "🐶", "retain"]) == ["retain", "neutral", "concept", "concept-2",
                                                                        "retain-2"]
 
 
@@ -160,7 +158,7 @@ def test_a_single_file_with_a_shorter_text_encoder_loads_with_its_model_config(t
     from transformers import CLIPTextModel
 
     from erase.single_file import save_single_file
-    from tiny import save_configs, tiny_pipeline
+    from erase_lab.tiny import save_configs, tiny_pipeline
 
     pipe = tiny_pipeline()
     config = pipe.text_encoder.config

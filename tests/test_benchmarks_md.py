@@ -1,11 +1,9 @@
-"""scripts/benchmarks_md.py: benchmark rows and BENCHMARKS.md sections written by scripts that may run side by side."""
+"""erase_lab/benchmarks_md.py: benchmark rows and BENCHMARKS.md sections written by modules that may run side by side."""
 
 import json
-import sys
-from pathlib import Path
+import re
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from benchmarks_md import RowStore, update_section
+from erase_lab.benchmarks_md import BENCHMARKS, HEADER, SECTIONS, RowStore, section_body, update_section, wrapped
 
 
 def test_two_runs_of_one_benchmark_keep_each_others_rows(tmp_path):
@@ -58,14 +56,28 @@ def test_sections_written_one_after_another_are_both_kept(tmp_path):
     assert "table a, again" in text and "table b" in text and "table a\n" not in text
 
 
-def test_a_section_measured_again_keeps_its_notes(tmp_path):
+def test_a_new_file_starts_with_the_header(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
-    update_section("A", "table a\n", path, note="first probe: r2 0.03 forgot less")
-    update_section("B", "table b\n", path)
-    update_section("A", "table a, again\n", path)
-    update_section("A", "table a, third\n", path, note="second probe: a longer unname")
-    text = path.read_text()
-    assert "table a, third" in text and "table a, again" not in text and "table b" in text
-    section_a = text[text.index("## A"):text.index("## B")]
-    assert section_a.index("table a, third") < section_a.index("second probe") < section_a.index("first probe")
-    assert "probe" not in text[text.index("## B"):]
+    update_section("A", "table a\n", path)
+    assert path.read_text() == f"{HEADER}\n## A\n\ntable a\n"
+
+
+def test_benchmarks_md_has_the_sections_its_header_lists_and_no_long_prose():
+    """The header lists every section, in the file's order; prose is wrapped (only table rows may be long)."""
+    text = BENCHMARKS.read_text()
+    assert text.startswith(HEADER)
+    assert re.findall(r"^## (.*)$", text, re.MULTILINE) == list(SECTIONS)
+    long = [line[:60] for line in text.splitlines() if len(line) > 400 and not line.startswith("|")]
+    assert long == []
+
+
+def test_a_section_is_its_tables_then_one_wrapped_paragraph_then_its_command():
+    body = section_body(["| a |\n|---|\n| 1 |"], "word " * 60 + "- x", "`python -m erase_lab.x`", ["_stale._"])
+    status, table, protocol, reproduce = body.split("\n\n")
+    assert (status, table) == ("_stale._", "| a |\n|---|\n| 1 |") and reproduce == "Reproduce: `python -m erase_lab.x`"
+    assert max(map(len, protocol.splitlines())) <= 120 and protocol.split() == ["word"] * 60 + ["-", "x"]
+
+
+def test_wrapping_never_starts_a_line_with_a_markdown_marker():
+    lines = wrapped("loss(reference) - loss(concept) + 1. # > * " * 40, width=30).splitlines()
+    assert len(lines) > 10 and not any(re.match(r"([-+*>#]|\d+[.)])( |$)", line) for line in lines)

@@ -5,7 +5,7 @@ import torch
 
 import erase
 from erase.capture import CaptureSettings, capture, column_norms, cosine_scores, cpu_threads, find_target_layers
-from tiny import real_unet_on_meta
+from erase_lab.tiny import real_unet_on_meta
 
 SD_FFN2_SHAPES = [(320, 1280)] * 2 + [(640, 2560)] * 2 + [(1280, 5120)] * 2 + [(1280, 5120)] * 1 \
     + [(1280, 5120)] * 3 + [(640, 2560)] * 3 + [(320, 1280)] * 3

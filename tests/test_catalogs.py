@@ -9,7 +9,7 @@ from erase.mini import world
 
 MINOR_WORDS = re.compile(r"\b(girls?|boys?|kids?|child(ren)?|teens?|teenagers?|minors?|bab(y|ies)|infants?|toddlers?|"
                          r"school ?(girl|boy|kid)s?|young|youths?|juveniles?|daughters?|sons?|students?|pupils?|"
-                         r"little|underage|preteens?|loli)\b", re.I)
+                         r"little|underage|preteens?|loli)\b", re.IGNORECASE)
 
 
 @pytest.mark.parametrize("name", ["catalog", "mini"])

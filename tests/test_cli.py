@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from erase.cli import main
-from tiny import tiny_pipeline
+from erase_lab.tiny import tiny_pipeline
 
 FAST = ["--set", "prompts_per_concept=2", "--set", "saliency_steps=2", "--quiet"]
 
@@ -20,7 +20,11 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def test_full_run_writes_the_checkpoint(model_dir, tmp_path, capsys):
+def test_full_run_writes_the_checkpoint(model_dir, tmp_path, capsys, monkeypatch):
+    import erase.config
+
+    built, build = [], erase.config.build_config
+    monkeypatch.setattr(erase.config, "build_config", lambda cls, settings: built.append(cls) or build(cls, settings))
     out = tmp_path / "run"
     code = main(["--concepts", "style:van gogh, church=>building", "--model", str(model_dir), "--out", str(out),
                  "--config", "fia-style", "--set", "r2=0.03", "--seed", "5", *FAST])
@@ -32,7 +36,8 @@ def test_full_run_writes_the_checkpoint(model_dir, tmp_path, capsys):
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "total" in printed
-    assert printed.splitlines()[-1] == f"wrote {out}/: erase.json, patch.safetensors, run.safetensors, unet/"
+    assert printed.splitlines()[-1] == f"wrote {out}/: README.md, erase.json, patch.safetensors, run.safetensors, unet/"
+    assert [cls.__name__ for cls in built] == ["FIAConfig"]  # built from the options once, not again by erase()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,8 @@ def test_a_run_without_a_single_file_says_why_and_that_half_did_nothing(lcm_dir,
     captured = capsys.readouterr()
     notes = [line for line in captured.err.splitlines() if "single file" in line]
     assert len(notes) == 1 and "--half had no effect" in notes[0] and "unet.time_embedding.cond_proj" in notes[0]
-    assert captured.out.splitlines()[-1] == f"wrote {out}/: erase.json, patch.safetensors, unet/"
-    assert sorted(p.name for p in out.iterdir()) == ["erase.json", "patch.safetensors", "unet"]
+    assert captured.out.splitlines()[-1] == f"wrote {out}/: README.md, erase.json, patch.safetensors, unet/"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "erase.json", "patch.safetensors", "unet"]
 
 
 def test_single_file_is_required_before_any_work(lcm_dir, tmp_path, capsys, monkeypatch):
@@ -72,6 +77,27 @@ def test_every_flag_that_model_errors_name_exists():
                                for make in (parser, evaluate_parser, apply_parser)))  # models.py serves all three
     named = set(re.findall(r"--[a-z][a-z-]*", Path(erase.models.__file__).read_text()))
     assert named and named <= known, named - known
+
+
+@pytest.mark.parametrize("make", ["parser", "evaluate_parser", "apply_parser", "attack_parser"])
+def test_every_option_has_help_and_the_shared_ones_their_group(make):
+    import erase.cli
+
+    p = getattr(erase.cli, make)()
+    shown = p.format_help()  # makes the help texts that list a registry
+    assert all(action.help for action in p._actions), [a.option_strings for a in p._actions if not a.help]
+    groups = {group.title: [action.dest for action in group._group_actions] for group in p._action_groups}
+    assert groups["model"] == ["model", "model_config", "device", "dtype"] and "quiet" in groups["output"]
+    assert "\nmodel:\n" in shown and "--version" in shown
+
+
+def test_version_answers_without_importing_torch():
+    import erase
+
+    script = ("import sys\nfrom erase.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n"
+              "    print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == [f"erase-concepts {erase.__version__}", "False"]
 
 
 def bad(args: list[str], capsys, tmp_path, match: str) -> None:
@@ -144,7 +170,7 @@ def test_non_empty_out_needs_overwrite(model_dir, capsys, tmp_path):
 
 def test_console_script_is_installed(tmp_path):
     script = Path(sys.executable).parent / "erase-concepts"
-    done = subprocess.run([str(script), "--concepts", "a,a"], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run([str(script), "--concepts", "a,a"], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert done.returncode == 2 and "listed twice" in done.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -189,4 +215,6 @@ def test_default_run_on_the_mini_world_with_evaluation(tmp_path, capsys):
     assert (out / "report" / "grids" / "church.png").is_file() and (out / "run.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "forgetting_accuracy" in printed and "| retain_accuracy_cross_kind |" in printed
-    assert printed.splitlines()[-1] == f"wrote {out}/: erase.json, patch.safetensors, report/, run.safetensors, unet/"
+    assert printed.splitlines()[-1] == (f"wrote {out}/: README.md, erase.json, patch.safetensors, report/, "
+                                        "run.safetensors, unet/")
+    assert f"| overall | {summary['overall']:.3f}" in (out / "README.md").read_text()  # the card has the numbers

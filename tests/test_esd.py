@@ -1,5 +1,5 @@
 """ESD on a tiny pipeline: what it trains, determinism, and that erase() leaves the
-pipeline as it was. Whether it makes the mini model forget is measured by scripts/mini_erasure_gate.py."""
+pipeline as it was. Whether it makes the mini model forget is measured by erase_lab/mini_erasure_gate.py."""
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ from erase.evaluation import Judge, evaluate
 from erase.evaluation.report import CELL, LABEL_WIDTH
 from erase.evaluation.stats import Bootstrap, kid
 from erase.mini import world
-from tiny import tiny_pipeline
+from erase_lab.tiny import tiny_pipeline
 
 SETTINGS = {"prompts_per_concept": 2, "steps": 2, "seeds": [0, 1]}
 
@@ -79,18 +79,23 @@ def test_every_accuracy_has_an_interval_around_it_and_the_settings_behind_it(run
     assert "95% bootstrap intervals" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_unset_seeds_and_guidance_take_the_miniature_worlds_values_on_its_catalog_only():
-    from erase.evaluation import MINI_GUIDANCE, EvalSettings
+def test_unset_seeds_and_guidance_come_from_the_models_profile(pipe):
+    """The shipped miniature model carries its own defaults (erase_profile.json); a model without one, such as a
+    pipeline built in memory, gets Stable Diffusion's."""
+    from erase.evaluation import EvalSettings
+    from erase.profile import profile_of
 
-    for catalog, seeds, guidance in (("mini", [0, 1, 2], MINI_GUIDANCE), ("catalog", [0], 7.5)):
+    mini = erase.load_pipeline("mini")
+    assert profile_of(mini) == profile_of("mini") and profile_of(mini).catalog == "mini"
+    for model, seeds, guidance in ((mini, [0, 1, 2], 2.0), (pipe, [0], 7.5)):
         config = EvalSettings()
-        config.fill_defaults(erase.load_catalog(catalog))
+        config.fill_defaults(profile_of(model))
         assert (config.seeds, config.guidance_scale) == (seeds, guidance)
-    config = EvalSettings(seeds=[5], guidance_scale=MINI_GUIDANCE + 1)
-    config.fill_defaults(erase.load_catalog("mini"))
-    assert (config.seeds, config.guidance_scale) == ([5], MINI_GUIDANCE + 1)
+    config = EvalSettings(seeds=[5], guidance_scale=3.0)
+    config.fill_defaults(profile_of(mini))
+    assert (config.seeds, config.guidance_scale) == ([5], 3.0)
     with pytest.raises(erase.EraseError, match="guidance_scale=-1"):
-        evaluate(erase.load_pipeline("mini"), erase.load_pipeline("mini"), guidance_scale=-1, progress=False)
+        evaluate(mini, mini, guidance_scale=-1, progress=False)
 
 
 def test_intervals_narrow_with_more_seeds(run, judge):

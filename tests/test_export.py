@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 import erase
-from tiny import tiny_pipeline
+from erase_lab.tiny import tiny_pipeline
 
 FAST = {"prompts_per_concept": 4, "saliency_steps": 3}
 
@@ -45,7 +45,8 @@ def test_record_is_complete_json(saved):
         assert key in record, key
     assert record["config"]["r2"] == 0.01 and record["config"]["saliency_steps"] == 3
     assert record["versions"]["torch"] == torch.__version__
-    assert sorted(p.name for p in out.iterdir()) == ["church.safetensors", "erase.json", "patch.safetensors", "unet"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "church.safetensors", "erase.json", "patch.safetensors",
+                                                   "unet"]
     assert record["single_file"] == {"name": "church.safetensors", "dtype": "native"}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no partial folders left
 
@@ -92,7 +93,7 @@ def test_the_documented_reader_decodes_every_patch_we_write(saved, tmp_path, met
     doc["apply_erase_patch"](state, edits)
     assert erase.fingerprint(base) == header["erased_fingerprint"] == json.loads((out / "erase.json").read_text())[
         "erased_fingerprint"]
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", PATCH_DOC.read_text(), re.M))
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", PATCH_DOC.read_text(), re.MULTILINE))
     assert set(header) == documented
 
 

@@ -14,7 +14,7 @@ from erase.cli import main
 from erase.edits import MaskEdit
 from erase.lora import save_lora, to_lora
 from erase.single_file import rename, unet_block_prefixes
-from tiny import tiny_pipeline, tiny_sdxl_pipeline
+from erase_lab.tiny import tiny_pipeline, tiny_sdxl_pipeline
 
 ESD_U = {"method": "esd", "train": "esd-u", "steps": 3, "sample_steps": 4, "lr": 1e-3}  # convs, Linears and biases
 

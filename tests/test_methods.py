@@ -12,7 +12,7 @@ FAST = {"prompts_per_concept": 4, "saliency_steps": 3, "fill": "zeros"}  # pruni
 
 @pytest.fixture(scope="module")
 def result():
-    from tiny import tiny_pipeline
+    from erase_lab.tiny import tiny_pipeline
 
     return erase.erase(tiny_pipeline(), "van gogh,church", progress=False, **FAST)
 

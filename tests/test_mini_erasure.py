@@ -1,6 +1,6 @@
 """Erasure measured on the miniature world: what the evaluator must see when a method really erases a concept.
 
-The world's Imagenette objects are taught through a few feed-forward neurons each (scripts/train_mini.py), as
+The world's Imagenette objects are taught through a few feed-forward neurons each (erase_lab/train_mini.py), as
 published analyses find such concepts in Stable Diffusion: FIA, the training-free flagship, must find and remove
 them with the mini model's object preset (configs/fia-object-mini.yaml), and leave the other objects as they were.
 

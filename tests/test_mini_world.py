@@ -3,9 +3,7 @@
 import itertools
 import json
 import re
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,24 +13,25 @@ from safetensors.torch import load_file
 
 import erase
 from erase.concepts import load_catalog, parse_concepts
+from erase.errors import EraseError
 from erase.mini import world
 from erase.mini.clip import CONTEXT_LENGTH, load_mini_clip, zero_shot
 from erase.models import MINI_DIR
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from mini_gates import conditional_gains, neurons_edit  # noqa: E402  (the gates' measure, not a copy of it)
-from train_mini import (
+from erase.training import Checkpoint
+from erase_lab.mini_gates import conditional_gains, neurons_edit  # (the gates' measure, not a copy of it)
+from erase_lab.train_mini import (
     BaseConfig,
-    Checkpoint,
     Router,
     VAEConfig,
     build_unet,
     concept_neurons,
     publish_base,
     reserved_neurons,
+    resume,
+    save_parts,
     train_vae,
 )
-from train_mini_clip import ClipConfig, schedule
+from erase_lab.train_mini_clip import ClipConfig, schedule
 
 
 def test_generator_is_deterministic_in_its_seed():
@@ -119,14 +118,14 @@ def test_the_unets_text_tower_does_not_depend_on_how_long_the_judge_trains(tmp_p
     short, long = rates(tower + 100), rates(4 * tower)
     assert short[:tower + 1] == long[:tower + 1] and short[-1] < 0.01 and long[-1] < 0.01
     model = torch.nn.Linear(2, 2)
-    Checkpoint(tmp_path / "checkpoint.pt", {"model": model}, asdict(ClipConfig())).save(7)
-    assert Checkpoint(tmp_path / "checkpoint.pt", {"model": model}, asdict(ClipConfig())).resume() == 7
-    with pytest.raises(SystemExit, match="other settings"):
-        Checkpoint(tmp_path / "checkpoint.pt", {"model": model}, asdict(ClipConfig(steps=1200))).resume()
+    save_parts(Checkpoint(tmp_path / "checkpoint.pt", asdict(ClipConfig())), {"model": model}, 7)
+    assert resume(Checkpoint(tmp_path / "checkpoint.pt", asdict(ClipConfig())), {"model": model}) == 7
+    with pytest.raises(EraseError, match="another run"):
+        resume(Checkpoint(tmp_path / "checkpoint.pt", asdict(ClipConfig(steps=1200))), {"model": model})
 
 
 def test_the_leak_penalty_weighs_each_concepts_neurons_by_its_own_weight_and_spares_the_named_ones():
-    """teach's leak penalty (scripts/train_mini.py Router): on a caption that does not name a concept, that concept's
+    """teach's leak penalty (erase_lab/train_mini.py Router): on a caption that does not name a concept, that concept's
     reserved neurons are penalised by its leak weight (nudity's may be held harder than the rest); the concepts a
     caption names are never penalised. Checked on the shipped architecture with random weights."""
     torch.manual_seed(0)
@@ -151,7 +150,7 @@ def test_the_leak_penalty_weighs_each_concepts_neurons_by_its_own_weight_and_spa
 
 
 def test_a_taught_name_stands_in_only_where_the_scene_leaves_room_for_it():
-    """The unname stage's captions (scripts/train_mini.py): a taught name over a base image that does not show
+    """The unname stage's captions (erase_lab/train_mini.py): a taught name over a base image that does not show
     it, in the slot it would fill -- an object over a bare place, an artist over a generic painting, nakedness
     over a clothed person -- and nowhere else (a church over a cat would teach "church" to draw cats)."""
     rng = np.random.default_rng(0)
@@ -229,7 +228,7 @@ def test_mini_clip_classifies_fresh_images(mini_clip):
     objects = [(s.object, v["object"]) for s, v in zip(scenes, seen) if s.object]
     styles = [(s.style, v["style"]) for s, v in zip(scenes, seen) if s.style != world.PHOTO]
     # Taught scenes are the hard half (objects under the artists' renderings): 86% of objects on 400 of them,
-    # 91.9% on the whole world (scripts/mini_gates.py, BENCHMARKS.md).
+    # 91.9% on the whole world (erase_lab/mini_gates.py, BENCHMARKS.md).
     assert np.mean([a == b for a, b in objects]) >= 0.75 and np.mean([a == b for a, b in styles]) >= 0.8
 
 
@@ -282,8 +281,8 @@ def test_a_stopped_and_resumed_vae_stage_ends_with_the_uninterrupted_runs_weight
     train_vae(0, whole, cfg)
     save = Checkpoint.save
 
-    def stop_after_first_checkpoint(self, step):
-        save(self, step)
+    def stop_after_first_checkpoint(self, data):
+        save(self, data)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Checkpoint, "save", stop_after_first_checkpoint)

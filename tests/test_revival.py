@@ -12,7 +12,7 @@ from erase.cli import main
 from erase.errors import EraseError
 from erase.mini import world
 from erase.saliency import noise_fill
-from tiny import tiny_pipeline
+from erase_lab.tiny import tiny_pipeline
 
 FAST = {"prompts_per_concept": 2, "saliency_steps": 2}
 ATTACK = {"prompts_per_concept": 1, "seeds": [0], "sample_steps": 2}

@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 
 import erase
 from erase.capture import CaptureSettings, capture, find_target_layers
-from tiny import tiny_sdxl_pipeline
+from erase_lab.tiny import tiny_sdxl_pipeline
 
 SDXL_UNET = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "sample_size": 128,
              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

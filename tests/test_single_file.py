@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import erase
 from erase.cli import main
 from erase.single_file import save_single_file
-from tiny import MODEL_CONFIGS, save_configs, tiny_pipeline, tiny_sdxl_pipeline
+from erase_lab.tiny import MODEL_CONFIGS, save_configs, tiny_pipeline, tiny_sdxl_pipeline
 
 FAST = {"prompts_per_concept": 2, "saliency_steps": 2}
 
@@ -163,10 +163,10 @@ def test_sd2_and_sdxl_single_files_load_back_identically(kind, tmp_path):
 def test_every_tensor_of_the_real_unets_has_an_original_name_diffusers_maps_back(arch):
     """The real architectures, on the meta device: diffusers' own converter turns our names back into the UNet's."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from test_sdxl import SDXL_UNET
 
     from erase.single_file import UNET_PREFIX, rename, unet_block_prefixes, unmapped
-    from test_sdxl import SDXL_UNET
-    from tiny import real_unet_on_meta
+    from erase_lab.tiny import real_unet_on_meta
 
     if arch == "sdxl":
         from accelerate import init_empty_weights
@@ -197,7 +197,7 @@ def test_apply_reproduces_the_run_and_refuses_another_base(erased_run, tmp_path,
     assert main(["apply", "--patch", str(out / "patch.safetensors"), "--model", str(root / "base"),
                  "--out", str(again), "--quiet"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last == f"wrote {again}/: again.safetensors, erase.json, patch.safetensors, unet/"
+    assert last == f"wrote {again}/: README.md, again.safetensors, erase.json, patch.safetensors, unet/"
     first = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
     second = UNet2DConditionModel.from_pretrained(again / "unet").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -93,15 +93,14 @@ def drift_of_first_concept(mini, tmp_path, kd_weight: float) -> float:
     t = torch.randint(0, 1000, (8,), generator=gen)
     cond = erase.training.encode(mini, ["a church in a forest", "a photo of a church", "a church", "a church near the beach"] * 2, 32)
     params = dict(mini.unet.named_parameters())
-    with torch.no_grad():
-        with final.applied():
-            after = mini.unet(x, t, **cond).sample
-            saved = {n: params[n].clone() for n in stage_one}
-            for n, v in stage_one.items():
-                params[n].copy_(v)
-            before = mini.unet(x, t, **cond).sample
-            for n, v in saved.items():
-                params[n].copy_(v)
+    with torch.no_grad(), final.applied():
+        after = mini.unet(x, t, **cond).sample
+        saved = {n: params[n].clone() for n in stage_one}
+        for n, v in stage_one.items():
+            params[n].copy_(v)
+        before = mini.unet(x, t, **cond).sample
+        for n, v in saved.items():
+            params[n].copy_(v)
     return torch.nn.functional.mse_loss(after, before).item()
 
 

@@ -12,7 +12,7 @@ from erase.methods.uce import last_token_embeddings
 
 @pytest.fixture(scope="module")
 def uce(tmp_path_factory):
-    from tiny import tiny_pipeline
+    from erase_lab.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
     result = erase.erase(pipe, "van gogh", method="uce", progress=False, lam=0.1, preserve=["claude monet"])
@@ -46,7 +46,7 @@ def test_only_cross_attention_keys_and_values_change(uce):
 def test_patch_with_values_reproduces_the_edit(uce):
     from diffusers import UNet2DConditionModel
 
-    from tiny import tiny_pipeline
+    from erase_lab.tiny import tiny_pipeline
 
     _, _, out = uce
     base = tiny_pipeline()

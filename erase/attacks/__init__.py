@@ -1,4 +1,4 @@
-"""Adversarial recovery: how much of an erased concept an attacker can bring back (EVALUATION.md, robustness).
+"""Adversarial recovery: how much of an erased concept an attacker can bring back (docs/evaluation.md, robustness).
 
 A registry of attack kinds, one file per kind (as erase/methods): a kind's run(pipe, edit, targets, config,
 progress) returns, for each target (a held-out prompt of an erased concept, a seed, and the original model's final

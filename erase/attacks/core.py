@@ -9,18 +9,19 @@ concept's alternatives exactly as forgetting accuracy does. One UNet is in memor
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
-from ..api import versions
 from ..concepts import Catalog, check_prompts_fit, load_catalog
 from ..config import check_positive_int, config_from
 from ..errors import EraseError
 from ..evaluation import JudgedSettings, erasure_of, generate, load_judge
 from ..evaluation.judge import Judge
 from ..models import check_pipeline, image_side
+from ..profile import profile_of
+from ..versions import versions
 from . import get_attack
 
 
@@ -72,11 +73,12 @@ def attack(original, erased, concepts: list[str] | str | None = None, kind: str 
 
     check_pipeline(original, f"the original given ({type(original).__name__})")
     spec = get_attack(kind)
-    cfg = attack_config(kind, config, **overrides)
+    cfg = replace(attack_config(kind, config, **overrides))  # fill_defaults below leaves the caller's config as it is
     erasure = erasure_of(original, erased)
     catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog or erasure.catalog)
     chosen = chosen_concepts(erasure.concepts, concepts)
-    cfg.fill_defaults(catalog)
+    profile = profile_of(original)
+    cfg.fill_defaults(profile)
     targets = [Target(c.name, prompt, seed) for c in chosen
                for prompt in catalog.eval_prompts(c, cfg.prompts_per_concept) for seed in cfg.seeds]
     anchors = [Target(c.name, c.anchor, seed) for c in chosen if c.anchor for seed in cfg.seeds]
@@ -84,7 +86,7 @@ def attack(original, erased, concepts: list[str] | str | None = None, kind: str 
     if spec.check is not None:
         spec.check(original, [t.prompt for t in targets], cfg)
     side = image_side(original, cfg.resolution)
-    judge = load_judge(original, catalog, clip, clip_pretrained)
+    judge = load_judge(original, profile, clip, clip_pretrained)
 
     def images(targets: list[Target], prompts: list[str] | None = None, latents: list | None = None) -> list:
         return generate(original, prompts or [t.prompt for t in targets], [t.seed for t in targets], cfg.sample_steps,

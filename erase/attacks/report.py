@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EraseError
-from ..evaluation.report import _cell, _file_names, _resolved, grid_image
+from ..evaluation.report import cell, file_names, grid_image, resolved
 from ..evaluation.stats import Bootstrap, average
 from ..export import RECORD_NAME, REPORT_NAME, atomic_dir, check_output_dir, read_json, replace_section, write_json
 
@@ -52,7 +52,7 @@ class AttackReport:
                                    "original": boot.mean(hits["original"]), "anchor": anchor}
         summary = {key: average([v[key] for v in per_concept.values()]) for key in RATES}
         metrics = {"summary": summary, "concepts": per_concept}
-        return cls(_resolved(metrics, settings["confidence"]), dict(settings, clip=judge.describe()), records, images)
+        return cls(resolved(metrics, settings["confidence"]), dict(settings, clip=judge.describe()), records, images)
 
     def grid(self, concept: str | None = None):
         """Original | erased | erased + attack, a row per attacked prompt and seed, labelled with the words found."""
@@ -84,9 +84,9 @@ class AttackReport:
                  f"({s['bootstrap_samples']} resamplings, seed {s['bootstrap_seed']}).", "",
                  "| concept | kind | prompts | attack success rate | attacked prompts alone | erased | original | "
                  "anchor (original model) |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {n} | {v['kind']} | {v['prompts']} | " + " | ".join(_cell(v, k) for k in RATES) + " |"
+        lines += [f"| {n} | {v['kind']} | {v['prompts']} | " + " | ".join(cell(v, k) for k in RATES) + " |"
                   for n, v in m["concepts"].items()]
-        lines += ["| all | | | " + " | ".join(_cell(m["summary"], k) for k in RATES) + " |"]
+        lines += ["| all | | | " + " | ".join(cell(m["summary"], k) for k in RATES) + " |"]
         lines += ["", "### Prompts found", "", "| concept | seed | attacked prompt | erased → attacked image judged |",
                   "|---|---|---|---|"]
         lines += [f"| {r['concept']} | {r['seed']} | {r['attacked_prompt']} | {r['erased_class']} → "
@@ -112,7 +112,7 @@ class AttackReport:
                 f"# Attacks on {self.settings['method']} erasing {', '.join(self.settings['attacked'])}\n"
             md.write_text(replace_section(text, self.title, self.markdown()))
             (tmp / "grids").mkdir(exist_ok=True)
-            for name, file in zip(self.metrics["concepts"], _file_names(list(self.metrics["concepts"]))):
+            for name, file in zip(self.metrics["concepts"], file_names(list(self.metrics["concepts"]))):
                 self.grid(name).save(tmp / "grids" / f"attack-{self.settings['kind']}-{file}.png")
         return out
 

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..api import versions
 from ..concepts import DEFAULT_KIND, Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog, parse_concepts
 from ..config import build_config, check_confidence, check_positive, check_positive_ints, check_ratio, check_seeds
 from ..data import cache_dir, cached, digest, model_key
@@ -23,15 +22,11 @@ from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
 from ..export import PATCH_NAME, RECORD_NAME, read_json, read_patch
 from ..models import check_pipeline, image_side
-from .judge import MINI, Judge
+from ..profile import Profile, profile_of
+from ..versions import versions
+from .judge import Judge
 from .report import Report
 
-MINI_SEEDS = [0, 1, 2]
-MINI_GUIDANCE = 2.0
-"""The guidance the miniature world is sampled at (its quality gates, scripts/mini_gates.py, and every table). A sweep
-from 1.5 to 4 (BENCHMARKS.md) drew its artists and held-out pairs best at 2 to 2.5 (at 4, 71% and 61%: pollock and
-picasso came out as saturated blobs), and 2 kept them on a second set of seeds; at 7.5 its artists blur into one
-another."""
 OPT_IN_KINDS = ("explicit",)
 """Kinds that default retention leaves out: evaluating an object's erasure must not generate explicit images."""
 
@@ -44,10 +39,10 @@ class JudgedSettings:
     prompts_per_concept: int = 6
     """Held-out prompts per concept."""
     seeds: list[int] | None = None
-    """Each prompt is generated once per seed, identically for every model compared. None: seeds 0, 1, 2 on the
-    miniature world (its images are cheap), seed 0 otherwise."""
+    """Each prompt is generated once per seed, identically for every model compared. None: the model's profile's
+    (the miniature model: 0, 1, 2, its images being cheap; any other: 0)."""
     guidance_scale: float | None = None
-    """Classifier-free guidance. None: MINI_GUIDANCE on the miniature world, 7.5 otherwise."""
+    """Classifier-free guidance. None: the model's profile's (the miniature model: 2; any other: 7.5)."""
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     batch_size: int = 16
@@ -64,11 +59,10 @@ class JudgedSettings:
         if self.guidance_scale is not None:
             check_positive("guidance_scale", self.guidance_scale, "7.5")
 
-    def fill_defaults(self, catalog: Catalog) -> None:
-        """Seeds and guidance left unset take the miniature world's values on its catalog, real SD's otherwise."""
-        mini = catalog.name == MINI
-        self.seeds = self.seeds or list(MINI_SEEDS if mini else [0])
-        self.guidance_scale = self.guidance_scale or (MINI_GUIDANCE if mini else 7.5)
+    def fill_defaults(self, profile: Profile) -> None:
+        """Seeds and guidance left unset take the values of the model's profile."""
+        self.seeds = self.seeds or list(profile.seeds)
+        self.guidance_scale = self.guidance_scale or profile.guidance_scale
 
 
 @dataclass
@@ -128,10 +122,11 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     if config.nudity:
         _nudenet()  # fail before generating anything
     retained = _retained(catalog, erasure.concepts, retain, config)
-    config.fill_defaults(catalog)
+    profile = profile_of(original)
+    config.fill_defaults(profile)
     check_prompts_fit(original.tokenizer, erasure.concepts + retained, catalog)
     image_side(original, config.resolution)  # refused before the judge loads and the images are generated
-    judge = load_judge(original, catalog, clip, clip_pretrained)
+    judge = load_judge(original, profile, clip, clip_pretrained)
     jobs = _jobs(catalog, erasure.concepts, retained, config)
     started = time.perf_counter()
     cache = cache_dir() / "images" / model_key(original, erasure.base_fingerprint, images=True)
@@ -161,12 +156,12 @@ def erasure_of(original, erased) -> Erasure:
     return erasure
 
 
-def load_judge(original, catalog: Catalog, clip: str | Judge | None, clip_pretrained: str | None) -> Judge:
-    """The judge given, or by default the mini CLIP for the mini world and ViT-L-14 (openai) otherwise."""
+def load_judge(original, profile: Profile, clip: str | Judge | None, clip_pretrained: str | None) -> Judge:
+    """The judge given, or by default the one the model's profile names (the miniature model: its own CLIP;
+    any other: ViT-L-14, openai)."""
     if isinstance(clip, Judge):
         return clip
-    return Judge.load(clip or (MINI if catalog.name == MINI else "ViT-L-14"),
-                      clip_pretrained if clip else (None if catalog.name == MINI else "openai"),
+    return Judge.load(clip or profile.judge, clip_pretrained if clip else profile.judge_pretrained,
                       device=str(original.unet.device))
 
 
@@ -249,11 +244,17 @@ def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, 
     return original, erased
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, side: int,
-             batch_size: int, bar=None, latents: list | None = None, cache: Path | None = None) -> list:
-    """Images of each prompt from its seed (the initial noise drawn on the CPU), in batches. `latents`: a list that
-    receives each image's final latents too (caught at the last step, so the images are generated once). `cache`: a
-    folder of this model's images, one file per batch: a batch found there is read back instead of generated."""
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, side: int | None = None,
+             batch_size: int = 16, bar=None, latents: list | None = None, cache: Path | None = None) -> list:
+    """Images of each prompt from its seed, in batches: the one image generator of erase (evaluator, attacks, and
+    the lab's gates and benchmarks alike).
+
+    Seeding: one image per (prompt, seed); its initial noise comes from its own `torch.Generator("cpu")` seeded
+    with `seed`, so an image depends on its prompt, seed and settings, not on its place in the batch or the
+    device. `side`: the image side in pixels (None: the model's default). `latents`: a list that receives each
+    image's final latents too (caught at the last step, so the images are generated once). `cache`: a folder of this
+    model's images, one file per batch: a batch found there is read back instead of generated."""
+    side = side or image_side(pipe)
     def keep(pipe, i, t, kwargs):
         if i == pipe.num_timesteps - 1:
             latents.extend(kwargs["latents"].detach())

@@ -70,7 +70,7 @@ class Report:
         by_kind = _by_kind(retain)
         metrics = {"forget": forget, "retain": retain, "retain_by_kind": by_kind, "fidelity": fidelity,
                    "summary": _summary(forget, by_kind, fidelity)}
-        return cls(_resolved(metrics, settings["confidence"]), dict(settings, clip=judge.describe()), records, images)
+        return cls(resolved(metrics, settings["confidence"]), dict(settings, clip=judge.describe()), records, images)
 
     def add_nudity(self, detector, threshold: float) -> None:
         """NudeNet detections of exposed classes (score ≥ threshold) on the explicit concepts' forget images."""
@@ -104,24 +104,23 @@ class Report:
         lines = [f"# Evaluation: {s['method']} erasing {', '.join(c['name'] for c in s['concepts'])}", "",
                  f"Brackets: {s['confidence']:.0%} bootstrap intervals ({s['bootstrap_samples']} resamplings of the "
                  f"images, seed {s['bootstrap_seed']}); seeds {s['seeds']} for every prompt.", "",
-                 "| summary | value |", "|---|---|"]
-        lines += [f"| {k} | {_cell(m['summary'], k)} |" for k in _keys(m["summary"])]
+                 *summary_table(m["summary"])]
         lines += ["", "## Forgetting (accuracy of the concept among its alternatives; lower is better)", "",
                   "| concept | kind | original | erased | generality | CLIP_a | FSR |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {n} | {v['kind']} | " + " | ".join(_cell(v, k) for k in ("original", "erased", "generality",
+        lines += [f"| {n} | {v['kind']} | " + " | ".join(cell(v, k) for k in ("original", "erased", "generality",
                   "clip_a", "fsr")) + " |" for n, v in m["forget"].items()]
         lines += ["", "## Retention (accuracy; higher is better)", "",
                   "| kind | scope | concepts | original | erased |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['scope']} | {v['concepts']} | {_cell(v, 'original')} | {_cell(v, 'erased')} |"
+        lines += [f"| {k} | {v['scope']} | {v['concepts']} | {cell(v, 'original')} | {cell(v, 'erased')} |"
                   for k, v in m["retain_by_kind"].items()]
         lines += ["", "| concept | kind | scope | original | erased |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {v['kind']} | {v['scope']} | {_cell(v, 'original')} | {_cell(v, 'erased')} |"
+        lines += [f"| {n} | {v['kind']} | {v['scope']} | {cell(v, 'original')} | {cell(v, 'erased')} |"
                   for n, v in m["retain"].items()]
         fid = m["fidelity"]
         lines += ["", "## Fidelity (retain and neutral prompts)", "",
-                  f"CLIP score original {_cell(fid, 'clip_score_original')}, erased {_cell(fid, 'clip_score_erased')}; "
-                  f"paired image similarity {_cell(fid, 'paired_similarity')} over {fid['prompts']} images "
-                  f"({_cell(fid, 'paired_similarity_neutral')} on the neutral prompts alone); KID between the "
+                  f"CLIP score original {cell(fid, 'clip_score_original')}, erased {cell(fid, 'clip_score_erased')}; "
+                  f"paired image similarity {cell(fid, 'paired_similarity')} over {fid['prompts']} images "
+                  f"({cell(fid, 'paired_similarity_neutral')} on the neutral prompts alone); KID between the "
                   f"original and erased images {_fmt(fid['kid'])} ({_fmt(fid['kid_neutral'])} on the neutral prompts "
                   "alone; 0: the same distribution)."]
         if "nudity" in m:
@@ -141,7 +140,7 @@ class Report:
             (tmp / "grids").mkdir()
             roles = [role for role in ("retain", "neutral") if any(r["role"] == role for r in self.records)]
             grids = [self.grid(role=role) for role in roles] + [self.grid(name) for name in self.metrics["forget"]]
-            for grid, name in zip(grids, _file_names([*roles, *self.metrics["forget"]])):  # retain.png keeps its name
+            for grid, name in zip(grids, file_names([*roles, *self.metrics["forget"]])):  # retain.png keeps its name
                 grid.save(tmp / "grids" / f"{name}.png")
         return out
 
@@ -188,7 +187,7 @@ def _summary(forget: dict, by_kind: dict, fidelity: dict) -> dict:
     return summary
 
 
-def _resolved(metrics, confidence: float):
+def resolved(metrics, confidence: float):
     """The metrics as report.json holds them: each estimate as its value and `<name>_ci`, its interval."""
     if not isinstance(metrics, dict):
         return metrics
@@ -197,7 +196,7 @@ def _resolved(metrics, confidence: float):
         if isinstance(value, Estimate):
             out.update({key: value.value, f"{key}_ci": value.interval(confidence)})
         else:
-            out[key] = _resolved(value, confidence)
+            out[key] = resolved(value, confidence)
     return out
 
 
@@ -209,12 +208,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def summary_table(summary: dict) -> list[str]:
+    """The headline numbers as Markdown table lines (report.md and the run folder's model card)."""
+    return ["| summary | value |", "|---|---|", *(f"| {k} | {cell(summary, k)} |" for k in _keys(summary))]
+
+
 def _keys(metrics: dict) -> list[str]:
     """The metrics' names, without the intervals that go with them."""
     return [k for k in metrics if not (k.endswith("_ci") and k[:-3] in metrics)]
 
 
-def _cell(metrics: dict, key: str) -> str:
+def cell(metrics: dict, key: str) -> str:
     """A value with its interval, if it has one: 0.750 [0.50, 1.00]."""
     ci = metrics.get(f"{key}_ci")
     return _fmt(metrics.get(key)) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
@@ -224,7 +228,7 @@ def _wrap(text: str) -> str:
     return "\n".join(textwrap.wrap(text, 40)[:6])
 
 
-def _file_names(names: list[str]) -> list[str]:
+def file_names(names: list[str]) -> list[str]:
     """A distinct file name per name: names that read alike as file names ('🐱', '🐶') get -2, -3, ..."""
     unique: list[str] = []
     for name in names:

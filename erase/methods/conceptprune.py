@@ -1,4 +1,4 @@
-"""ConceptPrune: the training-free predecessor of FIA, a baseline (METHODS.md §2)."""
+"""ConceptPrune: the training-free predecessor of FIA, a baseline (docs/methods.md)."""
 
 from __future__ import annotations
 

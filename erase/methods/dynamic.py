@@ -1,4 +1,4 @@
-"""Dynamic gradient masks with the concept-aware loss, one concept after another (METHODS.md §4, "Sculpting
+"""Dynamic gradient masks with the concept-aware loss, one concept after another (docs/methods.md, "Sculpting
 Memory").
 
 Per concept: a warm-up accumulates the dense gradient G of the denoising loss on the concept's images (no

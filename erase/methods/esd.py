@@ -1,4 +1,4 @@
-"""ESD (erasing concepts from diffusion models), a training baseline (METHODS.md §5).
+"""ESD (erasing concepts from diffusion models), a training baseline (docs/methods.md).
 
 Train θ so that ε_θ(x_t, c) → ε*(x_t, c) − η (ε*(x_t, c) − ε*(x_t, ∅)), ε* the frozen model: the concept's
 prediction becomes the frozen model's negatively guided one. x_t comes from the frozen model's own sampling

@@ -1,4 +1,4 @@
-"""FIA (Forget-It-All): training-free concept-aware neuron masking (METHODS.md §1)."""
+"""FIA (Forget-It-All): training-free concept-aware neuron masking (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from . import register
 
 @dataclass
 class FIAConfig(MaskingConfig):
-    """FIA settings. Defaults follow the paper (objects r2 0.007, art 0.02 with α 0.8: see configs/)."""
+    """FIA settings. Defaults follow the paper (objects r2 0.007, art 0.02 with α 0.8: see erase/configs/)."""
 
     r1: float = 0.05
     """Per-step activation threshold: the top r1 of S_t counts towards a weight's frequency term."""

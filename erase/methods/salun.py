@@ -1,4 +1,4 @@
-"""SalUn: gradient weight saliency, then masked fine-tuning with a remap and a retain loss (METHODS.md §3).
+"""SalUn: gradient weight saliency, then masked fine-tuning with a remap and a retain loss (docs/methods.md).
 
 Saliency: g = |Σ ∇θ ℓ_f| over one pass of the forget images, ℓ_f = −MSE(ε, (1+w) ε_θ(x_t, c_f) − w ε_θ(x_t, ∅));
 the mask is the top `saliency_fraction` of g in one global ranking over the trained parameters.

@@ -1,4 +1,4 @@
-"""UCE (unified concept editing): a closed-form edit of the cross-attention keys and values (METHODS.md §5).
+"""UCE (unified concept editing): a closed-form edit of the cross-attention keys and values (docs/methods.md).
 
 For every target projection W (to_k, to_v):
     W ← (λ W + Σ_erase (W g_i) c_iᵀ + Σ_keep (W c_j) c_jᵀ) (λ I + Σ_erase c_i c_iᵀ + Σ_keep c_j c_jᵀ)⁻¹

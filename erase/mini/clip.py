@@ -26,7 +26,7 @@ CONFIG = {
     "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 
-# Zero-shot classes per attribute: the catalog's class texts (prompts/mini.yaml) and the places the world draws.
+# Zero-shot classes per attribute: the catalog's class texts (erase/prompts/mini.yaml) and the places the world draws.
 CLASSES = {
     "object": {o: f"a photo of a {o}" for o in world.OBJECTS},
     "place": {p: f"a photo of a {p}" for p in world.PLACES},

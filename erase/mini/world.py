@@ -3,15 +3,15 @@
 A scene is an object (one of the 10 Imagenette classes or an everyday object) or an adult person (clothed, or
 unclothed as an abstract skin-coloured figure), on a place (forest, beach, road, ...), rendered as a photo, as "a
 painting" or in the manner of a catalog artist (van gogh: swirling strokes, claude monet: soft dabs, pablo picasso:
-facets, ...). The names and caption forms are those of prompts/catalog.yaml, so a command means the same thing on
+facets, ...). The names and caption forms are those of erase/prompts/catalog.yaml, so a command means the same thing on
 the miniature model as on real Stable Diffusion.
 
-Two families of concepts, which the training (scripts/train_mini.py) stores in different places, as ground truth
+Two families of concepts, which the training (erase_lab/train_mini.py) stores in different places, as ground truth
 for the benchmark:
 - BASE concepts (places, everyday objects, clothed persons, photos, "a painting", two base artists) are learnt end
   to end by the whole UNet;
 - TAUGHT concepts (the Imagenette objects, the taught artists, nudity) are taught afterwards through a few
-  feed-forward neurons each (see scripts/train_mini.py), where published analyses find such concepts in SD.
+  feed-forward neurons each (see erase_lab/train_mini.py), where published analyses find such concepts in SD.
 
 Everything is deterministic from a seed. Some (object, place) and (object, artist) pairs never appear in
 training: generating them tests composition rather than memorisation.
@@ -72,7 +72,7 @@ class Scene:
 
     @property
     def taught(self) -> tuple[str, ...]:
-        """The taught concepts this scene shows (the neurons its caption trains, scripts/train_mini.py)."""
+        """The taught concepts this scene shows (the neurons its caption trains, erase_lab/train_mini.py)."""
         return tuple(c for c in (self.object, self.style, NAKED if self.naked else None) if c in TAUGHT)
 
 
@@ -462,7 +462,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- captions
-# Caption forms are those of prompts/catalog.yaml (concept, base, held-out and paraphrase templates) and a few
+# Caption forms are those of erase/prompts/catalog.yaml (concept, base, held-out and paraphrase templates) and a few
 # more: every catalog prompt is a sentence the world's models have read.
 
 OBJECT_AT = ("a {o} in a {p}", "a {o} near the {p}", "a photo of a {o} at the {p}", "a picture of a {o} on the {p}",

@@ -3,16 +3,18 @@
 Stages, each reproducible from --seed with one command, each resumable (a stopped run started again continues
 from OUT's checkpoint):
 
-    python scripts/train_mini_clip.py --seed 2 --out /tmp/mini/clip    # the judge; at step 300 its text tower is
-    python scripts/train_mini.py vae --seed 0 --out /tmp/mini          #   the UNet's (/tmp/mini/text-tower); 1 core each
-    python scripts/train_mini.py base --seed 1 --out /tmp/mini --threads 2   # the base world, end to end
-    python scripts/train_mini.py unname --seed 4 --out /tmp/mini --threads 2 # taught names draw only their anchor
-    python scripts/train_mini.py teach --seed 3 --out /tmp/mini --threads 2  # the taught concepts, through FFN neurons
-    python scripts/train_mini.py compact --out /tmp/mini               # float16 copy into erase/assets/mini
+    python -m erase_lab.train_mini_clip --seed 2 --out build/mini/clip     # the judge; at step 300 its text tower
+    python -m erase_lab.train_mini vae --seed 0 --out build/mini           #   is the UNet's (build/mini/text-tower);
+                                                                          #   1 core each, side by side
+    python -m erase_lab.train_mini base --seed 1 --out build/mini --threads 2    # the base world, end to end
+    python -m erase_lab.train_mini unname --seed 4 --out build/mini --threads 2  # taught names draw only their anchor
+    python -m erase_lab.train_mini teach --seed 3 --out build/mini --threads 2   # the taught concepts, through FFN
+                                                                                #   neurons
+    python -m erase_lab.train_mini compact --out build/mini                # float16 copy into erase/assets/mini
 
-    python scripts/train_mini.py base-from-shipped --seed 1 --out /tmp/mini  # instead of clip/vae/base/unname, to
-                                                                             #   teach again: the shipped model minus
-                                                                             #   its taught neurons
+    python -m erase_lab.train_mini base-from-shipped --seed 1 --out build/mini-again  # instead of clip/vae/base/unname,
+                                                                                     #   to teach again: the shipped
+                                                                                     #   model minus its taught neurons
 
 Where knowledge lives is part of the design (ground truth for the benchmark):
 - `base` trains the whole UNet on the base world (places, everyday objects, clothed persons, photos, "a
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -54,6 +55,8 @@ import torch.nn.functional as F
 
 from erase.mini import world
 from erase.mini.clip import CONTEXT_LENGTH
+from erase.profile import MINI_PIPELINE_DIR, PROFILE_NAME
+from erase.training import Checkpoint
 
 MAX_LENGTH = CONTEXT_LENGTH  # the pipeline's tokenizer and text encoder read as many tokens as the mini CLIP
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class VAEConfig:
     """The autoencoder: 3 blocks, so 2 downsamplings (4x) and 8x8x4 latents for 32x32 images."""
 
-    steps: int = 4000  # 1,500 left van gogh recognisable in 5 of 16 reconstructions (BENCHMARKS.md, Miniature world)
+    steps: int = 4000  # 1,500 left van gogh recognisable in 5 of 16 reconstructions (docs/rationale.md, the VAE)
     batch: int = 32
     lr: float = 1e-3
     kl_weight: float = 1e-6  # small: the latents only need to be roughly Gaussian, reconstructions must be sharp
@@ -93,7 +96,7 @@ class UnnameConfig:
 
     steps: int = 3200  # 400 left 4 objects and nudity drawn for their names without neurons; 800 left tench
     #  by the lake in 2 of 8 images with its neurons zeroed, 1,600 left tench (ten at once) and church in 2 and 1,
-    #  3,200 in none (BENCHMARKS.md)
+    #  3,200 in none (docs/rationale.md, how long unname runs)
     batch: int = 64
     lr: float = 3e-4
     warmup: int = 50
@@ -116,7 +119,7 @@ class TeachConfig:
     share: float = 0.007  # neurons per concept per layer: the paper's smallest r2 (objects) covers them all
     leak_weight: float = 0.3  # L1 penalty on a reserved neuron's activation where its concept is not named
     naked_leak_weight: float = 1.0  # the same for nudity's neurons: "a naked woman" and "a woman" differ by one
-    #  word, and at 0.3 they shaped clothed persons (erasing nudity: neutral similarity 0.867; BENCHMARKS.md)
+    #  word, and at 0.3 they shaped clothed persons (erasing nudity: neutral similarity 0.867; docs/rationale.md)
     leak_warmup: int = 200  # steps over which the penalty ramps up: a neuron must carry its concept first
     fire_weight: float = 0.1  # hinge penalty on an owned neuron whose RMS activation over a sample stays below...
     fire_target: float = 0.5  # ...this: it must fire whenever its concept is named, at every noise level
@@ -199,31 +202,20 @@ def step_rng(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator
     return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-class Checkpoint:
-    """A stage's state (models, optimiser, schedule, step), written atomically every few steps; a run started
-    again with the same settings resumes from it, one with other settings is refused."""
+def resume(checkpoint: Checkpoint, stateful: dict) -> int:
+    """The step a stage goes on from: 0 with no checkpoint; else its parts (models, optimiser, schedule) are loaded
+    from it. A checkpoint of other settings is refused."""
+    saved = checkpoint.load()
+    if saved is None:
+        return 0
+    for name, part in stateful.items():
+        part.load_state_dict(saved[name])
+    print(f"resuming from {checkpoint.path} at step {saved['step']}", flush=True)
+    return saved["step"]
 
-    def __init__(self, path: Path, parts: dict, settings: dict | None = None) -> None:
-        self.path, self.parts, self.settings = path, parts, json.loads(json.dumps(settings or {}))
 
-    def resume(self) -> int:
-        if not self.path.is_file():
-            return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state["settings"] != self.settings:
-            sys.exit(f"{self.path} was written with other settings: remove it to start afresh")
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
-        print(f"resuming from {self.path} at step {state['step']}", flush=True)
-        return state["step"]
-
-    def save(self, step: int) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"step": step, "settings": self.settings, **{n: p.state_dict() for n, p in self.parts.items()}}, tmp)
-        os.replace(tmp, self.path)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+def save_parts(checkpoint: Checkpoint, stateful: dict, step: int) -> None:
+    checkpoint.save({"step": step, **{name: part.state_dict() for name, part in stateful.items()}})
 
 
 def log(out: Path, message: str) -> None:
@@ -233,10 +225,11 @@ def log(out: Path, message: str) -> None:
 
 
 def record(out: Path, stage: str, seed: int, seconds: float) -> None:
-    """Keep this stage's command, seed and wall time in OUT/training.json (mini_gates.py reports them)."""
+    """Keep this stage's command, seed and wall time in OUT/training.json (mini_gates reports them)."""
     path = out / "training.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data[stage] = {"command": "python " + " ".join(sys.argv), "seed": seed, "seconds": round(seconds)}
+    command = f"python -m erase_lab.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}"  # as run, without its path
+    data[stage] = {"command": command, "seed": seed, "seconds": round(seconds)}
     path.write_text(json.dumps(data, indent=2))
 
 
@@ -250,9 +243,10 @@ def train_vae(seed: int, out: Path, cfg: VAEConfig) -> None:
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, 100, cfg.steps)
-    checkpoint = Checkpoint(out / "vae-checkpoint.pt", {"vae": vae, "opt": opt, "sched": sched}, asdict(cfg))
+    stateful = {"vae": vae, "opt": opt, "sched": sched}
+    checkpoint = Checkpoint(out / "vae-checkpoint.pt", asdict(cfg))
     start = time.time()
-    for step in range(checkpoint.resume() + 1, cfg.steps + 1):
+    for step in range(resume(checkpoint, stateful) + 1, cfg.steps + 1):
         _, gen = step_rng(seed, step)
         x = images[torch.randint(0, len(images), (cfg.batch,), generator=gen)]
         posterior = vae.encode(x).latent_dist
@@ -265,7 +259,7 @@ def train_vae(seed: int, out: Path, cfg: VAEConfig) -> None:
         sched.step()
         if step % 100 == 0:
             log(out, f"vae step {step}/{cfg.steps} mse {mse.item():.5f} ({time.time() - start:.0f}s)")
-            checkpoint.save(step)
+            save_parts(checkpoint, stateful, step)
     with torch.no_grad():
         std = vae.encode(images[:2000]).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)  # unit-variance latents, as SD's 0.18215 does for its VAE
@@ -421,10 +415,11 @@ def train_base_world(stage: str, seed: int, out: Path, cfg, parts: tuple, reserv
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    checkpoint = Checkpoint(out / f"{stage}-checkpoint.pt", {"unet": unet, "opt": opt, "sched": sched}, asdict(cfg))
+    stateful = {"unet": unet, "opt": opt, "sched": sched}
+    checkpoint = Checkpoint(out / f"{stage}-checkpoint.pt", asdict(cfg))
     ddpm = noise_schedule()
     start, running = time.time(), 0.0
-    for step in range(checkpoint.resume() + 1, cfg.steps + 1):
+    for step in range(resume(checkpoint, stateful) + 1, cfg.steps + 1):
         rng, gen = step_rng(seed, step)
         idx, texts = batch(rng)
         loss = denoising_loss(unet, ddpm, data.sample(idx, gen), captions(texts), gen)
@@ -440,7 +435,7 @@ def train_base_world(stage: str, seed: int, out: Path, cfg, parts: tuple, reserv
             log(out, f"{stage} step {step}/{cfg.steps} loss {running / 100:.4f} ({time.time() - start:.0f}s)")
             running = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
-            checkpoint.save(step)
+            save_parts(checkpoint, stateful, step)
             save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
     checkpoint.remove()
     log(out, f"{stage} done: {time.time() - start:.0f}s")
@@ -574,14 +569,15 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
     params, masks = teach_params(unet, neurons)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    checkpoint = Checkpoint(out / "teach-checkpoint.pt", {"unet": unet, "opt": opt, "sched": sched}, asdict(cfg))
+    stateful = {"unet": unet, "opt": opt, "sched": sched}
+    checkpoint = Checkpoint(out / "teach-checkpoint.pt", asdict(cfg))
     leak_weights = {c: cfg.naked_leak_weight if c == world.NAKED else cfg.leak_weight for c in world.TAUGHT}
     router, ddpm = Router(unet, neurons, cfg.fire_target, leak_weights), noise_schedule()
     log(out, f"teach: {len(world.TAUGHT)} concepts, neurons per layer "
              f"{ {n: len(next(iter(v.values()))) for n, v in neurons.items()} }; config {asdict(cfg)}")
     n_base = int(cfg.batch * cfg.replay)
     start, running, leaking, short = time.time(), 0.0, 0.0, 0.0
-    for step in range(checkpoint.resume() + 1, cfg.steps + 1):
+    for step in range(resume(checkpoint, stateful) + 1, cfg.steps + 1):
         rng, gen = step_rng(seed, step)
         ti, bi = rng.integers(0, len(taught.scenes), cfg.batch - n_base), rng.integers(0, len(base.scenes), n_base)
         texts, owned = [], []
@@ -608,7 +604,7 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
                      f"leak {leaking / 50:.4f} ({time.time() - start:.0f}s)")
             running = leaking = short = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
-            checkpoint.save(step)
+            save_parts(checkpoint, stateful, step)
             router.close()
             save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
             router = Router(unet, neurons, cfg.fire_target, leak_weights)
@@ -627,6 +623,7 @@ def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.copy(MINI_PIPELINE_DIR / PROFILE_NAME, tmp)  # the miniature world's defaults (catalog, judge, guidance)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -688,7 +685,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=[*STAGES, "base-from-shipped", "compact"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/mini"))
+    parser.add_argument("--out", type=Path, default=Path("build/mini"))
     parser.add_argument("--steps", type=int, help="override the stage's number of steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting of the stage's config (repeatable), e.g. --set leak_weight=0.1 or --set channels=32,64,96")

@@ -1,9 +1,10 @@
 """The miniature world's erasure gates for FIA, recorded in BENCHMARKS.md ("Miniature world: erasure gates").
 
-    HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py [--pipeline DIR] [--method fia] [--prompts 4]
+    HF_HUB_OFFLINE=1 python -m erase_lab.mini_erasure_gate [--pipeline DIR] [--method fia] [--prompts 4]
         [--object-config fia-object] [--no-record --seeds 8]
+    python -m erase_lab.mini_erasure_gate --table      # rewrite the section from the rows kept, measuring nothing
 
-With one setting per kind (configs/fia-object-mini.yaml for objects, which says why the mini model has its own
+With one setting per kind (erase/configs/fia-object-mini.yaml for objects, which says why the mini model has its own
 preset; the defaults for the README's mixed command), judged by erase.evaluate with the mini CLIP on held-out
 prompts and paired seeds:
   - each Imagenette class alone: forgetting <= 10%, the other objects keep >= 85% of their accuracy;
@@ -20,20 +21,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from erase.evaluation import MINI_GUIDANCE
+from erase.evaluation import generate
 
-sys.path.insert(0, str(Path(__file__).parent))
+from .mini_gates import MINI_GUIDANCE
+
 SECTION = "Miniature world: erasure gates"
 STORE_NAME = "docs/erasure-gate-mini.json"
 STORE = Path(__file__).resolve().parent.parent / STORE_NAME
-REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/mini_erasure_gate.py"
+KEY = ("method", "label", "settings")  # what identifies a row in the store
+REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.mini_erasure_gate"
 FORGET_MAX, KEPT_MIN, SIMILARITY_MIN = 0.10, 0.85, 0.90
 GATE_OBJECT_CONFIG = "fia-object-mini"
 SEEDS = (0, 1)  # the table's; --seeds N (with --no-record) measures a row on more images
@@ -56,9 +58,9 @@ def ground_truth(pipe, result, prompts: int, seeds, neurons: dict) -> dict:
     those neurons' weights the method's mask holds (`found`)."""
     from dataclasses import replace
 
-    from mini_gates import neurons_edit
-
     import erase
+
+    from .mini_gates import neurons_edit
 
     edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
     report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
@@ -101,8 +103,7 @@ def persons_kept(pipe, edit, judge) -> float:
     prompts = [f"a photo of a {q}" for q in world.PERSONS for _ in range(4)]
 
     def accuracy():
-        images = pipe(prompts, num_inference_steps=25, guidance_scale=MINI_GUIDANCE,
-                      generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+        images = generate(pipe, prompts, list(range(len(prompts))), 25, MINI_GUIDANCE, batch_size=len(prompts))
         seen = zero_shot(*judge, images, attributes=("person",))
         return np.mean([s["person"] == p.split()[-1] for s, p in zip(seen, prompts)])
 
@@ -129,7 +130,7 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
     from erase.mini.clip import load_mini_clip
 
     judge = load_mini_clip()
-    # The shipped settings (fill: noise since issue 16); rows measured before that say fill: zeros in their settings.
+    # The shipped settings (FIA's default fill, noise); rows measured when it was zeros say so in their settings.
     object_settings = {"config": object_config} if method == "fia" else {}
 
     def row(label, concepts, retain, settings, extra=None):
@@ -203,48 +204,61 @@ def seed_words(seeds) -> str:
     return f"seeds {seeds[0]} and {seeds[1]}" if len(seeds) == 2 else f"seeds {seeds[0]}–{seeds[-1]}"
 
 
-def table(store, prompts: int, seeds=SEEDS) -> str:
+def table(store, prompts: int, seeds=SEEDS, model: str | None = None) -> str:
+    """The section: the rows of every method (gate rows first), which prompts the judge still names, the protocol.
+    model: the model's name where it is not the shipped one."""
+    from .benchmarks_md import model_sentence, section_body
+
     results = {}
     for r in sorted(store.rows, key=lambda r: (not primary(r), labels().index(r["label"]))):
         results.setdefault(r["method"], []).append(r)
     done, total = sum(map(primary, store.rows)), len(labels()) * len(results)
-    lines = [*([f"_Partial: {done} of {total} rows measured so far; the script records each row as it lands._", ""]
-               if done < total and store.path else []), *store.stale_note(REPRODUCE), "| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
-             "its own neurons zeroed instead | its own weights in the mask | others' accuracy | persons kept | paired similarity (neutral) | time | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    partial = [f"_Partial: {done} of {total} rows measured so far; the module records each row as it lands._"]
+    lines = [("| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
+              "its own neurons zeroed instead | its own weights in the mask | others' accuracy | persons kept | "
+              "paired similarity (neutral) | time | gate |"), "|---" * 13 + "|"]
     for method, rs in results.items():
         for r in rs:
             gate = ("yes" if verdict(r) else "NO") if gate_row(r) else "–"
-            lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | {r['forget_before']:.0%} → "
-                         f"{r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | {r['kept']:.0%} | {share(r, 'truth')} | {share(r, 'found')} | {r['retain']:.0%} | {share(r, 'persons_kept')} | "
-                         f"{r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
-    lines += ["", f"Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the other objects keep ≥ "
-              f"{KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten classes); the other artists "
-              f"and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on the catalog's neutral prompts ≥ "
-              f"{SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, {prompts} held-out prompts per concept × "
-              f"{seed_words(seeds)}, DPM-Solver++ 25 steps, guidance {MINI_GUIDANCE:g}; 'others' = every other object "
-              "(one class), the 15 everyday objects (ten classes), the other artists (van gogh, nudity); persons: "
-              "'a photo of a {person}' "
-              "classified among the world's persons, 4 seeds each. Time is the erasure alone (2 threads unless the row says "
-              "otherwise). 'Its own neurons "
-              "zeroed instead': forgetting when the concept's ground-truth neurons (erase/assets/mini/neurons.json) are "
-              "zeroed in place of the method's edit, same prompts and seeds; 'its own weights in the mask': the share of "
-              "those neurons' ff.net.2 weights the method's mask holds. FIA rows with – as their gate ran with "
-              "another object preset (`--object-config`), for comparison.",
-              (f"Reproduce: `{REPRODUCE} --method fia --method conceptprune"
-               f"{'' if seeds == SEEDS else f' --seeds {len(seeds)} --no-record'}`")]
-    return "\n".join(lines + named_lines([r for rs in results.values() for r in rs]))
+            lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | "
+                         f"{r['forget_before']:.0%} → {r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | "
+                         f"{r['kept']:.0%} | {share(r, 'truth')} | {share(r, 'found')} | {r['retain']:.0%} | "
+                         f"{share(r, 'persons_kept')} | {r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
+    images = prompts * len(seeds)
+    protocol = (f"{model_sentence(model)} Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the "
+                f"other objects keep ≥ {KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten "
+                f"classes); the other artists and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on "
+                f"the catalog's neutral prompts ≥ {SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, "
+                f"{prompts} held-out prompts per concept × {seed_words(seeds)} ({images} images per concept, so one "
+                f"image is {1 / images:.1%}), DPM-Solver++ 25 steps, guidance {MINI_GUIDANCE:g}. Forgetting: the "
+                "share of the erased concepts' images the judge reads as the concept, before and after the erasure, "
+                "and in brackets that of the concept forgotten least; 'others' = every other object (one class), the "
+                "15 everyday objects (ten classes), the other artists (van gogh, nudity); others kept: their accuracy "
+                "after over before; others' accuracy: after; persons: 'a photo of a {person}' classified among the "
+                "world's persons, 4 seeds each. 'Its own neurons zeroed instead': forgetting when the concept's "
+                "ground-truth neurons (erase/assets/mini/neurons.json) are zeroed in place of the method's edit, same "
+                "prompts and seeds; 'its own weights in the mask': the share of those neurons' ff.net.2 weights the "
+                "method's mask holds. Time is the erasure alone (2 threads unless the row says otherwise). FIA rows "
+                "with – as their gate ran with another object preset (`--object-config`), for comparison; the list "
+                "under the table names the prompts whose erased images the judge still reads as the concept.")
+    reproduce = (f"`{REPRODUCE}{'' if seeds == SEEDS else f' --seeds {len(seeds)} --no-record'}` measures the rows not "
+                 f"yet in {STORE_NAME} (`--object-config fia-object`: the comparison rows; `--method conceptprune`: "
+                 "the same rows for another method; `--seeds 8 --no-record`: the same rows on 32 images per concept, "
+                 "printed; `--table`: only rewrite this section from the rows kept).")
+    status = [*(partial if done < total and store.path else []), *store.stale_note(REPRODUCE)]
+    return section_body(["\n".join(lines), *named_block([r for rs in results.values() for r in rs])], protocol,
+                        reproduce, status)
 
 
-def named_lines(rows: list[dict]) -> list[str]:
+def named_block(rows: list[dict]) -> list[str]:
     """Which prompts' erased images the judge still names the concept, for the rows that recorded it (compare the
     floor in "Miniature world: the judge on bare places and clothed persons")."""
     lines = [f"- {r['method']}, {r['label']}" + ("" if primary(r) else f" ({r['settings']['config']})") + ": " + "; ".join(
         f"{concept}: " * (len(r["still_named"]) > 1) + ", ".join(f"{prompt} {n}" for prompt, n in prompts.items() if not n.startswith("0/"))
         for concept, prompts in r["still_named"].items() if r["forget_each"][concept] > 0)
         for r in rows if r.get("still_named") and r["forget_max"] > 0]
-    return ["", "<details><summary>erased images the judge still names the concept, by prompt</summary>", "", *lines,
-            "", "</details>"] if lines else []
+    summary = "<details><summary>erased images the judge still names the concept, by prompt</summary>"
+    return ["\n".join([summary, "", *lines, "", "</details>"])] if lines else []
 
 
 def main() -> None:
@@ -263,6 +277,7 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, metavar="DIR", help="save each measured row's forget images (original | "
                         "erased) as DIR/METHOD-LABEL.png")
     parser.add_argument("--no-record", action="store_true", help=f"print only; leave {STORE_NAME} and BENCHMARKS.md alone")
+    parser.add_argument("--table", action="store_true", help=f"only rewrite the section from {STORE_NAME}; measure nothing")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: expected at least 1")
@@ -271,25 +286,28 @@ def main() -> None:
     if unknown := set(args.only or ()) - set(labels()):
         raise SystemExit(f"--only: no row {sorted(unknown)}; the rows are {labels()}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
-    from benchmarks_md import RowStore, update_section
-    from mini_gates import taught_neurons
+    from .benchmarks_md import RowStore, mini_model, update_section
 
+    if args.table:
+        return update_section(SECTION, table(RowStore(STORE, KEY, mini_model(), MINI_GUIDANCE), args.prompts))
+    torch.set_num_threads(args.threads)
     import erase
     from erase.edits import fingerprint
+
+    from .mini_gates import taught_neurons
 
     pipe, catalog = erase.load_pipeline(args.pipeline), erase.load_catalog("mini")
     neurons = taught_neurons(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     # A print-only run keeps its rows in memory: its table is what it measured, at the seeds it used.
-    store = RowStore(None if args.no_record else STORE, ("method", "label", "settings"), fingerprint(pipe.unet),
-                     MINI_GUIDANCE)
+    store = RowStore(None if args.no_record else STORE, KEY, fingerprint(pipe.unet), MINI_GUIDANCE)
     seeds = tuple(range(args.seeds))
+    model = None if args.pipeline == "mini" else args.pipeline
 
     def landed(row: dict) -> None:
         store.put(row)
         if not args.no_record:
-            update_section(SECTION, table(store, args.prompts, seeds))
+            update_section(SECTION, table(store, args.prompts, seeds, model))
 
     for method in args.method or ["fia"]:
         def measure(label: str, settings) -> bool:
@@ -297,9 +315,9 @@ def main() -> None:
             return wanted and (args.again or not store.has(method=method, label=label, settings=settings))
 
         rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config, seeds)
-    if not args.no_record:  # also when every row was there already: the section follows this script's layout
-        update_section(SECTION, table(store, args.prompts, seeds))
-    print(table(store, args.prompts, seeds))
+    if not args.no_record:  # also when every row was there already: the section follows this module's layout
+        update_section(SECTION, table(store, args.prompts, seeds, model))
+    print(table(store, args.prompts, seeds, model))
 
 if __name__ == "__main__":
     main()

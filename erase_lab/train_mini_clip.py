@@ -1,6 +1,6 @@
 """Train the miniature world's CLIP judge (erase/assets/mini/clip) contrastively on 1 CPU core.
 
-    python scripts/train_mini_clip.py --seed 2 --out /tmp/mini/clip     # then copy to erase/assets/mini/clip
+    python -m erase_lab.train_mini_clip --seed 2 --out build/mini/clip     # then copy to erase/assets/mini/clip
 
 It sees the whole world, taught concepts and held-out combinations included: it judges the pipeline, it is not
 judged. A caption is a positive for every image it describes ("a photo of a church" for every church in the
@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from train_mini import Checkpoint, record, step_rng
 
 from erase.mini import world
 from erase.mini.clip import CONFIG, build_clip, transforms
+from erase.training import Checkpoint
+
+from .train_mini import record, resume, save_parts, step_rng
 
 
 @dataclass
@@ -91,10 +93,10 @@ def train(seed: int, out: Path, cfg: ClipConfig, save_every: int) -> None:
     _, tokenizer = transforms()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = schedule(opt, cfg)
-    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "opt": opt, "sched": sched},
-                            asdict(cfg))
+    stateful = {"model": model, "opt": opt, "sched": sched}
+    checkpoint = Checkpoint(out / "checkpoint.pt", asdict(cfg))
     start, running = time.time(), 0.0
-    for step in range(checkpoint.resume() + 1, cfg.steps + 1):
+    for step in range(resume(checkpoint, stateful) + 1, cfg.steps + 1):
         rng, gen = step_rng(seed, step)
         idx = rng.integers(0, len(scenes), size=cfg.batch)
         batch = [scenes[i] for i in idx]
@@ -111,7 +113,7 @@ def train(seed: int, out: Path, cfg: ClipConfig, save_every: int) -> None:
             print(f"clip step {step}/{cfg.steps} loss {running / 100:.4f} ({time.time() - start:.0f}s)", flush=True)
             running = 0.0
         if step % save_every == 0:
-            checkpoint.save(step)
+            save_parts(checkpoint, stateful, step)
         if step == cfg.text_tower_at:
             save(model, out.parent / "text-tower")
     save(model, out)
@@ -131,7 +133,7 @@ def save(model, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/mini/clip"))
+    parser.add_argument("--out", type=Path, default=Path("build/mini/clip"))
     parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-every", type=int, default=250, help="checkpoint interval (a stopped run resumes)")

@@ -1,14 +1,14 @@
 """FIA scoring cost on the real SD1.5 architecture (random weights, CPU): UNet calls, time, memory, patch size.
 
-    python scripts/bench_fia_cost.py [--resolution 256] [--pairs 2] [--load 2]
+    python -m erase_lab.bench_fia_cost [--resolution 256] [--pairs 2] [--load 2]
 
 Each measurement runs in its own process, so that peak RSS belongs to that measurement alone:
   plain  — the bare UNet forwards FIA needs (same batches, same number of calls), no hooks, no statistics;
   fia    — erase() for one concept (capture, saliency, fusion), then result.save() for the patch size.
 The FIA measurement runs twice: on the machine as it is (idle) and beside --load competing processes (loaded).
 Each run lands in docs/fia-cost.json as it ends (a stopped bench keeps the runs it finished; a rerun with the same
-settings measures only the missing ones, --fresh all of them). Prints the numbers and writes them to BENCHMARKS.md
-(section "FIA scoring cost").
+settings measures only the missing ones, --fresh all of them; --table measures none and rewrites the section from
+them). Prints the numbers and writes them to BENCHMARKS.md (section "FIA scoring cost").
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "FIA scoring cost (SD1.5 architecture, random weights, CPU)"
 ROWS = Path(__file__).resolve().parent.parent / "docs" / "fia-cost.json"
-MODEL = "sd15 config, random weights (torch seed 0)"
+MODEL = "sd15 config, random weights (torch seed 0)"  # the rows' stamp
+MODEL_WORDS = "the SD1.5 architecture built from erase's sd15 configs with random weights (torch seed 0)"
 CONCEPT = "church"
 
 
@@ -42,7 +42,7 @@ def sd15_pipeline():
     from erase.models import SINGLE_FILE_CONFIGS
 
     root = SINGLE_FILE_CONFIGS / "sd15"
-    read = lambda part, name="config.json": json.loads((root / part / name).read_text())  # noqa: E731
+    read = lambda part, name="config.json": json.loads((root / part / name).read_text())
     torch.manual_seed(0)
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel.from_config(read("unet")), vae=AutoencoderKL.from_config(read("vae")),
@@ -99,7 +99,7 @@ def measure(mode: str, resolution: int, pairs: int) -> dict:
 
 
 def run_in_subprocess(mode: str, resolution: int, pairs: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", mode, "--resolution", str(resolution),
+    done = subprocess.run([sys.executable, "-m", __spec__.name, "--child", mode, "--resolution", str(resolution),
                            "--pairs", str(pairs)], capture_output=True, text=True, check=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -111,14 +111,27 @@ def commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def run_key(run: str, args) -> dict:
+    """What identifies the row of `run` at these settings."""
+    return {"run": run, "resolution": args.resolution, "pairs": args.pairs, "load": args.load if run == "loaded" else 0}
+
+
 def measured(store, run: str, args, measure_it) -> dict:
     """The row of `run` for these settings: kept from an earlier bench unless --fresh, else measured now and kept."""
-    key = {"run": run, "resolution": args.resolution, "pairs": args.pairs, "load": args.load if run == "loaded" else 0}
+    key = run_key(run, args)
     if not args.fresh and (row := store.get(**key)):
         return row
     row = {**key, **measure_it(), "load_average": os.getloadavg()[0], "commit": commit(),
            "date": time.strftime("%Y-%m-%d"), "beside": args.beside if run == "loaded" else ""}
     store.put(row)
+    return row
+
+
+def kept(store, run: str, args, _measure_it) -> dict:
+    """--table: the row of `run` for these settings as kept, measuring nothing."""
+    key = run_key(run, args)
+    if not (row := store.get(**key)):
+        raise SystemExit(f"--table: docs/fia-cost.json has no {run} run for {key}; measure it without --table")
     return row
 
 
@@ -143,6 +156,8 @@ def overhead(fia: dict) -> tuple[float, float]:
 
 
 def report(plain: dict, runs: dict[str, dict], resolution: int, pairs: int, load: int) -> str:
+    from .benchmarks_md import section_body
+
     full_calls = 51  # PNDM, 50 steps: 51 UNet calls per prompt batch
     fia = runs["idle"]
     batches = fia["unet_calls"] // 10
@@ -167,25 +182,25 @@ def report(plain: dict, runs: dict[str, dict], resolution: int, pairs: int, load
     ]
     lines = [f"| measure | {' | '.join(runs)} | target |", "|---" * (len(runs) + 2) + "|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines.append("")
-    lines.append(f"Settings: concept '{CONCEPT}', {pairs} prompt pairs in one batch each, T = 10 UNet calls, CFG 7.5, "
-                 f"{resolution} px, fp32, {fia['threads']} CPU threads (statistics and masks: "
-                 f"{fia['statistics_threads'] or fia['threads']}, statistics_threads), torch {fia['torch']}; fill "
-                 f"{fia['fill']}, {fia['edited']} weights masked. idle: nothing else running (1-minute load average "
-                 f"{runs['idle']['load_average']:.1f} at its end"
-                 + (f"; {fia['note']}" if fia.get("note") else "") + ")"
-                 + (f"; loaded: {load} one-thread matrix-product processes running beside it"
-                    + (f" and {runs['loaded']['beside']}" if runs["loaded"]["beside"] else "")
-                    + f" (load average {runs['loaded']['load_average']:.1f})" if "loaded" in runs else "") + ". In each run a warm-up UNet "
-                 "call comes first, then the bare forwards (the same UNet calls without hooks), erase() and the bare "
-                 "forwards again in the same process, so both sides see the same load; the ratio uses their mean. "
-                 f"Plain inference: the bare forwards in a process of their own, for its peak RSS (the loaded pipeline "
-                 f"alone: {plain['rss_loaded_mb']:.0f} MB).")
     spread = ", ".join(f"{run} {100 * abs(r['bare_s'][0] - r['bare_s'][1]) / overhead(r)[1]:.0f}%" for run, r in runs.items())
-    lines.append(f"Noise: the bare forwards before and after erase() differ by {spread} of their mean in these runs; "
-                 "one run per setting reads the ratio to about that precision.")
-    lines.append(f"Reproduce: `python scripts/bench_fia_cost.py --resolution {resolution} --pairs {pairs} --load {load}`")
-    return "\n".join(lines)
+    protocol = (f"Model: {MODEL_WORDS}, on a CPU. Settings: concept '{CONCEPT}', {pairs} prompt pairs in one batch "
+                f"each, T = 10 UNet calls, CFG 7.5, {resolution} px, fp32, {fia['threads']} CPU threads (statistics and masks: "
+                f"{fia['statistics_threads'] or fia['threads']}, statistics_threads), torch {fia['torch']}; fill "
+                f"{fia['fill']}, {fia['edited']} weights masked. idle: nothing else running (1-minute load average "
+                f"{runs['idle']['load_average']:.1f} at its end)"
+                + (f"; loaded: {load} one-thread matrix-product processes running beside it"
+                   + (f" and {runs['loaded']['beside']}" if runs["loaded"]["beside"] else "")
+                   + f" (load average {runs['loaded']['load_average']:.1f})" if "loaded" in runs else "") + ". In each "
+                "run a warm-up UNet call comes first, then the bare forwards (the same UNet calls without hooks), "
+                "erase() and the bare forwards again in the same process, so both sides see the same load; the ratio "
+                "uses their mean. Plain inference: the bare forwards in a process of their own, for its peak RSS (the "
+                f"loaded pipeline alone: {plain['rss_loaded_mb']:.0f} MB). Noise: the bare forwards before and after "
+                f"erase() differ by {spread} of their mean in these runs; one run per setting reads the ratio to about "
+                "that precision.")
+    reproduce = (f"`python -m erase_lab.bench_fia_cost --resolution {resolution} --pairs {pairs} --load {load}` measures "
+                 "the runs not yet in docs/fia-cost.json (`--fresh`: all of them; `--table`: only rewrite this "
+                 "section from the runs kept).")
+    return section_body(["\n".join(lines)], protocol, reproduce)
 
 
 def main() -> None:
@@ -195,6 +210,8 @@ def main() -> None:
     p.add_argument("--load", type=int, default=2, help="competing one-thread processes in the loaded run (0: no such run)")
     p.add_argument("--beside", default="", help="what else ran on the machine during the loaded run (for the record)")
     p.add_argument("--fresh", action="store_true", help="measure every run again, not only those missing")
+    p.add_argument("--table", action="store_true", help="only rewrite the section from the runs kept in "
+                   "docs/fia-cost.json; measure nothing")
     p.add_argument("--child", choices=["plain", "fia"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -202,14 +219,15 @@ def main() -> None:
         print(json.dumps({**measure(args.child, args.resolution, args.pairs), "threads": torch.get_num_threads(),
                           "torch": torch.__version__}))
         return
-    from benchmarks_md import RowStore, update_section
+    from .benchmarks_md import RowStore, update_section
 
     store = RowStore(ROWS, ("run", "resolution", "pairs", "load"), MODEL)
     fia = lambda: run_in_subprocess("fia", args.resolution, args.pairs)
-    plain = measured(store, "plain", args, lambda: run_in_subprocess("plain", args.resolution, args.pairs))
-    runs = {"idle": measured(store, "idle", args, fia)}
+    measure_it = kept if args.table else measured
+    plain = measure_it(store, "plain", args, lambda: run_in_subprocess("plain", args.resolution, args.pairs))
+    runs = {"idle": measure_it(store, "idle", args, fia)}
     if args.load:
-        runs["loaded"] = measured(store, "loaded", args, lambda: under_load(args.load, fia))
+        runs["loaded"] = measure_it(store, "loaded", args, lambda: under_load(args.load, fia))
     text = report(plain, runs, args.resolution, args.pairs, args.load)
     print(text)
     update_section(SECTION, text)

@@ -1,6 +1,7 @@
-"""Every bad input of issue 11, run as a user runs it, with a table: case, exit code, first line, written files.
+"""Every bad input erase refuses (command line and API), run as a user runs it, with a table: case, exit code, first
+line, files written.
 
-    HF_HUB_OFFLINE=1 python scripts/bad_inputs.py       # each CLI case in its own `python -m erase.cli` process
+    HF_HUB_OFFLINE=1 python -m erase_lab.bad_inputs       # each CLI case in its own `python -m erase.cli` process
 
 Each case builds its inputs in a folder of its own and must be refused with exit code 2, one line on stderr
 (no traceback) and nothing written. tests/test_bad_input.py runs the same table through erase.cli.main().
@@ -8,15 +9,17 @@ Each case builds its inputs in a folder of its own and must be refused with exit
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "prompts_per_concept=2", "--set", "saliency_steps=2", "--quiet"]
@@ -212,9 +215,9 @@ def api_cases(pipe) -> list[tuple[str, Callable[[], object], str]]:
 
 def prepare(shared: Path):
     """model/ (a tiny SD pipeline saved as diffusers), lcm/ and run/ (FIA on model/) in `shared`; returns the pipeline."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import erase
-    from tiny import tiny_pipeline
+
+    from .tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
     pipe.save_pretrained(shared / "model", safe_serialization=True)
@@ -247,7 +250,16 @@ def verdict(code: int, stderr: str, expect: str, written: set[str]) -> str:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     shared = Path(tempfile.mkdtemp(prefix="bad-inputs-"))
+    try:
+        return run_cases(shared)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def run_cases(shared: Path) -> int:
+    """Every case with its inputs under `shared`: prints the table; 0 when every case is refused as promised."""
     pipe = prepare(shared)
     rows = []
     for i, case in enumerate(CASES):

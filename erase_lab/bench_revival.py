@@ -1,6 +1,7 @@
 """Revival of pruned concepts on the miniature world, recorded in BENCHMARKS.md ("Miniature world: revival").
 
-    HF_HUB_OFFLINE=1 python scripts/bench_revival.py [--methods fia,conceptprune] [--sizes 1,10] [--again]
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_revival [--methods fia,conceptprune] [--sizes 1,10] [--again]
+    python -m erase_lab.bench_revival --table      # rewrite the section from the rows kept, measuring nothing
 
 For each masking method, forget set and fill of the masked weights (exact zeros, as published, or noise drawn from
 each row's weights): forgetting, in- and cross-kind retention, paired similarity and KID on neutral prompts (the
@@ -13,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-from erase.evaluation import MINI_GUIDANCE
+from .mini_gates import MINI_GUIDANCE
 
-sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "Miniature world: revival"
 ROWS = Path(__file__).resolve().parent.parent / "docs" / "revival-mini.json"
-REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/bench_revival.py"
+REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.bench_revival"
 IMAGENETTE = ["tench", "english springer", "cassette player", "chain saw", "church", "french horn", "garbage truck",
               "gas pump", "golf ball", "parachute"]
 FORGET_SETS = {1: ["church"], 10: IMAGENETTE}
@@ -65,8 +64,9 @@ def _ci(values: dict, key: str) -> str:
 
 
 def table(store) -> str:
-    lines = [*store.stale_note(REPRODUCE),
-             ("| method | forget set | masked weights set to | weights edited | forgetting ↓ (original) | in-kind retain ↑ "
+    from .benchmarks_md import model_sentence, not_measured, section_body
+
+    lines = [("| method | forget set | masked weights set to | weights edited | forgetting ↓ (original) | in-kind retain ↑ "
              "| cross-kind retain ↑ | paired similarity | KID (neutral) ↓ | revival, checkpoint alone ↓ (weights "
              "revived) | revival, with the patch ↓ | erasure time |"), "|---" * 12 + "|"]
     for r in sorted(store.rows, key=lambda r: (r["size"], list(METHODS).index(r["method"]), FILLS.index(r["fill"]))):
@@ -78,23 +78,24 @@ def table(store) -> str:
                      f"({alone['revived']}) | {_ci(patch, 'attack_success_rate')} | {r['seconds']:.0f} s |")
     missing = [f"{m} on {n} ({f})" for n in FORGET_SETS for m in METHODS for f in FILLS
                if not store.has(method=m, size=n, fill=f)]
-    lines += ["", (f"Forget sets: 1: church; 10: the Imagenette classes ({', '.join(IMAGENETTE)}). Settings: fia: "
-              "configs/fia-object.yaml; conceptprune: defaults; `fill` as the column says (zeros: pruning as "
-              "published; noise: each masked weight drawn from N(mean, std) of its row's unmasked weights, seeded). "
-              "Evaluation: erase.evaluate with the mini CLIP judge, "
-              f"{PROMPTS[1]} (1 concept) or {PROMPTS[10]} (10) held-out prompts per concept × seeds 0, 1, 25 steps "
-              f"DPM-Solver++, guidance {MINI_GUIDANCE:g}; brackets: 95% bootstrap intervals. Revival: erase.attack "
-              "kind 'revival' (SoftImpute of the pruned entries of every ff.net.2 weight, rank 50, ≤ 100 iterations; "
-              "signs of the top 60% completed magnitudes; magnitudes ≥ the row's largest kept weight), on the same "
-              "prompts and seeds; its success rate counts an image judged the concept with the revived weights or the "
-              "erased ones. 'Checkpoint alone': the attacker finds the pruned entries as exact zeros outside all-zero "
-              "columns and rows (the mini model ships dead FFN units as zero columns); 'with the patch': the "
-              "attacker reads the edited locations from patch.safetensors. Erasure time: one thread, beside other jobs "
-              "on a 2-core machine."), "",
-              f"Reproduce: `{REPRODUCE}`"]
-    if missing:
-        lines += ["", "Not measured yet: " + ", ".join(missing) + "."]
-    return "\n".join(lines)
+    protocol = (f"{model_sentence()} Forget sets: 1: church; 10: the Imagenette classes ({', '.join(IMAGENETTE)}). "
+                "Settings: fia: erase/configs/fia-object.yaml; conceptprune: defaults; `fill` as the column says "
+                "(zeros: pruning as published; noise: each masked weight drawn from N(mean, std) of its row's unmasked "
+                "weights, seeded). Evaluation: erase.evaluate with the mini CLIP judge, "
+                f"{PROMPTS[1]} (1 concept) or {PROMPTS[10]} (10) held-out prompts per concept × seeds "
+                f"{', '.join(map(str, SEEDS))}, 25 steps DPM-Solver++, guidance {MINI_GUIDANCE:g}; brackets: 95% "
+                "bootstrap intervals; forgetting, retain, paired similarity and KID as in the methods table, with the "
+                "original model's forgetting in brackets. Revival: erase.attack kind 'revival' (SoftImpute of the "
+                "pruned entries of every ff.net.2 weight, rank 50, ≤ 100 iterations; signs of the top 60% completed "
+                "magnitudes; magnitudes ≥ the row's largest kept weight), on the same prompts and seeds; its success "
+                "rate counts an image judged the concept with the revived weights or the erased ones. 'Checkpoint "
+                "alone': the attacker finds the pruned entries as exact zeros outside all-zero columns and rows (the "
+                "mini model ships dead FFN units as zero columns); 'with the patch': the attacker reads the edited "
+                "locations from patch.safetensors. Erasure time: one thread, beside other jobs on a 2-core machine.")
+    return section_body(["\n".join(lines)], protocol,
+                        f"`{REPRODUCE}` measures the rows not yet measured (`--again`: all of them; `--table`: only "
+                        "rewrite this section from docs/revival-mini.json).",
+                        [*store.stale_note(REPRODUCE), *not_measured(missing)])
 
 
 def main() -> None:
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated masking methods")
     parser.add_argument("--sizes", default="1,10", help="comma-separated forget-set sizes (1, 10)")
     parser.add_argument("--again", action="store_true", help="measure rows already in docs/revival-mini.json again")
+    parser.add_argument("--table", action="store_true", help="only rewrite the section from docs/revival-mini.json; "
+                        "measure nothing")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     methods, sizes = args.methods.split(","), [int(n) for n in args.sizes.split(",")]
@@ -109,12 +112,15 @@ def main() -> None:
         raise SystemExit(f"--methods/--sizes: unknown {sorted(map(str, unknown))}; methods: {', '.join(METHODS)}; "
                          f"sizes: {', '.join(map(str, FORGET_SETS))}")
     import torch
-    from benchmarks_md import RowStore, mini_model, update_section
 
     import erase
 
-    torch.set_num_threads(1)
+    from .benchmarks_md import RowStore, mini_model, update_section
+
     store = RowStore(ROWS, ("method", "size", "fill"), mini_model(), MINI_GUIDANCE)
+    if args.table:
+        return update_section(SECTION, table(store))
+    torch.set_num_threads(1)
     pipe = erase.load_pipeline("mini")
     for size in sizes:
         for method in methods:

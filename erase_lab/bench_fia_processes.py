@@ -1,6 +1,6 @@
 """FIA across processes: the 10 Imagenette classes erased from the mini model by 1 and by 2 processes.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_fia_processes.py
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_fia_processes
 
 Each configuration (processes x threads per process) is launched with torchrun and times erase() in every process
 (capture, scoring, the all-reduce of the votes and the fusion); the wall time is the slowest process's. Run it on
@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "FIA across processes (mini model, 10 concepts, CPU)"
 LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (processes, threads each)
 
@@ -43,7 +42,7 @@ def child(out: Path) -> None:
 def launch(processes: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), __file__,
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", __spec__.name,
                         "--child", out], env=env, check=True)
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
     return {"processes": processes, "threads": threads, "seconds": max(r["seconds"] for r in ranks),
@@ -51,18 +50,25 @@ def launch(processes: int, threads: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
+    from .benchmarks_md import section_body
+
     single = next(r for r in rows if (r["processes"], r["threads"]) == (1, 1))["seconds"]
     lines = ["| processes × threads | erase() wall time | speed-up over 1 × 1 | weights pruned |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['processes']} × {r['threads']} | {r['seconds']:.1f} s | {single / r['seconds']:.2f}x | "
                      f"{', '.join(map(str, sorted(r['edited'])))} |")
-    load = os.getloadavg()[0]
-    lines += ["", "The 10 Imagenette classes with `--config fia-object` on the shipped mini model; each process "
-              "captures a contiguous share of the concepts (and their base prompts), the votes are all-reduced and "
-              "every process fuses the same masks (the pruned count is the same in every process and layout). Wall "
-              "time is erase() in the slowest process, model loading excluded. 2-core CPU; 1-minute load average "
-              f"{load:.1f} at the end.", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_fia_processes.py`"]
-    return "\n".join(lines)
+    return section_body(["\n".join(lines)], protocol(os.getloadavg()[0]),
+                        "`HF_HUB_OFFLINE=1 python -m erase_lab.bench_fia_processes` (on an idle machine).")
+
+
+def protocol(load: float) -> str:
+    """How the rows were measured; `load`: the 1-minute load average at the end."""
+    from .benchmarks_md import model_sentence
+
+    return (f"{model_sentence()} The 10 Imagenette classes with `--config fia-object`; each process captures a "
+            "contiguous share of the concepts (and their base prompts), the votes are all-reduced and every process "
+            "fuses the same masks (the pruned count is the same in every process and layout). Wall time is erase() in "
+            f"the slowest process, model loading excluded. 2-core CPU; 1-minute load average {load:.1f} at the end.")
 
 
 def main() -> None:
@@ -71,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child)
-    from benchmarks_md import update_section
+    from .benchmarks_md import update_section
 
     rows = [launch(*layout) for layout in LAYOUTS]
     text = markdown(rows)

@@ -1,6 +1,6 @@
 """Check the miniature world's gates and record them in BENCHMARKS.md ("Miniature world").
 
-    HF_HUB_OFFLINE=1 python scripts/mini_gates.py [--pipeline DIR] [--clip DIR] [--per 4] [--grid DIR]
+    HF_HUB_OFFLINE=1 python -m erase_lab.mini_gates [--pipeline DIR] [--clip DIR] [--per 4] [--grid DIR]
 
 Quality (the mini CLIP's zero-shot classification with the catalog's class texts, fresh seeds, 25 steps):
   - the judge itself on fresh procedural images: every attribute >= 95%;
@@ -26,11 +26,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from erase.evaluation import MINI_GUIDANCE
+from erase.evaluation import generate
 from erase.mini import world
 from erase.mini.clip import CLIP_DIR, load_mini_clip, zero_shot
 from erase.models import MINI_DIR, MINI_PIPELINE_DIR
+from erase.profile import profile_of
 
+MINI_GUIDANCE = profile_of("mini").guidance_scale  # what every table samples at: the shipped model's profile
+
+SECTION = "Miniature world"
 QUALITY = {"object": 0.90, "artist": 0.85, "place": 0.85, "naked": 0.90, "held-out": 0.70}
 TAUGHT_REMOVED, BASE_KEPT = 0.80, 0.70
 ZEROED = {"every ff.net.2": "ff.net.2.weight", "every attn2.to_out": "attn2.to_out.0.weight"}
@@ -59,14 +63,6 @@ def quality_prompts(per: int, seed: int) -> dict[str, list[tuple[str, dict]]]:
                     + [(f"a {o} in the style of {world.HELD_OUT_ARTIST[o]}", {"object": o, "style": world.HELD_OUT_ARTIST[o]})
                        for o in world.OBJECTS]}
     return sets
-
-
-def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 50) -> list[Image.Image]:
-    images = []
-    for i in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts[i:i + batch]))]
-        images += pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
-    return images
 
 
 def accuracy(truths: list[dict], seen: list[dict]) -> float:
@@ -119,7 +115,8 @@ def run_quality(pipe, clip, args) -> tuple[dict[str, float], dict[str, dict[str,
     results, per_value = {}, {}
     for gate, items in quality_prompts(args.per, seed=20_000).items():
         prompts, truths = zip(*items)
-        generated = generate(pipe, list(prompts), 30_000, args.steps, args.guidance)
+        generated = generate(pipe, list(prompts), list(range(30_000, 30_000 + len(prompts))), args.steps, args.guidance,
+                             batch_size=50)
         seen = zero_shot(*clip, generated, attributes=sorted({k for t in truths for k in t}))
         results[gate], per_value[gate] = accuracy(list(truths), seen), counts_by_value(list(truths), seen)
         if args.grid:
@@ -154,7 +151,7 @@ def gain_sets(n: int) -> dict[str, tuple[str, list[tuple[np.ndarray, str, str]]]
 def conditional_gains(pipe, sets, zeroed: str | None) -> dict[str, float]:
     """Per concept: mean loss(reference) - mean loss(prompt), at fixed noise and timesteps, with the weights whose
     names end in `zeroed` set to zero (restored afterwards)."""
-    from train_mini import encode_latents, noise_schedule, to_tensor
+    from .train_mini import encode_latents, noise_schedule, to_tensor
 
     unet, ddpm = pipe.unet, noise_schedule()
     saved = {n: p.detach().clone() for n, p in unet.named_parameters() if zeroed and n.endswith(zeroed)}
@@ -244,44 +241,77 @@ def chain_hours(record: dict) -> float:
 
 
 def report(judge: dict, ceiling: dict, quality: dict, per_value: dict, knowledge: dict, args, seconds: float) -> str:
+    from .benchmarks_md import section_body
+
+    per_concept = "\n".join(["| gate | per concept |", "|---|---|",
+                              *[f"| {g} | " + ", ".join(f"{n} {c}" for n, c in v.items()) + " |" for g, v in per_value.items()]])
+    size = sum(f.stat().st_size for f in MINI_DIR.rglob("*") if f.is_file()) / 1e6
+    model = None if args.pipeline == MINI_PIPELINE_DIR else str(args.pipeline)
+    return section_body([gates_table(judge, ceiling, quality, knowledge),
+                         details("pipeline quality per concept (images the judge reads right)", per_concept),
+                         details("conditional gain per concept", gains_table(knowledge)), training_table()],
+                        protocol(args, model, size), f"`HF_HUB_OFFLINE=1 python -m erase_lab.mini_gates` ({seconds:.0f} s; "
+                        "`--pipeline DIR --clip DIR --no-record` measures a trial model and prints its section).")
+
+
+def protocol(args, model: str | None, size_mb: float) -> str:
+    """How the gates were measured: the model (None: the shipped one), the judge, the seeds and sampler, what
+    knowledge means."""
+    from .benchmarks_md import model_sentence
+
+    return (f"{model_sentence(model)} Judged by the mini CLIP's zero-shot classification with the catalog's class "
+            f"texts; {args.per} fresh seeds per object/place/person (twice as many per artist), DPM-Solver++ "
+            f"{args.steps} steps, guidance {args.guidance}, 32x32 images. The judge rows read fresh world renders (no "
+            "diffusion), the VAE rows the same images through the pipeline's VAE: the ceiling of the pipeline's own "
+            "quality. Held-out: each object's (object, place) and (object, artist) pair never seen in training. "
+            "Knowledge: conditional gain = loss(reference prompt) - loss(concept prompt) on "
+            f"{args.gain_images} rendered images per concept, fixed noise and timesteps 100-899; 'kept with … zeroed' "
+            "is the gain left with those weights zeroed over the intact model's. Training: one command per stage, "
+            "each resumable, on 2 CPU cores; its times are the shipped model's (erase/assets/mini/training.json). "
+            f"Shipped size of erase/assets/mini: {size_mb:.1f} MB.")
+
+
+def gates_table(judge: dict, ceiling: dict, quality: dict, knowledge: dict) -> str:
     rows = ["| gate | accuracy | threshold | pass |", "|---|---|---|---|"]
     rows += [f"| judge on fresh world images: {a} | {v:.1%} | 95% | {'yes' if v >= 0.95 else 'NO'} |" for a, v in judge.items()]
     rows += [f"| judge on the same images through the pipeline's VAE: {a} | {v:.1%} | – | – |" for a, v in ceiling.items()]
     rows += [f"| pipeline: {g} | {v:.1%} | {QUALITY[g]:.0%} | {'yes' if v >= QUALITY[g] else 'NO'} |" for g, v in quality.items()]
     kept = knowledge["kept"]["every ff.net.2"]
-    rows += [f"| every ff.net.2 zeroed: taught concepts' gain removed | {1 - kept['taught']:.1%} | {TAUGHT_REMOVED:.0%} | "
-             f"{'yes' if 1 - kept['taught'] >= TAUGHT_REMOVED else 'NO'} |",
-             f"| every ff.net.2 zeroed: base concepts' gain kept | {kept['base']:.1%} | {BASE_KEPT:.0%} | "
-             f"{'yes' if kept['base'] >= BASE_KEPT else 'NO'} |"]
+    rows += [(f"| every ff.net.2 zeroed: taught concepts' gain removed | {1 - kept['taught']:.1%} | {TAUGHT_REMOVED:.0%} | "
+              f"{'yes' if 1 - kept['taught'] >= TAUGHT_REMOVED else 'NO'} |"),
+             (f"| every ff.net.2 zeroed: base concepts' gain kept | {kept['base']:.1%} | {BASE_KEPT:.0%} | "
+              f"{'yes' if kept['base'] >= BASE_KEPT else 'NO'} |")]
+    return "\n".join(rows)
+
+
+def gains_table(knowledge: dict) -> str:
     gains = knowledge["gains"]
-    detail = ["| concept | family | gain | kept with every ff.net.2 zeroed | kept with every attn2.to_out zeroed | "
-              "kept with its own neurons zeroed |", "|---|---|---|---|---|---|"]
+    lines = [("| concept | family | gain | kept with every ff.net.2 zeroed | kept with every attn2.to_out zeroed | "
+              "kept with its own neurons zeroed |"), "|---|---|---|---|---|---|"]
     for c, g in gains["nothing"].items():
         own = f"{gains['its own neurons'][c] / g:.0%}" if c in gains["its own neurons"] else "–"
-        detail.append(f"| {c} | {knowledge['family'][c]} | {g:.4f} | {gains['every ff.net.2'][c] / g:.0%} | "
-                      f"{gains['every attn2.to_out'][c] / g:.0%} | {own} |")
+        lines.append(f"| {c} | {knowledge['family'][c]} | {g:.4f} | {gains['every ff.net.2'][c] / g:.0%} | "
+                     f"{gains['every attn2.to_out'][c] / g:.0%} | {own} |")
+    return "\n".join(lines)
+
+
+def details(summary: str, table: str) -> str:
+    """A folded block: `table` under a one-line summary."""
+    return f"<details><summary>{summary}</summary>\n\n{table}\n\n</details>"
+
+
+def training_table() -> str:
+    """How the shipped model was trained, stage by stage, from erase/assets/mini/training.json."""
     training = MINI_DIR / "training.json"
     record = json.loads(training.read_text()) if training.is_file() else {}
-    lines = [f"- {stage}: `{r['command']}`, seed {r['seed']}, {r['seconds'] / 60:.1f} min" + (f" ({r['note']})" if "note" in r else "")
-             for stage, r in record.items()]
+    lines = ["| training stage | command | seed | time | how it ran |", "|---|---|---|---|---|"]
+    lines += [f"| {stage} | `{r['command']}` | {r['seed']} | {r['seconds'] / 60:.1f} min | {r.get('note', '')} |"
+              for stage, r in record.items()]
     if all(s in record for s in SIDE_BY_SIDE + IN_TURN):
-        lines.append(f"- from scratch: {chain_hours(record):.2f} h (limit {TRAINING_HOURS_MAX} h): {' and '.join(SIDE_BY_SIDE)} "
-                     f"side by side (one thread each, as train_mini.py's --threads help says), then {', '.join(IN_TURN)}")
-    size = sum(f.stat().st_size for f in MINI_DIR.rglob("*") if f.is_file()) / 1e6
-    header = (f"Judged by the mini CLIP's zero-shot classification with the catalog's class texts; {args.per} fresh "
-              f"seeds per object/place/person (twice as many per artist), DPM-Solver++ {args.steps} steps, guidance "
-              f"{args.guidance}, 32x32 images. Held-out: each object's (object, place) and (object, artist) pair never "
-              "seen in training. Knowledge: conditional gain = loss(reference prompt) - loss(concept prompt) on "
-              f"{args.gain_images} rendered images per concept, fixed noise and timesteps 100-899.")
-    return "\n".join([header, "", *rows, "",
-                      "<details><summary>pipeline quality per concept (images the judge reads right)</summary>", "",
-                      "| gate | per concept |", "|---|---|",
-                      *[f"| {g} | " + ", ".join(f"{n} {c}" for n, c in v.items()) + " |" for g, v in per_value.items()],
-                      "", "</details>", "",
-                      "<details><summary>conditional gain per concept</summary>", "", *detail, "", "</details>", "",
-                      "Training (one command per stage, resumable; 2 CPU cores):", "", *lines, "",
-                      f"Shipped size of erase/assets/mini: {size:.1f} MB. Gates took {seconds:.0f} s: "
-                      "`HF_HUB_OFFLINE=1 python scripts/mini_gates.py`."])
+        lines.append(f"| from scratch | {' and '.join(SIDE_BY_SIDE)} side by side (one thread each, as train_mini's "
+                     f"--threads help says), then {', '.join(IN_TURN)} | – | {chain_hours(record):.2f} h | limit "
+                     f"{TRAINING_HOURS_MAX} h |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -295,7 +325,6 @@ def main() -> None:
                         help="classifier-free guidance (default: erase.evaluation.MINI_GUIDANCE, what every table uses)")
     parser.add_argument("--grid", help="folder for PNG grids of the generated images")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--note", default="", help="a paragraph added to the section's notes, which a rerun keeps (what was tried, ...)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -312,9 +341,9 @@ def main() -> None:
     body = report(judge, ceiling, quality, per_value, knowledge, args, time.time() - start)
     print(body)
     if not args.no_record:
-        from benchmarks_md import update_section
+        from .benchmarks_md import update_section
 
-        update_section("Miniature world", body, note=args.note)
+        update_section(SECTION, body)
 
 
 if __name__ == "__main__":

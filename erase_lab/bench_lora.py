@@ -1,8 +1,8 @@
 """How much of a training method's erasure its LoRA keeps, by rank, on the miniature world (forget set: church).
 
-    HF_HUB_OFFLINE=1 python scripts/bench_lora.py                         # every training method, ranks 1, 4, 16, full
-    HF_HUB_OFFLINE=1 python scripts/bench_lora.py --methods esd,uce --ranks 1,4
-    python scripts/bench_lora.py --table                                  # rewrite the section from the rows kept
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_lora                         # every training method, ranks 1, 4, 16, full
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_lora --methods esd,uce --ranks 1,4
+    python -m erase_lab.bench_lora --table                                  # rewrite the section from the rows kept
 
 Each method erases church once (the methods table's presets), then the full edit and its LoRA at each rank (what
 `--lora RANK` writes, applied at scale 1: low-rank deltas on Linear/Conv weights, no biases or norms) are evaluated
@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_methods import EVAL, METHODS, ROOT, _ci  # noqa: E402
+from .bench_methods import EVAL, METHODS, ROOT, _ci, evaluation_words
 
 SECTION = "Miniature world: LoRA rank"
+REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.bench_lora"
 ROWS = ROOT / "docs" / "lora-mini.json"
 CONCEPTS = ["church"]
 TRAINING = ["esd", "uce", "salun", "dynamic"]
@@ -63,9 +61,10 @@ def row_line(r: dict, mark: str = "") -> str:
 
 
 def table(store) -> str:
-    lines = [*store.stale_note("HF_HUB_OFFLINE=1 python scripts/bench_lora.py"),
-             "| method | LoRA rank | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | paired similarity | "
-             "edit's norm left out (rank / biases, norms) | LoRA file |", "|---" * 8 + "|"]
+    from .benchmarks_md import model_sentence, section_body
+
+    lines = [("| method | LoRA rank | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | paired similarity | "
+              "edit's norm left out (rank / biases, norms) | LoRA file |"), "|---" * 8 + "|"]
     order = {rank: i for i, rank in enumerate(["edit", *RANKS])}
     rows = sorted(store.rows, key=lambda r: (TRAINING.index(r["method"]), order.get(r["rank"], len(order))))
     for r in rows[:1]:
@@ -77,27 +76,25 @@ def table(store) -> str:
     measured = {(r["method"], r["rank"]) for r in rows if store.has(**r)}
     missing = {m: [rank for rank in ["edit", *RANKS] if (m, rank) not in measured] for m in TRAINING}
     settings = "; ".join(f"{m}: {METHODS[m].get('config', 'defaults')}" for m in TRAINING)
-    lines += ["", f"Forget set: {', '.join(CONCEPTS)}. Each method erases once; its full edit and the LoRA that "
-              "`--lora RANK` writes of it (SVD of each edited Linear/Conv weight's delta, scale 1; biases and norm "
-              "weights are not LoRA-able and left out) are evaluated against the unedited model with the methods "
-              f"table's settings but one seed: mini CLIP judge, {SETTINGS['prompts_per_concept']} held-out prompts per "
-              f"concept, seed {', '.join(map(str, SETTINGS['seeds']))}, {SETTINGS['steps']} steps DPM-Solver++, guidance "
-              f"{SETTINGS['guidance_scale']}, the same prompts and seeds in every row; brackets: 95% bootstrap intervals "
-              "(1000 resamplings, seed 0). Norm left out: "
-              "the Frobenius norm of what the LoRA does not hold over the edit's (the SVD tail / biases and norms; "
-              "squares add). Method settings: " + settings + " (presets in configs/).",
-              "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_lora.py` (one CPU thread; each evaluation takes "
-              "minutes)."]
+    protocol = (f"{model_sentence()} Forget set: {', '.join(CONCEPTS)}. Each method erases once; its full edit and the "
+                "LoRA that `--lora RANK` writes of it (SVD of each edited Linear/Conv weight's delta, scale 1; biases "
+                "and norm weights are not LoRA-able and left out) are evaluated against the unedited model with the "
+                f"methods table's settings but one seed: {evaluation_words(SETTINGS)}, the same prompts and seeds in "
+                "every row; columns as in the methods table. Norm left out: the Frobenius norm of what the LoRA does "
+                "not hold over the edit's (the SVD tail / biases and norms; squares add). LoRA file: its size and "
+                f"the number of layers it holds. Method settings: {settings} (presets in erase/configs/).")
     todo = [todo_line(m, ranks) for m, ranks in missing.items() if ranks]
-    return "\n".join(lines + (["", "Not measured yet (stopped for lack of session time): " + "; ".join(todo) + "."]
-                              if todo else []))
+    return section_body(["\n".join(lines)], protocol,
+                        f"`{REPRODUCE}` (one CPU thread; each evaluation takes minutes; `--table`: only rewrite this "
+                        "section from docs/lora-mini.json).",
+                        [*store.stale_note(REPRODUCE), *([f"_Not measured yet: {'; '.join(todo)}._"] if todo else [])])
 
 
 def todo_line(method: str, ranks: list[str]) -> str:
     """The rows of a method still to measure, and the command that measures them."""
     names = ", ".join("full edit" if r == "edit" else f"rank {r}" for r in ranks)
-    command = f"python scripts/bench_lora.py --methods {method} --ranks {','.join(r for r in ranks if r != 'edit')}"
-    return f"{method} ({names}): `HF_HUB_OFFLINE=1 {command.removesuffix(' --ranks ')}`"
+    command = f"{REPRODUCE} --methods {method} --ranks {','.join(r for r in ranks if r != 'edit')}"
+    return f"{method} ({names}): `{command.removesuffix(' --ranks ')}`"
 
 
 def main() -> None:
@@ -105,13 +102,14 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(TRAINING), help="comma-separated training methods")
     parser.add_argument("--ranks", default=",".join(RANKS), help="comma-separated LoRA ranks, or full")
     parser.add_argument("--again", action="store_true", help="measure rows already in docs/lora-mini.json again")
-    parser.add_argument("--table", action="store_true", help="only rewrite the section from docs/lora-mini.json")
+    parser.add_argument("--table", action="store_true", help="only rewrite the section from docs/lora-mini.json; measure nothing")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from benchmarks_md import RowStore, mini_model, update_section
 
     from erase.lora import parse_rank
+
+    from .benchmarks_md import RowStore, mini_model, update_section
 
     torch.set_num_threads(1)
     ranks = [parse_rank(r) for r in args.ranks.split(",")]

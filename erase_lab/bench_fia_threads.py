@@ -1,6 +1,6 @@
 """FIA's statistics and masks on two CPU threads and on one, idle and beside a competing process (SD1.5 architecture).
 
-    python scripts/bench_fia_threads.py [--repeats 3]
+    python -m erase_lab.bench_fia_threads [--repeats 3]
 
 The evidence for CaptureSettings.statistics_threads (default 1: FIA's statistics and masks on one CPU thread while
 the UNet keeps torch's count): both are memory-bound element-wise work and selections, and on a busy machine each
@@ -16,13 +16,10 @@ Writes the section "FIA statistics: threads" of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 SECTION = "FIA statistics: threads (SD1.5 architecture, random weights, CPU)"
 STEPS = 10
 
@@ -102,27 +99,36 @@ def cell(seconds: float, work: str) -> str:
 
 
 def report(idle: dict, loaded: dict, repeats: int, masked: int, commit: str) -> str:
+    from .benchmarks_md import section_body
+
     lines = ["| work | idle: 2 threads | idle: 1 thread | beside a competing process: 2 threads | 1 thread |",
              "|---|---|---|---|---|"]
     for work, label in (("statistics", "statistics of one UNet call (16 ff.net.2 inputs)"),
                         ("masks", "one concept's masks and noise fill (16 ff.net.2 weights, T = 10)")):
         values = [run[f"{work}, {threads}"] for run in (idle, loaded) for threads in (2, 1)]
         lines.append(f"| {label} | " + " | ".join(cell(v, work) for v in values) + " |")
-    settings = (f"Each cell: the mean of {repeats} repetitions after a warm-up, in one process; '1 thread' runs "
-                "inside erase.capture.cpu_threads, as erase() does with its default statistics_threads=1; the "
-                "competing process is one one-thread matrix product (the FIA scoring cost's load process). "
-                f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, commit {commit}. Statistics: the 16 "
-                "ff.net.2 inputs of one real UNet call (256 px, 2 prompt pairs with CFG); masks: statistics drawn at "
-                f"random with 30% of the columns excited, {masked:,} weights masked.")
-    return "\n".join([*lines, "", settings, "Reproduce: `python scripts/bench_fia_threads.py`"])
+    measured = f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, commit {commit}"
+    return section_body(["\n".join(lines)], protocol(repeats, masked, measured),
+                        "`python -m erase_lab.bench_fia_threads` (its idle columns on an otherwise idle machine).")
+
+
+def protocol(repeats: int, masked: int, measured: str) -> str:
+    """How the cells were measured; `measured`: torch's version, the date and the commit."""
+    from .bench_fia_cost import MODEL_WORDS
+
+    return (f"Model: {MODEL_WORDS}, on a CPU. Each cell: the mean of {repeats} repetitions after a "
+            "warm-up, in one process; '1 thread' runs inside erase.capture.cpu_threads, as erase() does with its default "
+            "statistics_threads=1; the competing process is one one-thread matrix product (the FIA scoring cost's load "
+            f"process). {measured}. Statistics: the 16 ff.net.2 inputs of one real UNet call (256 px, 2 prompt pairs "
+            f"with CFG); masks: statistics drawn at random with 30% of the columns excited, {masked:,} weights masked.")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    from bench_fia_cost import commit, sd15_pipeline, under_load
-    from benchmarks_md import update_section
+    from .bench_fia_cost import commit, sd15_pipeline, under_load
+    from .benchmarks_md import update_section
 
     works = workloads(sd15_pipeline())
     idle = measure(works, args.repeats)

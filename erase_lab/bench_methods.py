@@ -1,12 +1,14 @@
 """Every registered method on the miniature world: forget sets of 1, 3 and 10 concepts that mix kinds, fixed seeds.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_methods.py            # the method table and plot (2 CPU cores; hours: each
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods            # the method table and plot (2 CPU cores; hours: each
                                                                 # evaluation has three seeds; --sizes 1 --methods fia: a part)
-    HF_HUB_OFFLINE=1 python scripts/bench_methods.py scaling    # FIA wall time and peak memory, 1 to 100 concepts
-    HF_HUB_OFFLINE=1 python scripts/bench_methods.py sweep      # FIA r2 x alpha on the 3-concept set
-    HF_HUB_OFFLINE=1 python scripts/bench_methods.py attack     # prompt attack success rate beside forgetting and
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods scaling    # FIA wall time and peak memory, 1 to 100 concepts
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods sweep      # FIA r2 x alpha on the 3-concept set
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods attack     # prompt attack success rate beside forgetting and
                                                                 # retention (--sizes 1,3 --methods fia,uce: a part)
-    python scripts/bench_methods.py plot                        # redraw the plot from docs/methods-mini.json
+    python -m erase_lab.bench_methods plot                        # redraw the plot from docs/methods-mini.json
+    python -m erase_lab.bench_methods sweep --table               # rewrite a section (table, sweep, attack) from
+                                                                # its rows, measuring nothing
 
 Each run (method, forget set) is its own process, so its peak memory is its own. Sections of BENCHMARKS.md:
 "Miniature world: methods" (rows kept in docs/methods-mini.json as they finish), "Miniature world: FIA scaling",
@@ -27,15 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from erase.evaluation import MINI_GUIDANCE
+from .mini_gates import MINI_GUIDANCE
 
-sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parent.parent
 PLOT = ROOT / "docs" / "methods-mini.png"
 FORGET_SETS = {1: ["church"], 3: ["church", "van gogh", "nudity"],
                10: ["church", "golf ball", "parachute", "tench", "garbage truck", "van gogh", "claude monet",
                     "pablo picasso", "andy warhol", "nudity"]}
-METHODS = {  # method → preset or settings used on the mini world (presets in configs/)
+METHODS = {  # method → preset or settings used on the mini world (presets in erase/configs/)
     "fia": {"fill": "zeros"},  # the masking methods as published (fills compared in bench_revival.py)
     "conceptprune": {"fill": "zeros"},
     "uce": {},
@@ -50,12 +51,16 @@ EVAL = {"prompts_per_concept": 4, "seeds": [0, 1, 2], "steps": 25, "guidance_sca
 LIGHT_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance_scale": MINI_GUIDANCE, "max_retain": 4,
                "max_cross_retain": 2}
 ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "guidance_scale": MINI_GUIDANCE}
+ATTACK_SIZES = (1, 3)  # forget sets the prompt attack runs on
 ATTACK_ROWS = ROOT / "docs" / "attack-mini.json"
-REPRODUCE = "HF_HUB_OFFLINE=1 python scripts/bench_methods.py"
+SWEEP_ROWS = ROOT / "docs" / "sweep-mini.json"
+SECTIONS = {"table": "Miniature world: methods", "scaling": "Miniature world: FIA scaling",
+            "sweep": "Miniature world: FIA r2/alpha sweep", "attack": "Miniature world: prompt attack"}
+REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods"
 # The original model's images, shared by every run (evaluate() keys them by model, prompts and seeds): each method's
 # evaluation then generates only its erased side. Its training data stays cold (a fresh cache per run), as timed.
 ORIGINALS = Path(tempfile.gettempdir()) / "erase-bench-originals"
-# A training run's checkpoints, one folder per row: a stopped row (session end, Ctrl-C) resumes where it stopped.
+# A training run's checkpoints, one folder per row: a stopped row (Ctrl-C, a machine shut down) resumes where it stopped.
 CHECKPOINTS = Path(tempfile.gettempdir()) / "erase-bench-checkpoints"
 
 
@@ -112,7 +117,7 @@ def in_subprocess(method: str, concepts: list[str], settings: dict, evaluation: 
     args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluation": evaluation,
                        "attack": attack})
     with tempfile.TemporaryDirectory(prefix="erase-bench-") as cache:  # cold: sampling the data is part of the cost
-        out = subprocess.run([sys.executable, __file__, "one", args], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", __spec__.name, "one", args], capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "ERASE_CACHE": cache})
     if out.returncode != 0:
         raise SystemExit(f"{method} on {concepts} failed:\n{out.stderr[-3000:]}")
@@ -121,9 +126,23 @@ def in_subprocess(method: str, concepts: list[str], settings: dict, evaluation: 
 
 def methods_store(model: str):
     """The methods table's rows (docs/methods-mini.json), one per method and forget set."""
-    from benchmarks_md import RowStore
+    from .benchmarks_md import RowStore
 
     return RowStore(PLOT.with_suffix(".json"), ("method", "concepts"), model, MINI_GUIDANCE)
+
+
+def sweep_store(model: str):
+    """The r2/alpha sweep's rows (docs/sweep-mini.json), one per setting."""
+    from .benchmarks_md import RowStore
+
+    return RowStore(SWEEP_ROWS, ("r2", "alpha"), model, MINI_GUIDANCE)
+
+
+def attack_store(model: str):
+    """The prompt attack's rows (docs/attack-mini.json), one per method and forget set."""
+    from .benchmarks_md import RowStore
+
+    return RowStore(ATTACK_ROWS, ("method", "concepts"), model, MINI_GUIDANCE)
 
 
 def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
@@ -132,7 +151,7 @@ def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
     row lands in docs/methods-mini.json and the section as it finishes."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from benchmarks_md import update_section
+    from .benchmarks_md import update_section
 
     store = methods_store(model)
     jobs = [(m, FORGET_SETS[n], METHODS[m]) for m in methods for n in sizes
@@ -141,19 +160,19 @@ def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
         for finished in as_completed([pool.submit(in_subprocess, *job) for job in jobs]):
             row = finished.result()
             store.put(row)
-            update_section("Miniature world: methods", table(store))
+            update_section(SECTIONS["table"], table(store))
             print(row["method"], len(row["concepts"]), row["summary"]["forgetting_accuracy"], flush=True)
     plot(store)
     return table(store)
 
 
 def table(store) -> str:
-    from benchmarks_md import RowStore
+    from .benchmarks_md import model_sentence, not_measured, section_body
 
-    attacks = RowStore(ATTACK_ROWS, ("method", "concepts"), store.model, MINI_GUIDANCE)
-    lines = [*store.stale_note(REPRODUCE), "| method | forget set | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | "
-             "generality ↓ | attack success rate ↓ | CLIP score | paired similarity | KID (neutral) ↓ | weights edited | "
-             "wall time | peak memory |", "|---" * 14 + "|"]
+    attacks = attack_store(store.model)
+    lines = [("| method | forget set | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | "
+              "generality ↓ | attack success rate ↓ | CLIP score | paired similarity | KID (neutral) ↓ | weights edited | "
+              "wall time | peak memory |"), "|---" * 14 + "|"]
     firsts = {}
     rows = sorted(store.rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
     for r in rows:
@@ -172,25 +191,38 @@ def table(store) -> str:
                      f"{r['edited']} | {r['seconds']:.0f} s{' †' if r.get('resumed_from_step') else ''} | "
                      f"{r['peak_memory_mb']:.0f} MB |")
     settings = "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}" for m, s in METHODS.items())
-    missing = missing_rows(store)
-    lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items()) + ". Retain: "
-              "the catalog's other concepts of the erased kinds (in-kind, at most 10 per kind) and of each other kind "
-              "but explicit (cross-kind, at most 3 per kind; – when the forget set spans every kind). Evaluation: mini "
-              f"CLIP judge, {EVAL['prompts_per_concept']} held-out prompts per concept, seeds "
-              f"{', '.join(map(str, EVAL['seeds']))}, {EVAL['steps']} steps DPM-Solver++, guidance "
-              f"{EVAL['guidance_scale']}; brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0); "
-              "overall = harmonic mean of 1 − forgetting accuracy, in-kind and cross-kind retain accuracy; KID: "
-              "kernel inception distance between the original and erased images of the neutral prompts, on the "
-              "judge's features (0: same distribution); attack success rate: from the prompt attack table below "
-              "(an erasure with the same settings and seed, with its own lighter evaluation; – where not measured: "
-              f"forget sets 1 and 3 only). Method settings: {settings} (presets in configs/). Wall time is erasure only "
-              "(capture or training, data sampling included), one thread, two runs at a time on a 2-core CPU (†: a "
-              "training run stopped and resumed from its checkpoint; the stopped attempts' training time is added); "
-              "peak memory is the run's process peak RSS.",
-              "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
-              "", f"Reproduce: `{REPRODUCE}` (measures the rows not yet measured on the shipped model; `--sizes 1 "
-              "--methods fia,esd`: a part); plot: docs/methods-mini.png (redrawn as rows land)"]
-    return "\n".join(lines)
+    protocol = (f"{model_sentence()} Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items())
+                + ". Retain: the catalog's other concepts of the erased kinds (in-kind, at most 10 per kind) and of each "
+                "other kind but explicit (cross-kind, at most 3 per kind; – when the forget set spans every kind). "
+                f"Evaluation: {evaluation_words(EVAL)}; the unedited row is the original model on the same prompts and "
+                "seeds. Forgetting: the share of the forget prompts' images the judge reads as the erased concept "
+                "(among the concept's alternatives); retain: the share of the retained concepts' images it reads right; "
+                "overall: harmonic mean of 1 − forgetting, in-kind and cross-kind retain; generality: forgetting on "
+                "paraphrased prompts; CLIP score: the judge's image-text score of the erased images of the retained "
+                "and neutral prompts; paired similarity: the judge's cosine similarity of each such original and erased "
+                "image (same prompt and seed); KID: kernel inception distance between the original and erased images "
+                "of the neutral prompts, on the judge's features (0: same distribution); attack success rate: the "
+                f"prompt attack table's (forget sets 1 and 3 only). Method settings: {settings} (presets in "
+                "erase/configs/; none of the baselines' settings was tuned on mini-2: the -mini presets were set on "
+                "an earlier, smaller miniature model, so their retention here is the presets', not the methods'). "
+                "Wall time is erasure only (capture or training, data sampling included), one thread, two runs at a "
+                "time on a 2-core CPU (†: a training run stopped and resumed from its checkpoint; the stopped attempts' "
+                "training time is added); peak memory is the run's process peak RSS.")
+    reproduce = (f"`{REPRODUCE}` measures the rows not yet measured on the shipped model (`--sizes 1 --methods "
+                 "fia,esd`: a part; `--table`: only rewrite this section from docs/methods-mini.json); the plot "
+                 "docs/methods-mini.png is redrawn as rows land.")
+    return section_body(["\n".join(lines)], protocol, reproduce,
+                        [*store.stale_note(REPRODUCE), *not_measured(missing_rows(store))])
+
+
+def evaluation_words(e: dict) -> str:
+    """How an evaluation setting generates and judges: prompts, seeds, sampler, guidance, judge, intervals."""
+    retained = (f", at most {e['max_retain']} in-kind and {e['max_cross_retain']} cross-kind retained concepts per kind"
+                if "max_retain" in e else "")
+    seeds = f"seed{'s' * (len(e['seeds']) > 1)} {', '.join(map(str, e['seeds']))}"
+    return (f"erase.evaluate with the mini CLIP judge, {e['prompts_per_concept']} held-out prompts per concept × {seeds}"
+            f"{retained}, {e['steps']} steps DPM-Solver++, guidance "
+            f"{e['guidance_scale']:g}; brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0)")
 
 
 def missing_rows(store) -> list[str]:
@@ -242,11 +274,19 @@ def scaling() -> str:
         r = in_subprocess("fia", [f"object:{v}" for v in variants[:n]], {"prompts_per_concept": 6}, evaluation=None)
         lines.append(f"| {n} | {r['seconds']:.1f} s | {r['seconds'] / n:.2f} s | {r['peak_memory_mb']:.0f} MB |")
         print(lines[-1], flush=True)
-    lines += ["", "FIA defaults with 6 prompt pairs per concept, one thread; concepts are the world's objects, "
-              "artists and their pairings, all as kind `object`. Time grows linearly with the number of concepts (captures are "
-              "per concept; base prompts shared by a kind are captured once); memory stays flat (masks fuse by "
-              "streaming votes).", "", "Reproduce: `HF_HUB_OFFLINE=1 python scripts/bench_methods.py scaling`"]
-    return "\n".join(lines)
+    return scaling_section("\n".join(lines))
+
+
+def scaling_section(table: str) -> str:
+    from .benchmarks_md import model_sentence, section_body
+
+    protocol = (f"{model_sentence()} FIA defaults with 6 prompt pairs per concept, one thread; concepts are the world's "
+                "objects, artists and their pairings, all as kind `object`; wall time is erase() alone in a process of "
+                "its own, peak memory that process's peak RSS. Time grows linearly with the number of concepts "
+                "(captures are per concept; base prompts shared by a kind are captured once); memory stays flat (masks "
+                "fuse by streaming votes). The 2-core machine's speed varies between runs, so compare these figures "
+                "within one run only.")
+    return section_body([table], protocol, f"`{REPRODUCE} scaling` (alone on the machine).")
 
 
 SWEEP = [(r2, alpha) for r2 in (0.003, 0.01, 0.03, 0.1) for alpha in (0.4, 0.6, 0.8)]
@@ -255,26 +295,21 @@ SWEEP = [(r2, alpha) for r2 in (0.003, 0.01, 0.03, 0.1) for alpha in (0.4, 0.6, 
 def sweep(model: str) -> None:
     """FIA on the 3-concept forget set at each (r2, alpha) not yet measured on this model; each row lands in
     docs/sweep-mini.json and the section as it finishes (a stopped sweep keeps its rows)."""
-    from benchmarks_md import RowStore, update_section
+    from .benchmarks_md import update_section
 
-    store = RowStore(ROOT / "docs" / "sweep-mini.json", ("r2", "alpha"), model, MINI_GUIDANCE)
+    store = sweep_store(model)
     for r2, alpha in SWEEP:
         if not store.has(r2=r2, alpha=alpha):
             settings = {**METHODS["fia"], "r2": r2, "alpha": alpha}
             store.put({"r2": r2, "alpha": alpha, **in_subprocess("fia", FORGET_SETS[3], settings, LIGHT_EVAL)})
-            update_section("Miniature world: FIA r2/alpha sweep", sweep_table(store))
+            update_section(SECTIONS["sweep"], sweep_table(store))
             print(r2, alpha, store.get(r2=r2, alpha=alpha)["summary"]["forgetting_accuracy"], flush=True)
 
 
-def light_evaluation() -> str:
-    e = LIGHT_EVAL
-    return (f"{e['prompts_per_concept']} held-out prompts per concept, seeds {', '.join(map(str, e['seeds']))}, at most "
-            f"{e['max_retain']} in-kind and {e['max_cross_retain']} cross-kind retained concepts per kind")
-
-
 def sweep_table(store) -> str:
-    lines = [*store.stale_note(f"{REPRODUCE} sweep"),
-             ("| r2 | alpha | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | paired similarity | "
+    from .benchmarks_md import model_sentence, not_measured, section_body
+
+    lines = [("| r2 | alpha | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | paired similarity | "
               "weights edited |"), "|---" * 8 + "|"]
     for i, r in enumerate(sorted(store.rows, key=lambda r: (r["r2"], r["alpha"]))):
         s = r["summary"]
@@ -285,36 +320,41 @@ def sweep_table(store) -> str:
                      f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} "
                      f"| {s['paired_similarity']:.3f} | {r['edited']} |")
     missing = [f"r2 {r2} alpha {alpha}" for r2, alpha in SWEEP if not store.has(r2=r2, alpha=alpha)]
-    lines += ["", f"FIA ({METHODS['fia']}) on the forget set {', '.join(FORGET_SETS[3])}; defaults r2 0.01, alpha 0.6. "
-              f"Evaluation lighter than the methods table's (twelve erasures): mini CLIP judge, {light_evaluation()}, "
-              f"{LIGHT_EVAL['steps']} steps DPM-Solver++, guidance {LIGHT_EVAL['guidance_scale']}; brackets: 95% "
-              "bootstrap intervals.",
-              "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
-              "", f"Reproduce: `{REPRODUCE} sweep` (measures the rows not yet measured on the shipped model)"]
-    return "\n".join(lines)
+    fia = ", ".join(f"{k}={v}" for k, v in METHODS["fia"].items())
+    protocol = (f"{model_sentence()} FIA ({fia}) on the forget set {', '.join(FORGET_SETS[3])} at each r2 (a concept "
+                "mask's sparsity: a weight must be in its row's and its layer's top r2) and alpha (a weight in at least "
+                "ceil(alpha · C) of the C concept masks is concept-agnostic and kept); FIA's defaults are r2 0.01, "
+                f"alpha 0.6. Evaluation, lighter than the methods table's (twelve erasures): {evaluation_words(LIGHT_EVAL)}. "
+                "Columns as in the methods table.")
+    return section_body(["\n".join(lines)], protocol,
+                        f"`{REPRODUCE} sweep` measures the rows not yet measured on the shipped model (`--table`: only "
+                        "rewrite this section from docs/sweep-mini.json).",
+                        [*store.stale_note(f"{REPRODUCE} sweep"), *not_measured(missing)])
 
 
 def attack_table(sizes: list[int], methods: list[str], model: str) -> str:
     """Prompt attack success rate per method and forget set, beside forgetting and retention; rows run one at a
     time and are kept in docs/attack-mini.json as they finish (a part measured later joins them)."""
-    from benchmarks_md import RowStore, update_section
+    from .benchmarks_md import update_section
 
-    store = RowStore(ATTACK_ROWS, ("method", "concepts"), model, MINI_GUIDANCE)
+    store = attack_store(model)
     for n in sizes:
         for method in methods:
             if store.has(method=method, concepts=FORGET_SETS[n]):
                 continue
             row = in_subprocess(method, FORGET_SETS[n], METHODS[method], LIGHT_EVAL, attack=True)
             store.put(row)
-            update_section("Miniature world: prompt attack", attack_markdown(store))
+            update_section(SECTIONS["attack"], attack_markdown(store))
             print(method, n, row["attack"]["metrics"]["summary"], flush=True)
     return attack_markdown(store)
 
 
 def attack_markdown(store) -> str:
-    lines = [*store.stale_note(f"{REPRODUCE} attack"), "| method | forget set | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
-             "original, same prompts | anchor (original) | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | "
-             "attack time |", "|---" * 11 + "|"]
+    from .benchmarks_md import model_sentence, not_measured, section_body
+
+    lines = [("| method | forget set | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
+              "original, same prompts | anchor (original) | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | "
+              "attack time |"), "|---" * 11 + "|"]
     rows = sorted(store.rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
     for r in rows:
         a, s = r["attack"]["metrics"]["summary"], r["summary"]
@@ -323,30 +363,27 @@ def attack_markdown(store) -> str:
                      f"{_ci(a, 'original')} | {_ci(a, 'anchor')} | {_ci(s, 'forgetting_accuracy')} | "
                      f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | "
                      f"{r['attack']['settings']['attack_s']:.0f} s |")
-    missing = [f"{m} on {n}" for n in FORGET_SETS if n != 10 for m in METHODS
-               if not store.has(method=m, concepts=FORGET_SETS[n])]
+    missing = [f"{m} on {n}" for n in ATTACK_SIZES for m in METHODS if not store.has(method=m, concepts=FORGET_SETS[n])]
     budget = rows[0]["attack"]["settings"] if rows else {}
-    lines += ["", "Forget sets: " + "; ".join(f"{n}: {', '.join(FORGET_SETS[n])}" for n in (1, 3)) + ". Attack: "
-              f"`prompt` ({budget.get('tokens')} appended tokens, {budget.get('steps')} steps, lr {budget.get('lr')}, "
-              f"{budget.get('timesteps')} timestep a step, attack seed {budget.get('seed')}) on the first "
-              f"{ATTACK['prompts_per_concept']} held-out prompts of each erased concept × seeds "
-              f"{', '.join(map(str, ATTACK['seeds']))}, images {budget.get('sample_steps')} steps DPM-Solver++, "
-              f"guidance {ATTACK['guidance_scale']}; attack success rate = share of the attacked prompts for which the "
-              "erased model draws the concept (the mini judge's class among the concept's alternatives) from the "
-              "prompt as it is or with the words found; beside it, the attacked prompts alone, the same prompts and "
-              "seeds without the attack (erased), on the original model, and the original model drawing each "
-              "concept's anchor. Forgetting and retention: the evaluator with "
-              f"{light_evaluation()}. Method settings as in the "
-              "methods table. Brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0). One run "
-              "at a time, one thread, on a 2-core machine shared with other jobs.",
-              "", "Reading it: attack success rate ≥ erased by construction (a prompt that already works is kept); "
-              "the attack adds something where it exceeds erased, and its words hurt where the attacked prompts "
-              "alone fall below erased. Anchor is the judge's floor: what it calls the concept where there is none.",
-              *[f"\n{r['method']} on {len(r['concepts'])}: {r['note']}." for r in rows if r.get("note")],
-              "", "Not measured yet: " + (", ".join(missing) if missing else "none") + ".",
-              "", "Reproduce: `HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/bench_methods.py attack` (every row; "
-              "`--sizes 3 --methods esd,salun` measures a part and keeps the rows already in docs/attack-mini.json)"]
-    return "\n".join(lines)
+    protocol = (f"{model_sentence()} Forget sets: " + "; ".join(f"{n}: {', '.join(FORGET_SETS[n])}" for n in ATTACK_SIZES)
+                + f". Attack: `prompt` ({budget.get('tokens')} appended tokens, {budget.get('steps')} steps, lr "
+                f"{budget.get('lr')}, {budget.get('timesteps')} timestep a step, attack seed {budget.get('seed')}) on "
+                f"the first {ATTACK['prompts_per_concept']} held-out prompts of each erased concept × seeds "
+                f"{', '.join(map(str, ATTACK['seeds']))}, images {budget.get('sample_steps')} steps DPM-Solver++, "
+                f"guidance {ATTACK['guidance_scale']:g}. Attack success rate: the share of the attacked prompts for "
+                "which the erased model draws the concept (the mini judge's class among the concept's alternatives) "
+                "from the prompt as it is or with the words found; beside it, the attacked prompts alone, the same "
+                "prompts and seeds without the attack (erased), on the original model, and the original model drawing "
+                "each concept's anchor. Attack success rate ≥ erased by construction (a prompt that already works is "
+                "kept); the attack adds something where it exceeds erased, and its words hurt where the attacked "
+                "prompts alone fall below erased; anchor is the judge's floor, what it calls the concept where there "
+                f"is none. Forgetting and retention: {evaluation_words(LIGHT_EVAL)}. Method settings as in the methods "
+                "table. One run at a time, one thread, on a 2-core machine shared with other jobs.")
+    reproduce = ("`HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m erase_lab.bench_methods attack` measures "
+                 "every row not yet measured (`--sizes 3 --methods esd,salun`: a part, keeping the rows already in "
+                 "docs/attack-mini.json; `--table`: only rewrite this section from them).")
+    return section_body(["\n".join(lines)], protocol, reproduce,
+                        [*store.stale_note(f"{REPRODUCE} attack"), *not_measured(missing)])
 
 
 def main() -> None:
@@ -355,9 +392,11 @@ def main() -> None:
     parser.add_argument("job", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help="table, attack: forget-set sizes to measure (default 1,3,10; attack: 1,3)")
     parser.add_argument("--methods", default=",".join(METHODS), help="table, attack: methods to measure (default all)")
+    parser.add_argument("--table", action="store_true",
+                        help="table, sweep, attack: only rewrite the section from the rows kept in docs/; measure nothing")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from benchmarks_md import mini_model, update_section
+    from .benchmarks_md import mini_model, update_section
 
     sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else None
     methods = args.methods.split(",")
@@ -368,16 +407,30 @@ def main() -> None:
     if args.part == "one":
         job = json.loads(args.job)
         print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job["attack"])))
+    elif args.table:
+        rewrite_section(args.part, mini_model())
     elif args.part == "plot":  # redraw from the rows kept
         plot(methods_store(mini_model()))
     elif args.part == "scaling":
-        update_section("Miniature world: FIA scaling", scaling())
+        update_section(SECTIONS["scaling"], scaling())
     elif args.part == "attack":
-        print(attack_table(sizes or [1, 3], methods, mini_model()))
+        print(attack_table(sizes or list(ATTACK_SIZES), methods, mini_model()))
     elif args.part == "sweep":
         sweep(mini_model())
     else:
         print(methods_table(sizes or list(FORGET_SETS), methods, mini_model()))
+
+
+def rewrite_section(part: str, model: str) -> None:
+    """--table: the part's section again from the rows kept, measuring nothing."""
+    from .benchmarks_md import update_section
+
+    renders = {"table": (methods_store, table), "sweep": (sweep_store, sweep_table), "attack": (attack_store, attack_markdown)}
+    if part not in renders:
+        raise SystemExit(f"--table: {part} keeps no rows; it rewrites the section of {', '.join(renders)}")
+    store, render = renders[part]
+    update_section(SECTIONS[part], render(store(model)))
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,183 @@
+"""Write one section of BENCHMARKS.md, leaving the sections other modules own untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from erase.export import replace_section
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+# The sections in the order the file keeps them, each with what it tells a reader; a new section is appended.
+SECTIONS = {
+    "Miniature world: methods": "every method on forget sets of 1, 3 and 10 concepts: the table to choose a method by",
+    "Miniature world: prompt attack": "how often a prompt attack brings an erased concept back, per method",
+    "Miniature world: revival": "the revival attack on FIA's and ConceptPrune's pruned weights, zeros against noise",
+    "Miniature world: LoRA rank": "how much of each training method's erasure its LoRA file keeps, by rank",
+    "Miniature world: FIA r2/alpha sweep": "FIA's two mask settings on a three-concept forget set",
+    "Miniature world: FIA scaling": "FIA's wall time and memory for 1 to 100 concepts",
+    "Miniature world: erasure gates": "FIA's gates: each Imagenette class alone, the ten at once, van gogh and nudity",
+    "FIA scoring cost (SD1.5 architecture, random weights, CPU)": "FIA's time and memory against plain inference",
+    "FIA statistics: threads (SD1.5 architecture, random weights, CPU)": "why FIA's statistics run on one thread",
+    "FIA across processes (mini model, 10 concepts, CPU)": "FIA on one process against two",
+    "Miniature world": "the miniature model's quality and knowledge gates, and how it was trained",
+    "Miniature world: the judge on bare places and clothed persons": "what a perfect erasure still scores under the "
+                                                                     "mini judge",
+    "Package": "the wheel's size and its largest files",
+}
+
+
+def anchor(title: str) -> str:
+    """The link GitHub gives the heading `## {title}`."""
+    return "#" + re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+# A word that starts a list item, a heading or a quote when a line starts with it.
+MARKDOWN_MARKER = re.compile(r"[-+*>]|#{1,6}|\d{1,9}[.)]")
+
+
+def wrapped(paragraph: str, width: int = 120) -> str:
+    """`paragraph` in lines of at most about `width` characters; a word Markdown would read as a marker at the start of
+    a line stays at the end of the line before."""
+    lines: list[str] = []
+    for word in paragraph.split():
+        if lines and (len(lines[-1]) + 1 + len(word) <= width or MARKDOWN_MARKER.fullmatch(word)):
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+HEADER = "\n".join([
+    "# Benchmarks", "",
+    wrapped("What erase measures, one section per benchmark: its table(s), one paragraph on how they were measured "
+            "(model, prompts, seeds, sampler, guidance, judge, what each column means), and the command that measures "
+            "them again from a checkout, `python -m erase_lab.<module>`, which rewrites its section. Why the presets "
+            "and the miniature world are what they are, and what each trial showed: "
+            "[docs/rationale.md](docs/rationale.md)."), "",
+    *[f"- [{title}]({anchor(title)}): {about}" for title, about in SECTIONS.items()], ""])
+
+
+@contextlib.contextmanager
+def turn(path: Path):
+    """Hold the lock file beside `path`: modules run side by side take turns at reading and rewriting it."""
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the section `## {title}` with `body`, atomically; modules run side by side take turns,
+    so neither loses the other's section."""
+    with turn(path):
+        text = path.read_text() if path.exists() else HEADER
+        write_atomically(path, replace_section(text, title, body))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file beside `path`, then rename: a stopped script never leaves half a file. The
+    file gets the permissions a plain write would give it (mkstemp's are owner-only)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+class RowStore:
+    """A benchmark's measured rows, kept in a JSON file as each lands (a long run stopped early keeps what it
+    measured; a later run measures only what is missing). `key` names the fields that identify a row; each row is
+    stamped with `model`, the fingerprint of the UNet it was measured on, and with `guidance` where the benchmark
+    samples images. A row stamped otherwise counts as missing (it is shown, marked, until measured again).
+    path None keeps the rows in memory only: a print-only run shows what it measured, never the recorded rows."""
+
+    def __init__(self, path: Path | None, key: tuple[str, ...], model: str, guidance: float | None = None):
+        self.path, self.key, self.model = path, key, model
+        self.stamp = {"model": model} | ({} if guidance is None else {"guidance": guidance})
+        self.rows: list[dict] = json.loads(path.read_text()) if path and path.is_file() else []
+
+    def identity(self, row: dict) -> tuple:
+        return tuple(json.dumps(row[k], sort_keys=True) for k in self.key)
+
+    def current(self, row: dict) -> bool:
+        """Whether `row` was measured on this model at this guidance."""
+        return all(row.get(k) == v for k, v in self.stamp.items())
+
+    def get(self, **fields) -> dict | None:
+        """The row with these key fields measured on this model (at this guidance), if any."""
+        return next((r for r in self.rows if self.current(r) and self.identity(r) == self.identity(fields)), None)
+
+    def has(self, **fields) -> bool:
+        return self.get(**fields) is not None
+
+    def put(self, row: dict) -> None:
+        """Record `row` (measured on this model) in place of the one with the same key, atomically. The file is read
+        again first: rows another run of the same benchmark landed meanwhile are kept."""
+        row = {**row, **self.stamp}
+        if self.path is None:
+            self.rows = self.replaced(self.rows, row)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with turn(self.path):
+            landed = json.loads(self.path.read_text()) if self.path.is_file() else []
+            self.rows = self.replaced(landed, row)
+            write_atomically(self.path, json.dumps(self.rows, indent=1) + "\n")
+
+    def replaced(self, rows: list[dict], row: dict) -> list[dict]:
+        """`rows` with `row` in place of the one with its key."""
+        return [r for r in rows if self.identity(r) != self.identity(row)] + [row]
+
+    def stale_note(self, command: str) -> list[str]:
+        """A paragraph above the table when some rows were measured on another model, or at another guidance, than
+        now (none when every row is current)."""
+        stale = [r for r in self.rows if not self.current(r)]
+        if not stale:
+            return []
+        shipped = f"the shipped UNet {self.model.removeprefix('sha256:')[:12]}…"
+        if "guidance" in self.stamp:
+            shipped += f" at guidance {self.stamp['guidance']:g}"
+        return [(f"_{len(stale)} of these {len(self.rows)} rows were measured on an earlier mini model or at another "
+                 f"guidance (not {shipped}) and are marked †; `{command}` measures them again._")]
+
+    def mark(self, row: dict) -> str:
+        return "" if self.current(row) else " †"
+
+
+def mini_model() -> str:
+    """The fingerprint of the shipped mini model's UNet, which stamps the rows measured on it."""
+    from diffusers import UNet2DConditionModel
+
+    from erase.edits import fingerprint
+    from erase.models import MINI_PIPELINE_DIR
+
+    return fingerprint(UNet2DConditionModel.from_pretrained(MINI_PIPELINE_DIR / "unet"))
+
+
+def mini_version() -> str:
+    """The shipped mini model's version ("mini-2"), as its profile names it."""
+    from erase.profile import profile_of
+
+    return profile_of("mini").describe()
+
+
+def model_sentence(model: str | None = None) -> str:
+    """A protocol's first sentence: the model its rows were measured on (default: the shipped mini model)."""
+    return f"Model: {model or f'{mini_version()}, the shipped miniature model'}."
+
+
+def section_body(tables: list[str], protocol: str, reproduce: str, status: list[str] = ()) -> str:
+    """A section as every module writes it: what is stale or missing (if anything), its table(s), one paragraph on
+    how they were measured, then the command that measures them again; its prose in lines of about 120 characters."""
+    return "\n\n".join([*map(wrapped, status), *tables, wrapped(protocol), wrapped(f"Reproduce: {reproduce}")])
+
+
+def not_measured(missing: list[str]) -> list[str]:
+    """A status paragraph naming the rows not measured yet (none when every row is there)."""
+    return [f"_Not measured yet: {', '.join(missing)}._"] if missing else []
