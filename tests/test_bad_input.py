@@ -1,4 +1,4 @@
-"""Issue 11: every bad input is one line naming the fix (exit 2) before any work, nothing is left stray, nothing
+"""Every bad input is one line naming the fix (exit 2) before any work, nothing is left stray, nothing
 of the user's is lost, and concurrent runs on one --out are refused. The table is erase_lab/bad_inputs.py's."""
 
 import json
