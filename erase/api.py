@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from .errors import EraseError
 from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, nbytes, read_patch,
                      save_patch, write_json)
 from .lora import check_lora_method, lora_name, parse_rank, save_lora, to_lora
-from .methods import get_method
+from .methods import check_concepts, get_method
 from .models import check_pipeline, image_side, model_record
 from .profile import profile_of
 from .single_file import save_single_file, unsupported
@@ -63,6 +62,8 @@ class EraseResult:
                      f"{100 * total['edited_of_targets']:>6.3f}")
         lines.append(f"{self.method}: {len(self.concepts)} concept(s) in {self.record['timings']['total_s']:.1f} s, "
                      f"peak memory {self.record['peak_memory_mb']:.0f} MB ({self.record['peak_memory_kind']})")
+        if not total["edited"]:
+            lines.append("no weight changed in the model's dtype: this erasure is a no-op (the erased model is the base)")
         return "\n".join(lines)
 
     def save(self, out: str | Path, overwrite: bool = False, single_file: bool | None = None,
@@ -118,16 +119,16 @@ class EraseResult:
 
 def result_from_patch(pipe, patch: str | Path) -> EraseResult:
     """The result a saved patch stands for on `pipe` (its base), ready to save() as a full erased checkpoint."""
-    edit, metadata = read_patch(patch)
-    base = check_patch_base(pipe, patch, metadata)
-    concepts = concepts_from_record(json.loads(metadata.get("concepts", "[]")), f"the header of {patch}")
+    edit, header = read_patch(patch)
+    base = check_patch_base(pipe, patch, edit, header)
+    concepts = concepts_from_record(header["concepts"], f"the header of {patch}")
     record = {"erase_version": versions()["erase"], "applied_patch": str(patch), "model": model_record(pipe),
               "base_fingerprint": base,
               "catalog": profile_of(pipe).catalog,
-              "method": metadata.get("method"), "concepts": [c.as_dict() for c in concepts],
-              "patch_erase_version": metadata.get("erase_version"), "layers": edit.stats(), "timings": {},
+              "method": header["method"], "concepts": [c.as_dict() for c in concepts],
+              "patch_erase_version": header["erase_version"], "layers": edit.stats(), "timings": {},
               "versions": versions()}
-    return EraseResult(pipe, edit, metadata.get("method", "unknown"), None, concepts, record)
+    return EraseResult(pipe, edit, header["method"], None, concepts, record)
 
 
 def resolve_config(method: str, config=None, **overrides):
@@ -149,6 +150,7 @@ def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catal
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog or profile_of(pipe).catalog)
     concept_list = parse_concepts(concepts, catalog)
+    check_concepts(method, concept_list, cfg)
     check_prompts_fit(pipe.tokenizer, concept_list, catalog)
     image_side(pipe, getattr(cfg, "resolution", None))  # refused now rather than after a minute of work
     if torch.cuda.is_available():

@@ -160,7 +160,7 @@ def attack_run(args: argparse.Namespace) -> None:
     from .config import parse_settings
     from .evaluation import saved_erasure
     from .evaluation.judge import Judge
-    from .export import reserved
+    from .export import check_output_dir, reserved
 
     run_dir = Path(args.run)
     erasure = saved_erasure(run_dir)  # a damaged run, bad settings or a bad judge: refused before the model loads
@@ -168,10 +168,12 @@ def attack_run(args: argparse.Namespace) -> None:
     concepts = chosen_concepts(erasure.concepts, args.concepts)
     if args.clip:
         Judge.check(args.clip, args.clip_pretrained)
-    check_model_options(args)
+    model = model_paths(args, check_model_options(args))
     identity = {"base_fingerprint": erasure.base_fingerprint, "method": erasure.method,
                 "concepts": [c.as_dict() for c in erasure.concepts]}
     out = check_report_dir(Path(args.out) if args.out else run_dir / "report", identity)
+    check_output_dir(out, overwrite=True, reads={"the run folder": run_dir, **model, "--config": args.config},
+                     report_of=run_dir)
     with reserved(out, overwrite=True):
         report = attack(load_model(args), run_dir, concepts=[c.name for c in concepts], kind=args.kind, config=config,
                         clip=args.clip, clip_pretrained=args.clip_pretrained, progress=not args.quiet)
@@ -258,8 +260,8 @@ def apply_run(args: argparse.Namespace) -> None:
 
     _, metadata = read_patch(args.patch)  # a corrupt patch fails before the model loads
     check_lora_option(args, metadata.get("method"))
-    check_model_options(args)
-    out = check_output_dir(args.out, args.overwrite)
+    model = model_paths(args, check_model_options(args))
+    out = check_output_dir(args.out, args.overwrite, reads={"--patch": args.patch, **model})
     with reserved(out, args.overwrite):
         save_and_report(args, result_from_patch(load_model_to_export(args), args.patch), out)
     print(wrote(out))
@@ -310,6 +312,7 @@ def run(args: argparse.Namespace) -> Path:
     from .concepts import load_catalog, parse_concepts
     from .config import parse_settings
     from .export import check_output_dir, reserved
+    from .methods import check_concepts
     from .profile import profile_of
 
     settings = parse_settings(args.settings)
@@ -319,12 +322,15 @@ def run(args: argparse.Namespace) -> Path:
     check_lora_option(args, args.method)
     catalog = load_catalog(profile_of(args.model).catalog, extra=args.catalog)
     concepts = parse_concepts(args.concepts, catalog)  # fail on bad input before loading any model
-    check_model_options(args)
+    check_concepts(args.method, concepts, config)
+    model = model_paths(args, check_model_options(args))
     eval_settings = check_eval_options(args, catalog) if args.eval else {}
     if args.out is None:
         args.out = default_out(args.method, args.concepts)
         args.out.parent.mkdir(exist_ok=True)
-    out = check_output_dir(args.out, args.overwrite)
+    reads = {**model, "--config": args.config, "--catalog": args.catalog,
+             "checkpoint_dir": getattr(config, "checkpoint_dir", None)}
+    out = check_output_dir(args.out, args.overwrite, reads)
     for item, concept in zip(args.concepts.split(","), concepts):  # parse_concepts splits the same way
         if concept.name not in catalog.concepts and ":" not in item.partition("=>")[0]:  # its kind is a guess
             print(f"note: {concept.name!r} is not in catalog {catalog.name!r}; its prompts are those of kind "
@@ -353,8 +359,9 @@ def evaluate_run(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run)
     settings = check_eval_options(args, load_catalog(saved_erasure(run_dir).catalog))  # a damaged run: refused now
-    check_model_options(args)
-    out = check_output_dir(Path(args.out) if args.out else run_dir / "report", args.overwrite)
+    model = model_paths(args, check_model_options(args))
+    out = check_output_dir(Path(args.out) if args.out else run_dir / "report", args.overwrite,
+                           reads={"the run folder": run_dir, **model}, report_of=run_dir)
     with reserved(out, args.overwrite):
         run_evaluation(args, load_model(args), run_dir, out, settings)
     if out.resolve() == (run_dir / "report").resolve():  # the run's own report: its model card shows the numbers
@@ -362,12 +369,19 @@ def evaluate_run(args: argparse.Namespace) -> None:
     print(wrote(out))
 
 
-def check_model_options(args: argparse.Namespace) -> None:
-    """--device, --dtype, --model and --model-config, from their text and the paths alone (no diffusers yet)."""
+def check_model_options(args: argparse.Namespace) -> str:
+    """--device, --dtype, --model and --model-config, from their text and the paths alone (no diffusers yet); what
+    --model names ('mini', 'file', 'folder' or 'hub')."""
     from .models import check_device, check_model, resolve_dtype
 
     check_device(args.device, resolve_dtype(args.dtype))
-    check_model(args.model, args.model_config)
+    return check_model(args.model, args.model_config)
+
+
+def model_paths(args: argparse.Namespace, kind: str) -> dict[str, str | None]:
+    """The model's paths on disk by option, which --out must keep (the mini model and a hub id are none the user
+    gave)."""
+    return {"--model": args.model if kind in ("file", "folder") else None, "--model-config": args.model_config}
 
 
 def load_model(args: argparse.Namespace):

@@ -53,9 +53,10 @@ class Concept:
 def concepts_from_record(records, where: str) -> list[Concept]:
     """The concepts a saved run lists (erase.json, a patch header), refused with one line if they are not there."""
     fields = set(Concept.__dataclass_fields__)
-    if not isinstance(records, list) or not all(isinstance(r, dict) and set(r) == fields for r in records):
-        raise EraseError(f"{where} does not list its concepts (each with {', '.join(sorted(fields))}): it is "
-                         "damaged or not written by erase; export the run again")
+    if not isinstance(records, list) or not all(isinstance(r, dict) and set(r) == fields and
+                                                all(isinstance(v, str) for v in r.values()) for r in records):
+        raise EraseError(f"{where} does not list its concepts (each with {', '.join(sorted(fields))}, strings): it "
+                         "is damaged or not written by erase; export the run again")
     return [Concept(**r) for r in records]
 
 

@@ -34,14 +34,59 @@ def read_yaml(ref: str | Path, package: str, option: str) -> dict:
     return data
 
 
+MAX_ALIASED_VALUES = 10_000
+"""How many values YAML aliases may add to a document: far above any real catalog (the shipped one has ~500 values
+in all), far below a "billion laughs" (nested aliases that expand to 10⁹ values and exhaust memory downstream)."""
+
+
 def parse_yaml(text: str, where: str) -> Any:
+    """safe_load (no !!python tags), refusing aliases that expand the document and nesting that exhausts the stack
+    before anything reads the values."""
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_aliases(node, where)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise EraseError(f"{where} is not valid YAML{at} ({getattr(exc, 'problem', None) or exc}): "
                          "fix the syntax (quote values with brackets, colons or commas)") from None
+    except RecursionError:
+        raise EraseError(f"{where} nests its values too deeply to read: flatten it") from None
+    finally:
+        loader.dispose()
+
+
+def _check_aliases(root: yaml.Node, where: str) -> None:
+    """Count the values the document stands for with every alias expanded, on the composed graph (where an alias
+    is one shared node, so counting is cheap): refused if aliases add more than MAX_ALIASED_VALUES or refer to
+    themselves."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def expanded(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise EraseError(f"{where} has a YAML alias inside its own anchor: write the value out")
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        sizes[id(node)] = 1 + sum(expanded(child) for child in children)
+        open_nodes.discard(id(node))
+        return sizes[id(node)]
+
+    total = expanded(root)
+    if total - len(sizes) > MAX_ALIASED_VALUES:
+        raise EraseError(f"{where} uses YAML aliases that expand it to {total:,} values (aliases may add at most "
+                         f"{MAX_ALIASED_VALUES:,}): write the values out instead of nesting aliases")
 
 
 def read_preset(preset: str | Path) -> dict:

@@ -6,6 +6,7 @@ Evaluation compares the original and the erased model with one UNet in memory: a
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,7 +44,7 @@ class MaskEdit:
         self._saved: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def from_weights(cls, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> "MaskEdit":
+    def from_weights(cls, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> MaskEdit:
         """The edit that turns `old` weights into `new` ones: masks where they differ, values the new entries."""
         masks = {name: new[name] != old[name] for name in new}
         return cls(masks, {name: new[name][mask].detach().clone() for name, mask in masks.items()})
@@ -52,15 +53,19 @@ class MaskEdit:
     def applied(self) -> bool:
         return self._saved is not None
 
-    def _parameters(self, unet: nn.Module) -> dict[str, nn.Parameter]:
+    def check_fits(self, unet: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters the edit changes, after refusing a UNet it does not fit: a name it lacks, a weight of
+        another shape than the mask's, values of another dtype than the weight's, a mask that is not boolean."""
         params = dict(unet.named_parameters())
-        missing = [name for name in self.masks if name not in params]
-        if missing:
-            raise EraseError(f"the UNet has no parameter {missing[0]!r}: this edit was made for another architecture")
         for name, mask in self.masks.items():
-            if params[name].shape != mask.shape:
-                raise EraseError(f"{name} has shape {list(params[name].shape)}, the edit expects {list(mask.shape)}: "
-                                 "this edit was made for another architecture")
+            if name not in params:
+                raise EraseError(f"the UNet has no parameter {name!r}: this edit was made for another architecture")
+            if mask.dtype != torch.bool or params[name].shape != mask.shape:
+                raise EraseError(f"{name} is {_described(params[name])}, the edit's mask is {_described(mask)}: this "
+                                 "edit was made for another architecture (or its patch is corrupt: export it again)")
+            if self.values is not None and self.values[name].dtype != params[name].dtype:
+                raise EraseError(f"{name} is {_described(params[name])}, the edit's values are "
+                                 f"{_described(self.values[name])}: apply it to the model it was made from, in its dtype")
         return {name: params[name] for name in self.masks}
 
     @torch.no_grad()
@@ -68,7 +73,7 @@ class MaskEdit:
         if self.applied:
             raise EraseError("this edit is already applied: restore it before applying it again")
         saved = {}
-        for name, param in self._parameters(unet).items():
+        for name, param in self.check_fits(unet).items():
             mask = self.masks[name].to(param.device)
             saved[name] = param[mask].clone()
             param[mask] = 0 if self.values is None else self.values[name].to(param.device, param.dtype)
@@ -78,7 +83,7 @@ class MaskEdit:
     def restore(self, unet: nn.Module) -> None:
         if not self.applied:
             raise EraseError("this edit is not applied: nothing to restore")
-        for name, param in self._parameters(unet).items():
+        for name, param in self.check_fits(unet).items():
             param[self.masks[name].to(param.device)] = self._saved[name].to(param.device)
         self._saved = None
 
@@ -96,7 +101,7 @@ class MaskEdit:
         whole-UNet edit's deltas would be a second UNet in memory)."""
         if self.applied:
             raise EraseError("this edit is applied: restore it before taking its deltas")
-        for name, param in self._parameters(unet).items():
+        for name, param in self.check_fits(unet).items():
             with torch.no_grad():
                 mask = self.masks[name].to(param.device)
                 new = 0 if self.values is None else self.values[name].to(param.device, param.dtype)
@@ -115,12 +120,35 @@ class MaskEdit:
         return tensors, {name: list(mask.shape) for name, mask in self.masks.items()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> "MaskEdit":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]],
+                     where: str = "the patch") -> MaskEdit:
+        """The edit a patch's tensors hold (`where`: the patch, for messages), refusing masks that are not the
+        packed bits of their shapes and values that are not finite numbers, one for each of the mask's bits set."""
         values = {k.removesuffix(VALUES): v for k, v in tensors.items() if k.endswith(VALUES)}
         packed = {k: v for k, v in tensors.items() if not k.endswith(VALUES)}
-        if set(packed) != set(shapes) or (values and set(values) != set(shapes)):
-            raise EraseError("the patch's masks, values and shapes disagree: the patch is corrupt, export it again")
-        masks = {name: unpack_bits(packed[name], tuple(shapes[name])) for name in packed}
-        if any(values[name].numel() != int(masks[name].sum()) for name in values):
-            raise EraseError("the patch's values do not fit its masks: the patch is corrupt, export it again")
+        odd = set(packed) ^ set(shapes) or (set(values) ^ set(shapes) if values else set())
+        if odd:
+            raise EraseError(f"{where} is corrupt: its masks, values and shapes disagree on {min(odd)!r} (either "
+                             "every mask has its values or none has): export it again")
+        masks = {}
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            if packed[name].dtype != torch.uint8 or packed[name].shape != (math.ceil(numel / 8),):
+                raise EraseError(f"{where} is corrupt: the mask of {name} is {_described(packed[name])}, not the "
+                                 f"{math.ceil(numel / 8)} uint8 bytes of {numel} bits: export it again")
+            masks[name] = unpack_bits(packed[name], tuple(shape))
+        for name, new in values.items():
+            edited = int(masks[name].sum())
+            if not new.is_floating_point() or new.shape != (edited,):
+                raise EraseError(f"{where} is corrupt: the values of {name} are {_described(new)}, not {edited} "
+                                 "floating-point numbers, one per bit set in its mask: export it again")
+            if not torch.isfinite(new).all():
+                raise EraseError(f"{where} is corrupt: the values of {name} are not all finite "
+                                 f"({int((~torch.isfinite(new)).sum())} NaN or infinite of {new.numel()}): export it "
+                                 "again from a run whose weights are finite")
         return cls(masks, values or None)
+
+
+def _described(tensor: torch.Tensor) -> str:
+    """Its dtype and shape, as messages show them: `float16 [320, 1280]`."""
+    return f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"

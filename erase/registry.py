@@ -16,7 +16,8 @@ class Entry:
     run: Callable
     summary: str
     check: Callable | None = None
-    """Optional: refuses, before any work, what the implementation cannot do (attack kinds use it)."""
+    """Optional: refuses, before any work, what the implementation cannot do: a method's check(concepts, config)
+    (UCE: a concept that is its own anchor), an attack kind's check(pipe, prompts, config)."""
     masking: bool = False
     """A method whose edit masks weights under a sparse mask (zeros, or noise that carries no concept): not
     low-rank, so no LoRA export."""

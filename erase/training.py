@@ -24,13 +24,15 @@ from tqdm.auto import tqdm
 
 from .capture import conditioning
 from .config import check_choice, check_positive, check_positive_int
-from .data import SampleSettings, model_key, sample_latents
+from .data import ModelCache, SampleSettings, check_cache, sample_latents
 from .edits import MaskEdit
 from .errors import EraseError, TrainingStopped
 from .models import image_side
 
 PRECISIONS = ("no", "bf16", "fp16")
 RUN_CONTROL = ("checkpoint_dir", "checkpoint_every", "stop_after")  # how a run is split, not what it computes
+TRAINER_FIELDS = {"step": int, "losses": list, "state": dict, "params": dict, "loop_s": (float, type(None))}
+"""What a training method's checkpoint holds (loop_s is absent from older ones)."""
 
 
 @dataclass
@@ -80,6 +82,7 @@ class DataSettings(TrainingSettings):
         super().validate()
         for name in ("batch_size", "prompts_per_concept", "images_per_prompt", "sample_steps"):
             check_positive_int(name, getattr(self, name))
+        check_cache()  # the training images are cached: a folder that cannot be is refused before any work
 
 
 class MaskedOptimizer:
@@ -217,10 +220,14 @@ class Trainer:
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         self.side = image_side(pipe, settings.resolution)
         self.original = {n: p.detach().clone() for n, p in params.items()}
-        self.key = model_key(pipe, unet_fingerprint)  # erase() hashed the UNet already
+        self.data_cache = ModelCache("latents", pipe, unet_fingerprint)  # erase() hashed the UNet already
+        self.key = self.data_cache.key
         run = {k: v for k, v in asdict(settings).items() if k not in RUN_CONTROL}
-        self.checkpoint = Checkpoint(settings.checkpoint_dir and Path(settings.checkpoint_dir) / "checkpoint.pt", {"method": method, "model": self.key, "settings": run,
-                                                               "concepts": [c.name for c in concepts]})
+        self.checkpoint = Checkpoint(settings.checkpoint_dir and Path(settings.checkpoint_dir) / "checkpoint.pt",
+                                     {"method": method, "model": self.key, "settings": run,
+                                      "concepts": [c.name for c in concepts]}, TRAINER_FIELDS)
+        self.saved = self.checkpoint.load()  # refused now, not after a minute of sampling the training data
+        self._check_saved_params()
         self.losses: list[dict] = []
         self.resumed_from_step = 0
         self.earlier_attempts_s: float | None = 0.0  # loop time of the attempts a resumed run continues
@@ -232,7 +239,7 @@ class Trainer:
         sampling = SampleSettings(s.images_per_prompt, s.sample_steps, s.sample_guidance, s.resolution, s.seed)
         with torch.no_grad(), self.accelerator.main_process_first():  # the others then read the main's cache
             latents = sample_latents(self.pipe, list(zip(prompts, negative or [None] * len(prompts))), sampling,
-                                     self.key, self.progress and self.accelerator.is_main_process)
+                                     self.data_cache, self.progress and self.accelerator.is_main_process)
         index = torch.arange(len(prompts)).repeat_interleave(s.images_per_prompt)
         return Examples(torch.cat(latents), index, encode(self.pipe, prompts, self.side))
 
@@ -307,7 +314,7 @@ class Trainer:
         steps besides the trained weights (optimiser, masks, accumulators).
         """
         start = 0
-        saved = self.checkpoint.load()
+        saved, self.saved = self.saved, None  # not held through training
         if saved is not None:
             with torch.no_grad():
                 for n, p in self.params.items():
@@ -334,6 +341,15 @@ class Trainer:
                 raise TrainingStopped(f"stopped after {done} of {total} steps as asked (stop_after): run the same "
                                       f"command again to resume from {self.checkpoint.path}")
 
+    def _check_saved_params(self) -> None:
+        """The checkpoint holds every trained parameter in its shape (one of this run's, not a damaged file)."""
+        if self.saved is None:
+            return
+        params = self.saved["params"]
+        for name, param in self.params.items():
+            if not isinstance(params.get(name), torch.Tensor) or params[name].shape != param.shape:
+                raise self.checkpoint.damaged(f"{name} is missing or not of shape {list(param.shape)}")
+
     def edit(self) -> MaskEdit:
         """The trained weights as an edit of the original ones (call inside training())."""
         return MaskEdit.from_weights({n: p.detach().clone() for n, p in self.params.items()}, self.original)
@@ -357,26 +373,40 @@ class Checkpoint:
 
     It is our own file, loaded with torch.load(weights_only=True) (tensors and plain Python values only), and
     carries the run's identity (for a method: its settings, concepts and model fingerprint): resuming another run
-    is refused. path None: no checkpoint (load finds nothing, save and remove do nothing).
+    is refused, and so is a file that is not a mapping with this identity and `fields` (name → the type or types
+    its value must have; a field whose types include NoneType may be absent). path None: no checkpoint (load finds
+    nothing, save and remove do nothing).
     """
 
-    def __init__(self, path: str | Path | None, identity: dict) -> None:
+    def __init__(self, path: str | Path | None, identity: dict, fields: dict | None = None) -> None:
         self.path = Path(path) if path else None
         self.identity = {k: str(v) for k, v in identity.items()}
+        self.fields = fields or {}
 
     def load(self) -> dict | None:
         if self.path is None or not self.path.is_file():
             return None
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (a damaged file raises pickle, zip and runtime errors alike)
             raise EraseError(f"checkpoint {self.path} cannot be read ({type(exc).__name__}): delete it to start "
                              "over") from None
-        if saved.get("identity") != self.identity:
-            changed = sorted(k for k in self.identity if saved.get("identity", {}).get(k) != self.identity[k])
+        if not isinstance(saved, dict) or not isinstance(saved.get("identity"), dict):
+            raise EraseError(f"{self.path} is not a checkpoint of erase (a {type(saved).__name__} without a run's "
+                             "identity): use another checkpoint_dir or delete it")
+        if saved["identity"] != self.identity:
+            changed = sorted(k for k in self.identity if saved["identity"].get(k) != self.identity[k])
             raise EraseError(f"checkpoint {self.path} belongs to another run (different {', '.join(changed)}): "
                              "use another checkpoint_dir or delete it")
+        for name, kinds in self.fields.items():
+            value = saved.get(name)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise self.damaged(f"its {name} is a {type(value).__name__}" if name in saved else f"no {name}")
         return saved
+
+    def damaged(self, problem: str) -> EraseError:
+        return EraseError(f"checkpoint {self.path} is damaged ({problem}): delete it to start over or use another "
+                          "checkpoint_dir")
 
     def save(self, data: dict) -> None:
         if self.path is None:

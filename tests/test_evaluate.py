@@ -174,16 +174,16 @@ def test_original_images_come_back_from_the_cache_exactly_as_generated(run, judg
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert stored.metrics == fresh.metrics
 
-    # What a later evaluation of the same base shows as original is what the cache holds (here: made black).
+    # Images put in the cache by hand (here: made black) are not the batch asked for: generated again, not used.
     for batch in batches:
-        save_file({"images": load_file(batch)["images"] * 0}, batch)
+        save_file({"data": load_file(batch)["data"] * 0}, batch)
     again = evaluate(pipe, result, retain=["golf ball"], clip=judge, progress=False, **SETTINGS)
-    assert all(np.asarray(image).max() == 0 for image in again.images[0])
-    assert np.array_equal(np.asarray(again.images[1][0]), np.asarray(fresh.images[1][0]))  # erased side: generated
+    assert again.metrics == fresh.metrics
 
 
 def test_erase_then_evaluate_hashes_the_unet_once(monkeypatch, judge):
-    """Hashing SD1.5's UNet takes seconds: erase() hashes it, the trainer's data cache and evaluate() reuse that."""
+    """Hashing SD1.5's UNet takes seconds: erase() hashes it once (its trainer's data cache reuses that), evaluate()
+    once (its base check and its image cache share it: the UNet may have been edited since erase())."""
     import erase.api
     import erase.data
     import erase.evaluation
@@ -194,6 +194,6 @@ def test_erase_then_evaluate_hashes_the_unet_once(monkeypatch, judge):
         monkeypatch.setattr(module, "fingerprint", lambda m, real=real: hashed.append(m) or real(m))
     result = erase.erase(pipe, "church", method="esd", progress=False, steps=1, sample_steps=2)
     evaluate(pipe, result, retain=[], clip=judge, progress=False, **SETTINGS)
-    assert [m is pipe.unet for m in hashed].count(True) == 1
+    assert [m is pipe.unet for m in hashed].count(True) == 2
     with pytest.raises(erase.EraseError, match="was made from base"):  # another pipeline is still checked
         evaluate(tiny_pipeline(seed=1), result, clip=judge, progress=False, **SETTINGS)

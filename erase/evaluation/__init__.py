@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from ..concepts import DEFAULT_KIND, Catalog, Concept, check_prompts_fit, concepts_from_record, load_catalog, parse_concepts
 from ..config import build_config, check_confidence, check_positive, check_positive_ints, check_ratio, check_seeds
-from ..data import cache_dir, cached, digest, model_key
+from ..data import ModelCache, check_cache
 from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
-from ..export import PATCH_NAME, RECORD_NAME, read_json, read_patch
+from ..export import PATCH_NAME, RECORD_NAME, check_patch_of_run, read_json, read_patch
 from ..models import check_pipeline, image_side
 from ..profile import Profile, profile_of
 from ..versions import versions
@@ -82,8 +82,9 @@ class EvalSettings(JudgedSettings):
     nudity_threshold: float = 0.6
     cache_originals: bool = True
     """Keep the original model's images under $ERASE_CACHE/images (by the fingerprints of its UNet, text encoder(s)
-    and VAE, the sampler, and each batch's prompts, seeds and settings): evaluating another erasure of the same base
-    with the same prompts reads them back, the very images it would generate, instead of generating them again."""
+    and VAE, the sampler, and each batch's prompts, seeds and settings, each checked on read): evaluating another
+    erasure of the same base with the same prompts reads them back, the very images it would generate, instead of
+    generating them again."""
 
     def validate(self) -> None:
         super().validate()
@@ -92,6 +93,8 @@ class EvalSettings(JudgedSettings):
             raise EraseError(f"max_cross_retain={self.max_cross_retain} is out of range: it must be a whole number "
                              "≥ 0 (0: no cross-kind retention)")
         check_ratio("nudity_threshold", self.nudity_threshold)
+        if self.cache_originals:
+            check_cache(" or turn the cache off with cache_originals=false (--eval-set cache_originals=false)")
 
 
 @dataclass
@@ -116,8 +119,8 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     architecture such as 'ViT-L-14' with clip_pretrained='openai', or a Judge built from any open_clip-style model.
     """
     check_pipeline(original, f"the original given ({type(original).__name__})")
-    config = build_config(EvalSettings, settings)
-    erasure = erasure_of(original, erased)
+    config = build_config(EvalSettings, settings)  # an unusable cache folder too
+    erasure = erasure_of(original, erased)  # its base_fingerprint: the UNet's now, hashed once
     catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog or erasure.catalog)
     if config.nudity:
         _nudenet()  # fail before generating anything
@@ -129,14 +132,14 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     judge = load_judge(original, profile, clip, clip_pretrained)
     jobs = _jobs(catalog, erasure.concepts, retained, config)
     started = time.perf_counter()
-    cache = cache_dir() / "images" / model_key(original, erasure.base_fingerprint, images=True)
-    images = _paired_images(original, erasure.edit, jobs, config, progress, cache if config.cache_originals else None)
+    cache = ModelCache("images", original, erasure.base_fingerprint) if config.cache_originals else None
+    images = _paired_images(original, erasure.edit, jobs, config, progress, cache)
     settings = {**asdict(config), "sampler": type(original.scheduler).__name__,
                 "sampler_config": dict(original.scheduler.config), "catalog": catalog.name, "method": erasure.method,
                 "base_fingerprint": erasure.base_fingerprint, "concepts": [c.as_dict() for c in erasure.concepts],
                 "retain": [c.name for c in retained], "versions": versions(),
                 "generation_s": round(time.perf_counter() - started, 3),
-                "original_images_cache": str(cache) if config.cache_originals else None}
+                "original_images_cache": str(cache.folder) if cache else None}
     report = Report.build(jobs, images, judge, catalog, erasure.concepts, retained, settings)
     if config.nudity:
         report.add_nudity(_nudenet(), config.nudity_threshold)
@@ -144,13 +147,19 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
 
 
 def erasure_of(original, erased) -> Erasure:
-    """The erasure to measure, refused unless `original` is its base and it names concepts."""
+    """The erasure to measure, refused unless it names concepts and `original`'s UNet, as it is now, is its base:
+    the result's own pipeline too, which may have been edited since erase() (an applied patch would be measured
+    twice). Hashes the UNet once: the erasure's base_fingerprint is then what the UNet holds."""
     erasure = _erasure(erased)
-    if original is not getattr(erased, "pipe", None):  # erase() hashed its own pipeline's UNet and left it unchanged
-        base = fingerprint(original.unet)
-        if base != erasure.base_fingerprint:
-            raise EraseError(f"the erased model was made from base {erasure.base_fingerprint}, but the original given "
-                             f"is {base}: evaluate against the model the erasure was made from")
+    if erasure.edit.applied:
+        raise EraseError("the erasure's edit is applied right now (inside `with result.applied()`): call this after "
+                         "the with-block, with the unedited model")
+    base = fingerprint(original.unet)
+    if base != erasure.base_fingerprint:
+        raise EraseError(f"the erased model was made from base {erasure.base_fingerprint}, but the original given "
+                         f"is {base} (another model, or this one with an edit applied, e.g. by erase.apply_patch): "
+                         "pass the unedited model the erasure was made from")
+    erasure.edit.check_fits(original.unet)  # a patch that does not fit the weights: refused before any image
     if not erasure.concepts:
         raise EraseError("no concept to evaluate: the erasure names no concepts")
     return erasure
@@ -182,14 +191,15 @@ def saved_erasure(folder: Path) -> Erasure:
     if not path.is_file():
         raise EraseError(f"{folder} has no {RECORD_NAME}: pass the folder an erase run wrote (with --out)")
     record = read_json(path.read_text(errors="replace"), str(path))
-    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("base_fingerprint", "method")):
-        raise EraseError(f"{path} lacks base_fingerprint or method: it is damaged or not written by erase; "
-                         "export the run again")
+    for key in ("base_fingerprint", "erased_fingerprint", "method"):
+        if not isinstance(record, dict) or not isinstance(record.get(key), str):
+            raise EraseError(f"{path} lacks {key}: it is damaged or not written by erase; export the run again")
     concepts = concepts_from_record(record.get("concepts"), str(path))
     if "patch" in record and record["patch"] is None:
         raise EraseError(f"{folder} was saved without its patch (--no-patch), which evaluation and attacks read: "
                          "evaluate in the erasing command (--eval) or save the run again with its patch")
-    edit, _ = read_patch(folder / PATCH_NAME)
+    edit, header = read_patch(folder / PATCH_NAME)
+    check_patch_of_run(folder, record, header)
     return Erasure(edit, concepts, str(record.get("catalog", "catalog")), record["base_fingerprint"], record["method"])
 
 
@@ -231,9 +241,10 @@ def _jobs(catalog: Catalog, erased: list[Concept], retained: list[Concept], conf
             for role, concept, prompts in sets for prompt in prompts for seed in config.seeds]
 
 
-def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, progress: bool, cache: Path | None):
-    """(original images, erased images), in job order, from the same seeds; the originals from `cache` where
-    there."""
+def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, progress: bool,
+                   cache: ModelCache | None):
+    """(original images, erased images), in job order, from the same seeds; the originals from `cache` (the
+    unedited pipeline's) where there."""
     side = image_side(pipe, config.resolution)
     prompts, seeds = [job.prompt for job in jobs], [job.seed for job in jobs]
     with tqdm(total=2 * len(jobs), desc="generating", unit="image", disable=not progress) as bar:
@@ -245,15 +256,15 @@ def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, 
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, side: int | None = None,
-             batch_size: int = 16, bar=None, latents: list | None = None, cache: Path | None = None) -> list:
+             batch_size: int = 16, bar=None, latents: list | None = None, cache: ModelCache | None = None) -> list:
     """Images of each prompt from its seed, in batches: the one image generator of erase (evaluator, attacks, and
     the lab's gates and benchmarks alike).
 
     Seeding: one image per (prompt, seed); its initial noise comes from its own `torch.Generator("cpu")` seeded
     with `seed`, so an image depends on its prompt, seed and settings, not on its place in the batch or the
     device. `side`: the image side in pixels (None: the model's default). `latents`: a list that receives each
-    image's final latents too (caught at the last step, so the images are generated once). `cache`: a folder of this
-    model's images, one file per batch: a batch found there is read back instead of generated."""
+    image's final latents too (caught at the last step, so the images are generated once). `cache`: the pipeline's
+    ModelCache("images") as it is now, one file per batch: a batch found there is read back instead of generated."""
     side = side or image_side(pipe)
     def keep(pipe, i, t, kwargs):
         if i == pipe.num_timesteps - 1:
@@ -272,10 +283,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
             out += run(*batch)
         else:
             meta = {"prompts": batch[0], "seeds": batch[1], "steps": steps, "guidance_scale": guidance_scale,
-                    "side": side, "device": pipe.unet.device.type, "dtype": str(pipe.unet.dtype)}
-            pixels = cached(cache / f"{digest(meta)}.safetensors",
-                            lambda batch=batch: {"images": torch.from_numpy(np.stack([np.asarray(im) for im in run(*batch)]))},
-                            meta)["images"]
+                    "side": side, "device": pipe.unet.device.type, "shape": [len(batch[1]), side, side, 3],
+                    "dtype": str(torch.uint8)}
+            pixels = cache.get(meta, lambda batch=batch: torch.from_numpy(np.stack([np.asarray(im) for im in run(*batch)])))
             out += [Image.fromarray(image.numpy()) for image in pixels]  # the uint8 pixels the pipeline gave
         if bar is not None:
             bar.update(len(batch[1]))

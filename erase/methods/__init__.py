@@ -14,6 +14,14 @@ METHODS = Registry("method")
 register = METHODS.register
 get_method = METHODS.lookup
 
+
+def check_concepts(method: str, concepts: list, config) -> None:
+    """Refuse, before any work, concepts that `method` cannot erase with this config (its optional check)."""
+    spec = get_method(method)
+    if spec.check is not None:
+        spec.check(concepts, config)
+
+
 from . import conceptprune, dynamic, esd, fia, salun, uce  # noqa: F401  (registration)
 
-__all__ = ["METHODS", "Method", "get_method", "register"]
+__all__ = ["METHODS", "Method", "check_concepts", "get_method", "register"]

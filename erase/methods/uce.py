@@ -4,6 +4,12 @@ For every target projection W (to_k, to_v):
     W ← (λ W + Σ_erase (W g_i) c_iᵀ + Σ_keep (W c_j) c_jᵀ) (λ I + Σ_erase c_i c_iᵀ + Σ_keep c_j c_jᵀ)⁻¹
 so that a concept's token embedding c_i now yields what its guide g_i (the anchor) yielded, while preserved
 embeddings c_j keep their outputs. c is the text encoder's output at the text's last word token.
+
+It is solved for the change (the left factor minus W times the right one):
+    ΔW = Σ_erase (W (g_i − c_i)) c_iᵀ (λ I + Σ_erase c_i c_iᵀ + Σ_keep c_j c_jᵀ)⁻¹
+whose rounding scales with the change, not with W: a guide equal to its concept changes nothing, and a weight whose
+change is below its dtype's rounding stays bit-exact and is not counted as edited (solving for W itself moves every
+weight by the solver's rounding noise).
 """
 
 from __future__ import annotations
@@ -39,6 +45,14 @@ class UCEConfig:
             raise EraseError("preserve must be a list of texts, e.g. --set 'preserve=[claude monet, a dog]'")
 
 
+def check_guides(concepts, config: UCEConfig) -> None:
+    """Refuse a concept guided to itself (the tokenizer reads case and spacing alike): its edit is W ← W."""
+    for concept in concepts:
+        if concept.anchor.casefold().split() == concept.text.casefold().split():
+            raise EraseError(f"concept {concept.name!r} has itself as anchor, so UCE would change nothing: name "
+                             f"another anchor, e.g. --concepts \"{concept.name}=>OTHER TEXT\"")
+
+
 @torch.no_grad()
 def last_token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
     """[len(texts), d]: the text encoder output at each text's last word token (its end token for "")."""
@@ -49,7 +63,8 @@ def last_token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
     return embeds[torch.arange(len(texts)), index].float()
 
 
-@register("uce", UCEConfig, "closed-form edit of cross-attention keys and values towards each concept's anchor")
+@register("uce", UCEConfig, "closed-form edit of cross-attention keys and values towards each concept's anchor",
+          check=check_guides)
 def run(pipe, concepts, catalog, config: UCEConfig, progress: bool = True,
         unet_fingerprint: str | None = None):
     started = time.perf_counter()
@@ -61,10 +76,10 @@ def run(pipe, concepts, catalog, config: UCEConfig, progress: bool = True,
     for name, layer in layers.items():
         w = layer.weight.detach().float()
         eye = torch.eye(w.shape[1], device=w.device)
-        lhs = config.lam * w + (w @ guide.T) @ erase_c + (w @ keep.T) @ keep
+        pull = (w @ (guide - erase_c).T) @ erase_c
         rhs = config.lam * eye + erase_c.T @ erase_c + keep.T @ keep
         old[f"{name}.weight"] = layer.weight.detach()
-        new[f"{name}.weight"] = torch.linalg.solve(rhs, lhs.T).T.to(layer.weight.dtype)  # rhs is symmetric
+        new[f"{name}.weight"] = (w + torch.linalg.solve(rhs, pull.T).T).to(layer.weight.dtype)  # rhs is symmetric
     record = {"guides": {c.name: c.anchor for c in concepts}, "preserve": config.preserve,
               "timings": {"solve_s": round(time.perf_counter() - started, 3)}}
     return MaskEdit.from_weights(new, old), record
