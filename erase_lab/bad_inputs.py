@@ -116,6 +116,59 @@ def patch_with_header(shared: Path, case: Path, **header: str) -> str:
     return str(case / "patch.safetensors")
 
 
+def patch_with_tensors(shared: Path, case: Path, change: Callable[[dict], dict]) -> str:
+    """A copy of the shared run's patch whose tensors `change` rewrites (its header kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    patch = shared / "run" / "patch.safetensors"
+    with safe_open(str(patch), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(change(load_file(str(patch))), str(case / "patch.safetensors"), metadata=metadata)
+    return str(case / "patch.safetensors")
+
+
+def values(change: Callable) -> Callable[[dict], dict]:
+    """A patch change that rewrites the new values of every edited weight."""
+    return lambda tensors: {k: change(v) if k.endswith(":values") else v for k, v in tensors.items()}
+
+
+def apply_args(shared: Path, case: Path, patch: str, *extra: str) -> list[str]:
+    return ["apply", "--patch", patch, "--model", str(shared / "model"), "--out", str(case / "out"), "--quiet", *extra]
+
+
+def linked_out(case: Path, target: Path) -> str:
+    """--out that is a symbolic link to `target`."""
+    (case / "link").symlink_to(target, target_is_directory=True)
+    return str(case / "link")
+
+
+def planted_lock(case: Path) -> str:
+    """--out whose lock file is a symbolic link planted to a file of the user's elsewhere."""
+    (case / ".out.lock").symlink_to(case / "victim")
+    return str(case / "out")
+
+
+def foreign_checkpoint(case: Path) -> str:
+    """A checkpoint_dir whose checkpoint.pt is not one of erase's (a plain list)."""
+    import torch
+
+    (case / "ckpt").mkdir()
+    torch.save([1, 2, 3], case / "ckpt" / "checkpoint.pt")
+    return str(case / "ckpt")
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """Nine lists of nine aliases of the list before: 9⁹ values from 90 lines' worth of text."""
+    lines = ["- &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"- &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+def indented(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
+
+
 CATALOG_WITH_UNKNOWN_SLOT = """kinds:
   thing: {slot: place, concept_templates: ["a {nonexistent} {concept}"], base_templates: ["a {place}"], fillers: [road]}
 """
@@ -193,6 +246,57 @@ CASES = [
     Case("apply, patch header concepts not JSON",
          lambda s, c: ["apply", "--patch", patch_with_header(s, c, concepts="[{"), "--model", str(s / "model"),
                        "--out", str(c / "out"), "--quiet"], "corrupt header"),
+    # Outputs never destroy inputs, and links are not followed.
+    Case("evaluate RUN --out RUN --overwrite",
+         lambda s, c: ["evaluate", str(s / "run"), "--model", str(s / "model"), "--out", str(s / "run"), "--overwrite",
+                       "--quiet"], "is the run folder"),
+    Case("--model RUN/x.safetensors --out RUN --overwrite",
+         lambda s, c: erase_args(s, c, "--model-config", str(s / "model"), "--out", str(s / "run"), "--overwrite",
+                                 model=str(s / "run" / "run.safetensors")), "holds --model"),
+    Case("apply --out the patch's folder --overwrite",
+         lambda s, c: apply_args(s, c, str(s / "run" / "patch.safetensors"), "--out", str(s / "run"), "--overwrite"),
+         "holds --patch"),
+    Case("--out inside --model", lambda s, c: erase_args(s, c, "--out", str(s / "model" / "erased")),
+         "lies inside --model"),
+    Case("--out holds --config --overwrite",
+         lambda s, c: erase_args(s, c, "--config", write(c / "mine" / "fia.yaml", "r2: 0.03"), "--out", str(c / "mine"),
+                                 "--overwrite"), "holds --config"),
+    Case("--out a symbolic link --overwrite",
+         lambda s, c: [*erase_args(s, c), "--out", linked_out(c, s / "run"), "--overwrite"], "is a symbolic link"),
+    Case("--out lock file a planted symbolic link", lambda s, c: [*erase_args(s, c), "--out", planted_lock(c)],
+         "which erase does not follow"),
+    Case("--out name too long", lambda s, c: [*erase_args(s, c), "--out", str(c / ("n" * 300))],
+         "too long for the file system"),
+    # A run folder is checked as a whole; a patch's header and values before any weight changes.
+    Case("evaluate RUN whose patch is another run's",
+         lambda s, c: ["evaluate", damaged_run(s, c, lambda r: dict(r, concepts=[dict(r["concepts"][0], name="dog",
+                                                                                       text="dog")])),
+                       "--model", str(s / "model"), "--quiet"], "is not this run's patch"),
+    Case("attack RUN whose erase.json names another erased model",
+         lambda s, c: ["attack", damaged_run(s, c, lambda r: dict(r, erased_fingerprint="sha256:" + "0" * 64)),
+                       "--model", str(s / "model"), "--quiet"], "is not this run's patch"),
+    Case("apply, patch values NaN", lambda s, c: apply_args(s, c, patch_with_tensors(s, c, values(lambda v: v * float("nan")))),
+         "are not all finite"),
+    Case("apply, patch values one short", lambda s, c: apply_args(s, c, patch_with_tensors(s, c, values(lambda v: v[:-1]))),
+         "one per bit set in its mask"),
+    Case("apply, patch header shape not a list",
+         lambda s, c: apply_args(s, c, patch_with_header(s, c, shapes='{"conv_in.weight": "ab"}')),
+         "not a list of positive whole numbers"),
+    Case("apply, patch header without a method", lambda s, c: apply_args(s, c, patch_with_header(s, c, method="")),
+         "corrupt header"),
+    # Tracebacks that became refusals.
+    Case("--catalog YAML alias bomb",
+         lambda s, c: erase_args(s, c, "--catalog", write(c / "bomb.yaml", "neutral:\n" + indented(billion_laughs()))),
+         "write the values out instead of nesting aliases"),
+    Case("--config YAML alias bomb",
+         lambda s, c: erase_args(s, c, "--config", write(c / "bomb.yaml", "r2:\n" + indented(billion_laughs()))),
+         "uses YAML aliases that expand it to"),
+    Case("--method uce, anchor equal to the concept",
+         lambda s, c: ["--method", "uce", "--concepts", "church=>church", "--model", str(s / "model"), "--out",
+                       str(c / "out"), "--quiet"], "has itself as anchor"),
+    Case("training checkpoint not erase's",
+         lambda s, c: ["--concepts", "church", "--method", "esd", "--model", str(s / "model"), "--out", str(c / "out"),
+                       "--quiet", "--set", f"checkpoint_dir={foreign_checkpoint(c)}"], "is not a checkpoint of erase"),
 ]
 
 
@@ -250,16 +354,25 @@ def verdict(code: int, stderr: str, expect: str, written: set[str]) -> str:
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-record", action="store_true", help="print the table without writing BENCHMARKS.md")
+    args = parser.parse_args()
     shared = Path(tempfile.mkdtemp(prefix="bad-inputs-"))
     try:
-        return run_cases(shared)
+        rows = run_cases(shared)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+    table = markdown(rows)
+    print(table)
+    if not args.no_record:
+        from .benchmarks_md import update_section
+
+        update_section(SECTION, section(rows, table))
+    return 0 if all(row[-1].startswith("refused") for row in rows) else 1
 
 
-def run_cases(shared: Path) -> int:
-    """Every case with its inputs under `shared`: prints the table; 0 when every case is refused as promised."""
+def run_cases(shared: Path) -> list[tuple]:
+    """Every case with its inputs under `shared`: (case, exit, first line, files written, verdict) rows."""
     pipe = prepare(shared)
     rows = []
     for i, case in enumerate(CASES):
@@ -280,10 +393,34 @@ def run_cases(shared: Path) -> int:
             rows.append((name, 0, "accepted", set(), "NOT REFUSED AS PROMISED"))
         except EraseError as exc:
             rows.append((name, "EraseError", str(exc), set(), verdict(2, str(exc), expect, set())))
-    print("| case | exit | first line | written | verdict |\n|---|---|---|---|---|")
+    return rows
+
+
+def markdown(rows: list[tuple]) -> str:
+    lines = ["| case | exit | first line | written | verdict |", "|---|---|---|---|---|"]
     for name, code, line, written, result in rows:
-        print(f"| {name} | {code} | {line[:150]} | {', '.join(sorted(written)) or '–'} | {result} |")
-    return 0 if all(row[-1].startswith("refused") for row in rows) else 1
+        shown = line.replace(str(Path(tempfile.gettempdir())), "…").replace("|", "\\|")[:150]
+        lines.append(f"| {name} | {code} | {shown} | {', '.join(sorted(written)) or '–'} | {result} |")
+    return "\n".join(lines)
+
+
+SECTION = "Reliability: bad input"
+
+
+def section(rows: list[tuple], table: str) -> str:
+    from .benchmarks_md import section_body
+
+    held = sum(row[-1].startswith("refused") for row in rows)
+    protocol = (f"{held} of {len(rows)} cases held: each command-line case runs as a user runs it, in its own "
+                "`python -m erase.cli` process, against a tiny Stable Diffusion pipeline saved as a folder and an FIA run "
+                "of it, with its inputs built in a folder of its own; it holds when it exits 2 with one line on stderr "
+                "(no traceback) that names the problem and the fix, and writes, changes and deletes nothing in those "
+                "folders. The API cases hold when they raise EraseError with the expected message. Paths in the first "
+                "lines are shortened to …. tests/test_bad_input.py runs the same table through erase.cli.main(); the "
+                "cache, run-folder, output and YAML cases that need an environment (ERASE_CACHE, a read-only HOME, a "
+                "full disk, a file-name limit) are tested in tests/test_cache.py, test_run_folder.py, test_outputs.py "
+                "and test_reliability.py.")
+    return section_body([table], protocol, "`HF_HUB_OFFLINE=1 python -m erase_lab.bad_inputs`")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ SECTIONS = {
     "Miniature world: the judge on bare places and clothed persons": "what a perfect erasure still scores under the "
                                                                      "mini judge",
     "Package": "the wheel's size and its largest files",
+    "Reliability: bad input": "every bad input the command line and the API refuse, run as a user runs it",
 }
 
 
