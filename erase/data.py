@@ -102,6 +102,7 @@ class ModelCache:
         self.model = model_identity(pipe, unet_fingerprint, images=kind == "images")
         self.key = digest(self.model)
         self.folder = cache_dir() / kind / self.key
+        self.cleaned = False  # dead writers' leftovers removed: once per cache, not a folder listing per batch
 
     def get(self, batch: dict, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The batch from its file when the file holds exactly it, else make()'s, stored there for next time.
@@ -111,7 +112,8 @@ class ModelCache:
         tensor = _read(path, identity, batch)
         if tensor is None:
             tensor = make()
-            _write(path, tensor, identity)
+            _write(path, tensor, identity, clean=not self.cleaned)
+            self.cleaned = True
         return tensor
 
 
@@ -138,15 +140,16 @@ def _read(path: Path, identity: str, batch: dict) -> torch.Tensor | None:
     return None
 
 
-def _write(path: Path, tensor: torch.Tensor, identity: str) -> None:
-    """Store atomically (a killed writer leaves only its .tmp<pid>, removed by the next writer); a write that fails
+def _write(path: Path, tensor: torch.Tensor, identity: str, clean: bool) -> None:
+    """Store atomically (a killed writer leaves only its .tmp<pid>, removed by the next writer: clean); a write that fails
     (disk full, folder gone read-only) leaves nothing and is noted once per folder: the run goes on uncached."""
     from safetensors.torch import save_file
 
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _clean_after_dead_writers(path.parent)
+        if clean:
+            _clean_after_dead_writers(path.parent)
         save_file({TENSOR: tensor.contiguous()}, str(tmp), metadata={"identity": identity, "sha256": checksum(tensor)})
         os.replace(tmp, path)  # a crash never leaves a half-written file under the cache name
     except (OSError, SafetensorError) as exc:
