@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,13 +16,22 @@ from .concepts import Catalog, Concept, check_prompts_fit, concepts_from_record,
 from .config import as_dict, config_from
 from .edits import MaskEdit, fingerprint
 from .errors import EraseError
-from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, nbytes, read_patch,
-                     save_patch, write_json)
+from .export import (
+    PATCH_NAME,
+    RECORD_NAME,
+    atomic_dir,
+    check_output_dir,
+    check_patch_base,
+    nbytes,
+    read_patch,
+    save_patch,
+    write_json,
+)
+from .families import denoiser_of, family_of
 from .lora import check_lora_method, lora_name, parse_rank, save_lora, to_lora
 from .methods import check_concepts, get_method
 from .models import check_pipeline, image_side, model_record
 from .profile import profile_of
-from .single_file import save_single_file, unsupported
 from .versions import versions
 
 
@@ -40,7 +49,7 @@ class EraseResult:
     @contextmanager
     def applied(self):
         """The pipeline with the edit applied inside the with-block, restored bit-exactly after it."""
-        with self.edit.applied_to(self.pipe.unet):
+        with self.edit.applied_to(denoiser_of(self.pipe)):
             yield self.pipe
 
     def layer_table(self) -> list[dict]:
@@ -68,42 +77,46 @@ class EraseResult:
 
     def save(self, out: str | Path, overwrite: bool = False, single_file: bool | None = None,
              half: bool = False, lora: int | str | None = None, patch: bool = True) -> Path:
-        """Write unet/ (diffusers), <out name>.safetensors (original SD layout), patch.safetensors, erase.json and
-        README.md (a Hugging Face model card: base model, concepts, method, how to load each file).
+        """Write the erased denoiser in diffusers format (unet/ or transformer/), <out name>.safetensors (the
+        family's single-file layout), patch.safetensors, erase.json and README.md (a Hugging Face model card: base
+        model, concepts, method, how to load each file).
 
-        single_file: None writes the single file where the model has an original layout (SD1.x, SD2.x, SDXL) and
-        records why not otherwise; True requires it; False skips it. half: store the single file in float16.
+        single_file: None writes the single file where the model family has a community layout (SD1.x, SD2.x and
+        SDXL: the original checkpoint; SD3: SAI's; Flux: BFL's transformer file) and records why not otherwise; True requires it; False skips it. half: store the single file in float16.
         lora: also write <out name>-lora-r<rank>.safetensors, the edit as a kohya LoRA of that rank (or 'full'),
         for training methods only; erase.json's `lora` says what it leaves out. patch: False leaves the patch out:
         it lists every edited weight, a map for an attacker (revival attack), and evaluate/attack read a saved run
         through it. Atomic.
         """
         out = check_output_dir(out, overwrite)
-        if single_file and unsupported(self.pipe):
-            raise EraseError(unsupported(self.pipe))
+        family = family_of(self.pipe)
+        if single_file and family.single_file_problem(self.pipe):
+            raise EraseError(family.single_file_problem(self.pipe))
         if lora is not None:
             lora = parse_rank(lora)
             check_lora_method(get_method(self.method), lora)
         started = time.perf_counter()
         record = dict(self.record)
-        single = single_file is not False and not unsupported(self.pipe)
-        text_encoders = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
-        components = nbytes(self.pipe.unet, self.pipe.vae, *text_encoders) // (1 + half) if single else 0
-        low_rank = None if lora is None else to_lora(self.pipe.unet, self.edit, lora)
+        single = single_file is not False and not family.single_file_problem(self.pipe)
+        denoiser = family.denoiser(self.pipe)
+        text_encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        components = nbytes(denoiser, self.pipe.vae, *text_encoders) // (1 + half) if single else 0
+        low_rank = None if lora is None else to_lora(denoiser, self.edit, lora)
         lora_bytes = sum(t.numel() * t.element_size() for t in low_rank.tensors.values()) if low_rank else 0
-        with atomic_dir(out, overwrite, size=nbytes(self.pipe.unet) + components + lora_bytes) as tmp:
+        with atomic_dir(out, overwrite, size=nbytes(denoiser) + components + lora_bytes) as tmp:
             with self.applied() as pipe:
-                pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-                record["erased_fingerprint"] = fingerprint(pipe.unet)
+                denoiser.save_pretrained(tmp / family.attribute, safe_serialization=True)
+                record["erased_fingerprint"] = fingerprint(denoiser)
                 header = {key: record[key] for key in ("base_fingerprint", "erased_fingerprint")}
                 header.update(method=self.method, concepts=[c.as_dict() for c in self.concepts],
                               erase_version=record["versions"]["erase"])
                 if single:
-                    record["single_file"] = {"name": f"{out.name}.safetensors", "dtype": "float16" if half else "native"}
-                    save_single_file(pipe, tmp / record["single_file"]["name"], header, half=half)
+                    record["single_file"] = {"name": f"{out.name}.safetensors", "dtype": "float16" if half else "native",
+                                             "layout": family.single_file, "holds": family.single_file_holds}
+                    family.save_single_file(pipe, tmp / record["single_file"]["name"], header, half=half)
                 else:
                     record["single_file"] = {"name": None, "why": "not asked for" if single_file is False
-                                             else unsupported(pipe)}
+                                             else family.single_file_problem(pipe)}
             record["patch"] = PATCH_NAME if patch else None
             if patch:
                 save_patch(tmp / PATCH_NAME, self.edit, header)
@@ -139,7 +152,8 @@ def resolve_config(method: str, config=None, **overrides):
 
 def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catalog | None = None,
           progress: bool = True, **overrides) -> EraseResult:
-    """Compute the edit that erases `concepts` from `pipe`'s UNet. The pipeline itself is left unchanged.
+    """Compute the edit that erases `concepts` from `pipe`'s denoiser (its UNet or transformer). The pipeline itself is
+    left unchanged.
 
     concepts: "van gogh,nudity", or a list of names ("kind:name", "name=>anchor") or Concept objects.
     config: a preset name or YAML path, a dict or a config dataclass; keyword overrides win (e.g. r2=0.02).
@@ -151,19 +165,23 @@ def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catal
         catalog = load_catalog(catalog or profile_of(pipe).catalog)
     concept_list = parse_concepts(concepts, catalog)
     check_concepts(method, concept_list, cfg)
+    family = family_of(pipe)
+    family.check_method(spec)
+    if getattr(cfg, "guidance_scale", 0) is None:  # the model family's own: recorded as used
+        cfg = replace(cfg, guidance_scale=family.guidance_scale(pipe))
     check_prompts_fit(pipe.tokenizer, concept_list, catalog)
     image_side(pipe, getattr(cfg, "resolution", None))  # refused now rather than after a minute of work
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    base = fingerprint(pipe.unet)
+    base = fingerprint(family.denoiser(pipe))
     fingerprint_s = time.perf_counter() - started
-    edit, run_record = spec.run(pipe, concept_list, catalog, cfg, progress=progress, unet_fingerprint=base)
+    edit, run_record = spec.run(pipe, concept_list, catalog, cfg, progress=progress, denoiser_fingerprint=base)
     total = time.perf_counter() - started
     record = _record(pipe, spec.name, cfg, concept_list, catalog, edit, run_record, base)
     record["timings"] = dict(run_record.get("timings", {}), fingerprint_s=round(fingerprint_s, 3),
                              total_s=round(total, 3))
-    record["peak_memory_mb"], record["peak_memory_kind"] = peak_memory_mb(pipe.unet.device)
+    record["peak_memory_mb"], record["peak_memory_kind"] = peak_memory_mb(family.denoiser(pipe).device)
     return EraseResult(pipe, edit, spec.name, cfg, concept_list, record)
 
 
@@ -174,7 +192,7 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> dict:
-    unet_weights = sum(p.numel() for p in pipe.unet.parameters())
+    denoiser_weights = sum(p.numel() for p in denoiser_of(pipe).parameters())
     stats = edit.stats()
     targets = sum(s["numel"] for s in stats.values())
     edited = sum(s["edited"] for s in stats.values())
@@ -191,7 +209,7 @@ def _record(pipe, method, config, concepts, catalog, edit, run_record, base) -> 
         **{k: v for k, v in run_record.items() if k != "timings"},
         "layers": {name.removesuffix(".weight"): s for name, s in stats.items()},
         "totals": {"target_weights": targets, "edited": edited, "edited_of_targets": edited / max(targets, 1),
-                   "unet_weights": unet_weights, "edited_of_unet": edited / unet_weights},
+                   "denoiser_weights": denoiser_weights, "edited_of_denoiser": edited / denoiser_weights},
         "versions": versions(),
     }
 

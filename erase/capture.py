@@ -1,14 +1,14 @@
-"""Activation capture: statistics of the inputs of target Linears over the first T UNet calls.
+"""Activation capture: statistics of the inputs of target Linears over the first T denoiser calls.
 
-The denoising loop is our own and stops after T UNet calls: the statistics need no more, and a full generation
-would spend most of its time on steps that are thrown away. Every prompt starts from the same initial noise,
-both CFG halves are captured, and statistics stream over prompts (mean and M2 in fp32), so memory does
-not grow with the number of prompts.
+The denoising stops after T calls: the statistics need no more, and a full generation would spend most of its time on
+steps that are thrown away. A UNet runs in our own loop; a transformer runs in its pipeline's own loop (its latent
+packing, sigma shift and guidance are the pipeline's), stopped right after its T-th call. Every prompt starts from the
+same initial noise, both CFG halves are captured where the model uses CFG, and statistics stream over prompts (mean
+and M2 in fp32), so memory does not grow with the number of prompts.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import check_positive_int
 from .errors import EraseError
+from .families import Target, family_of
 from .models import image_side
 
 
@@ -29,10 +30,12 @@ class CaptureSettings:
     """Scheduler steps of the (never completed) generation; the captured timesteps are its first ones."""
     saliency_steps: int = 10
     """T: UNet calls captured per prompt; the loop stops after them."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance scale of the denoising loop (both halves of the CFG batch are captured)."""
+    guidance_scale: float | None = None
+    """Guidance of the denoising loop: classifier-free guidance (both halves of the CFG batch are captured), or a
+    guidance-distilled model's guidance embedding. None: the model family's default (Stable Diffusion 7.5, SD3 7,
+    Flux.1 dev 3.5)."""
     batch_size: int = 8
-    """Prompts per UNet batch (each prompt gives a conditional and an unconditional row)."""
+    """Prompts per denoiser batch (with CFG, each prompt gives a conditional and an unconditional row)."""
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     seed: int = 1244
@@ -54,15 +57,6 @@ class CaptureSettings:
             raise EraseError(f"seed={self.seed!r} must be a whole number")
         if self.statistics_threads is not None:
             check_positive_int("statistics_threads", self.statistics_threads)
-
-
-def find_target_layers(unet: nn.Module, pattern: str) -> dict[str, nn.Linear]:
-    """The Linear modules whose name matches the glob `pattern`, in module order."""
-    layers = {name: m for name, m in unet.named_modules() if isinstance(m, nn.Linear) and fnmatch.fnmatch(name, pattern)}
-    if not layers:
-        raise EraseError(f"no Linear layer of the UNet matches target {pattern!r}: use a glob over module names "
-                         "such as '*ff.net.2' or '*attn2.to_v'")
-    return layers
 
 
 class ColumnStats:
@@ -123,18 +117,19 @@ def cpu_threads(device: torch.device, threads: int | None):
 def column_norms(x: torch.Tensor, batch: int) -> torch.Tensor:
     """Per prompt, the column norms of the row-normalised input: v_j = ||X̃_{:,j}|| over its tokens and CFG halves.
 
-    x: [2·batch, tokens, C_in] (unconditional rows first, as in the CFG batch) → [batch, C_in] in fp32.
+    x: [halves·batch, tokens, C_in] (with CFG two halves, unconditional rows first, as in the CFG batch) → [batch,
+    C_in] in fp32.
     """
     x = x.float().flatten(1, -2) if x.dim() > 2 else x.float()[:, None]
     squared = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).square_().sum(1)  # in place: one copy of x, not two
-    return (squared[:batch] + squared[batch:]).sqrt()
+    return squared.view(-1, batch, squared.shape[-1]).sum(0).sqrt()
 
 
 def cosine_scores(x: torch.Tensor, weight: torch.Tensor, batch: int) -> torch.Tensor:
     """Per prompt, U_ij = |W_ij| · ||X̃_j|| · |cos(X̃_j, Y_i)| with Y = X̃ Wᵀ (the paper's Eq. 1) → [batch, C_out, C_in]."""
     x = x.float().flatten(1, -2) if x.dim() > 2 else x.float()[:, None]
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    x = torch.cat([x[:batch], x[batch:]], dim=1)  # a prompt's rows: both CFG halves
+    x = torch.cat(x.split(batch), dim=1)  # a prompt's rows: both CFG halves where there are two
     w = weight.float()
     y = x @ w.T
     inner = torch.einsum("bnj,bni->bij", x, y).abs()
@@ -144,7 +139,7 @@ def cosine_scores(x: torch.Tensor, weight: torch.Tensor, batch: int) -> torch.Te
 class Recorder:
     """Forward pre-hooks on the target layers that feed one ColumnStats at the current step."""
 
-    def __init__(self, layers: dict[str, nn.Linear], steps: int, faithful_cosine: bool = False,
+    def __init__(self, layers: dict[str, Target], steps: int, faithful_cosine: bool = False,
                  threads: int | None = None) -> None:
         self.layers, self.steps, self.faithful_cosine, self.threads = layers, steps, faithful_cosine, threads
         self.stats: ColumnStats | None = None
@@ -152,9 +147,9 @@ class Recorder:
         self.batch = 0
         self._handles = []
 
-    def __enter__(self) -> "Recorder":
-        for name, layer in self.layers.items():
-            self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
+    def __enter__(self) -> Recorder:
+        for name, target in self.layers.items():
+            self._handles.append(target.module.register_forward_pre_hook(self._hook(name, target)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -162,11 +157,11 @@ class Recorder:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, target: Target):
         def hook(module: nn.Linear, args):
-            x = args[0]
+            x = target.inputs(args[0])
             if self.faithful_cosine:  # matrix products: every thread helps
-                self.stats.add(name, self.step, self.steps, cosine_scores(x, module.weight, self.batch))
+                self.stats.add(name, self.step, self.steps, cosine_scores(x, target.weight, self.batch))
                 return
             with cpu_threads(x.device, self.threads):
                 self.stats.add(name, self.step, self.steps, column_norms(x, self.batch))
@@ -192,15 +187,26 @@ def conditioning(pipe, prompts: list[str], side: int) -> dict:
 
 @dataclass
 class Denoised:
-    """What a truncated denoising loop leaves: the timesteps it used and its last UNet call."""
+    """What a truncated denoising loop leaves: the timesteps it used and its last denoiser call."""
 
-    timesteps: list[int]
+    timesteps: list[float]
+    """The timesteps the denoiser was called with (a UNet's integer steps; a flow-matching transformer's sigma,
+    scaled as its pipeline passes it)."""
     model_input: torch.Tensor
-    """The last call's input: [unconditional; conditional] latents, scaled for the scheduler."""
+    """The last call's input: the latents (with CFG [unconditional; conditional]), as the denoiser takes them."""
     kwargs: dict
-    """The last call's conditioning (encoder_hidden_states, and added_cond_kwargs for SDXL)."""
-    uncond: torch.Tensor
+    """The last call's other keyword arguments (conditioning; for a transformer, all but hidden_states and
+    timestep)."""
+    uncond: torch.Tensor | None
+    """The last call's unconditional prediction; None for a model run without CFG."""
     cond: torch.Tensor
+
+
+def first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_call=None) -> Denoised:
+    """Denoise `prompts` from one shared initial noise and stop after T denoiser calls (the family's loop)."""
+    if family_of(pipe).attribute == "unet":
+        return denoise_first_calls(pipe, prompts, settings, on_call)
+    return pipeline_first_calls(pipe, prompts, settings, on_call)
 
 
 @torch.no_grad()
@@ -217,6 +223,7 @@ def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_
     if len(timesteps) < settings.saliency_steps:
         raise EraseError(f"saliency_steps={settings.saliency_steps} exceeds the {len(scheduler.timesteps)} UNet calls "
                          f"of a {settings.steps}-step generation: lower saliency_steps or raise steps")
+    guidance = guidance_of(pipe, settings)
     noise = initial_noise(pipe, settings)
     kwargs = kwargs or conditioning(pipe, prompts, noise.shape[-1] * pipe.vae_scale_factor)
     latents = noise.expand(len(prompts), -1, -1, -1) * scheduler.init_noise_sigma
@@ -226,8 +233,13 @@ def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_
         x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         uncond, cond = unet(x, t, **kwargs).sample.chunk(2)
         if i + 1 < len(timesteps):  # the last call's step would only feed statistics we no longer take
-            latents = scheduler.step(uncond + settings.guidance_scale * (cond - uncond), t, latents).prev_sample
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
     return Denoised([int(t) for t in timesteps], x, kwargs, uncond, cond)
+
+
+def guidance_of(pipe, settings: CaptureSettings) -> float:
+    """The settings' guidance, or the model family's where they leave it unset."""
+    return family_of(pipe).guidance_scale(pipe) if settings.guidance_scale is None else settings.guidance_scale
 
 
 def initial_noise(pipe, settings: CaptureSettings) -> torch.Tensor:
@@ -239,19 +251,67 @@ def initial_noise(pipe, settings: CaptureSettings) -> torch.Tensor:
     return noise.to(unet.device, unet.dtype)
 
 
-def capture(pipe, prompts: list[str], layers: dict[str, nn.Linear], settings: CaptureSettings,
-            faithful_cosine: bool = False, desc: str = "capture", progress: bool = True) -> tuple[ColumnStats, list[int]]:
+class _Enough(Exception):
+    """Raised from the transformer's hook once the calls the statistics need are made: the pipeline stops there."""
+
+
+@torch.no_grad()
+def pipeline_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_call=None) -> Denoised:
+    """Run the transformer's own pipeline for `prompts`, every prompt from the same initial noise (one generator per
+    prompt, all seeded alike), and stop it right after T transformer calls; on_call(i) runs before call i."""
+    family = family_of(pipe)
+    transformer = family.denoiser(pipe)
+    side = image_side(pipe, settings.resolution)
+    calls: list[float] = []
+    last: dict = {}
+
+    def before(module, args, kwargs):
+        if on_call is not None:
+            on_call(len(calls))
+        timestep = kwargs["timestep"]
+        calls.append(round(float(timestep.flatten()[0] if torch.is_tensor(timestep) else timestep), 6))
+        last.update(args=args, kwargs=kwargs)
+
+    def after(module, args, kwargs, output):
+        if len(calls) == settings.saliency_steps:
+            last["output"] = output[0] if isinstance(output, tuple) else output.sample
+            raise _Enough
+
+    generators = [torch.Generator("cpu").manual_seed(settings.seed) for _ in prompts]
+    handles = [transformer.register_forward_pre_hook(before, with_kwargs=True),
+               transformer.register_forward_hook(after, with_kwargs=True)]
+    try:
+        pipe(prompts, num_inference_steps=settings.steps, guidance_scale=guidance_of(pipe, settings), height=side,
+             width=side, generator=generators, output_type="latent", **family.call_kwargs(pipe))
+    except _Enough:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(calls) < settings.saliency_steps:
+        raise EraseError(f"saliency_steps={settings.saliency_steps} exceeds the {len(calls)} transformer calls of a "
+                         f"{settings.steps}-step generation: lower saliency_steps or raise steps")
+    kwargs = dict(last["kwargs"])
+    model_input = last["args"][0] if last["args"] else kwargs.pop("hidden_states")
+    kwargs.pop("timestep")
+    output = last["output"]
+    halves = output.shape[0] // len(prompts)
+    uncond, cond = output.chunk(2) if halves == 2 else (None, output)
+    return Denoised(calls, model_input, kwargs, uncond, cond)
+
+
+def capture(pipe, prompts: list[str], layers: dict[str, Target], settings: CaptureSettings,
+            faithful_cosine: bool = False, desc: str = "capture", progress: bool = True) -> tuple[ColumnStats, list]:
     """Statistics of the target layers' inputs over `prompts`, batched; returns (stats, timesteps used)."""
     stats = ColumnStats()
-    timesteps: list[int] = []
+    timesteps: list = []
     with Recorder(layers, settings.saliency_steps, faithful_cosine, settings.statistics_threads) as recorder, \
             tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
         recorder.stats = stats
         for start in range(0, len(prompts), settings.batch_size):
             batch = prompts[start : start + settings.batch_size]
             recorder.batch = len(batch)
-            timesteps = denoise_first_calls(pipe, batch, settings,
-                                            on_call=lambda i: setattr(recorder, "step", i)).timesteps
+            timesteps = first_calls(pipe, batch, settings, on_call=lambda i: setattr(recorder, "step", i)).timesteps
             stats.count += len(batch)
             bar.update(len(batch))
     return stats, timesteps

@@ -77,20 +77,29 @@ def evaluation_section(evaluation: dict) -> str:
 
 
 def files_section(record: dict, name: str, base: str) -> str:
-    pipeline, single, lora, patch = (record["model"]["pipeline"], record["single_file"]["name"], record.get("lora"),
+    pipeline, single, lora, patch = (record["model"]["pipeline"], record["single_file"], record.get("lora"),
                                      record.get("patch"))
-    imports, load_base = base_pipeline(base, pipeline, named=bool(record["model"].get("version")))
-    unet_code = (f"```python\n{imports}from diffusers import {pipeline}, UNet2DConditionModel\n\n"
-                 f"unet = UNet2DConditionModel.from_pretrained(\"{name}\", subfolder=\"unet\")  # this folder, or its repo id\n"
-                 f"{load_base}\n```")
+    denoiser = record["model"].get("denoiser", "UNet2DConditionModel")
+    folder = "unet" if denoiser == "UNet2DConditionModel" else "transformer"
+    imports, load_base = base_pipeline(base, pipeline, folder, named=bool(record["model"].get("version")))
+    denoiser_code = (f"```python\n{imports}from diffusers import {pipeline}, {denoiser}\n\n"
+                     f"{folder} = {denoiser}.from_pretrained(\"{name}\", subfolder=\"{folder}\")  # this folder, or its "
+                     f"repo id\n{load_base}\n```")
     paragraphs = ["## Files and how to load them",
-                  "`unet/`: the erased UNet in diffusers format, in a pipeline of the base model:", unet_code]
-    if single:
-        paragraphs.append(f"`{single}`: the whole erased pipeline in the original Stable Diffusion layout, for A1111 "
-                          f"and ComfyUI, or diffusers: `{pipeline}.from_single_file(\"{single}\")` (with `config=` the "
-                          "base model's folder or hub id where diffusers cannot tell its architecture).")
+                  f"`{folder}/`: the erased {denoiser} in diffusers format, in a pipeline of the base model:", denoiser_code]
+    if single["name"] and single.get("holds") == "denoiser":
+        paragraphs.append(f"`{single['name']}`: the erased {denoiser} alone in the {single['layout']} layout, or "
+                          f"diffusers: `{denoiser}.from_single_file(\"{single['name']}\", config=\"{base}\", "
+                          "subfolder=\"transformer\")` in a pipeline of the base model.")
+    elif single["name"]:
+        layout = single.get("layout", "original Stable Diffusion checkpoint (A1111, ComfyUI, Forge)")
+        paragraphs.append(f"`{single['name']}`: the whole erased pipeline in the {layout} layout, or diffusers: "
+                          f"`{pipeline}.from_single_file(\"{single['name']}\")` (with `config=` the base model's folder "
+                          "or hub id where diffusers cannot tell its architecture).")
     if lora:
-        paragraphs.append(f"`{lora['name']}`: the edit as a kohya LoRA for A1111, ComfyUI and diffusers "
+        form = ("a LoRA in diffusers' format (PEFT names) for diffusers and ComfyUI" if lora.get("format") == "diffusers"
+                else "a kohya LoRA for A1111, ComfyUI and diffusers")
+        paragraphs.append(f"`{lora['name']}`: the edit as {form} "
                           f"(`pipe.load_lora_weights(\"{name}\", weight_name=\"{lora['name']}\")` on a pipeline of the "
                           f"base model). {lora_summary(lora)}.")
     if patch:
@@ -104,11 +113,12 @@ def files_section(record: dict, name: str, base: str) -> str:
     return "\n\n".join(paragraphs)
 
 
-def base_pipeline(base: str, pipeline: str, named: bool) -> tuple[str, str]:
-    """(imports, code) that load the base model with `unet`: diffusers reads a hub id, a folder or a single file; a
-    model known by its own name and version (the miniature model) is erase's to load."""
+def base_pipeline(base: str, pipeline: str, folder: str, named: bool) -> tuple[str, str]:
+    """(imports, code) that load the base model with the erased denoiser (`folder`: unet or transformer): diffusers
+    reads a hub id, a folder or a single file; a model known by its own name and version (the miniature model) is
+    erase's to load."""
     if named:
-        return "import erase\n", f'pipe = erase.load_pipeline("{base}")\npipe.unet = unet'
+        return "import erase\n", f'pipe = erase.load_pipeline("{base}")\npipe.{folder} = {folder}'
     if base.endswith(".safetensors"):
-        return "", f'pipe = {pipeline}.from_single_file("{base}", unet=unet)'
-    return "", f'pipe = {pipeline}.from_pretrained("{base}", unet=unet)'
+        return "", f'pipe = {pipeline}.from_single_file("{base}", {folder}={folder})'
+    return "", f'pipe = {pipeline}.from_pretrained("{base}", {folder}={folder})'

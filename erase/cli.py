@@ -64,7 +64,8 @@ def attack_kind_help() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(None, "Erase concepts from a Stable Diffusion UNet and write the erased checkpoint.", EPILOG)
+    p = Parser(None, "Erase concepts from a text-to-image diffusion model (a Stable Diffusion UNet, SD3, Flux.1 or another "
+                           "diffusers transformer) and write the erased checkpoint.", EPILOG)
     erasure = p.add_argument_group("erasure")
     erasure.add_argument("--concepts", required=True,
                          help='comma-separated concepts; "kind:name" sets the kind, "name=>anchor" the anchor')
@@ -192,14 +193,15 @@ def apply_parser() -> argparse.ArgumentParser:
 
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
-    """The files of an erased checkpoint beside unet/ and erase.json."""
+    """The files of an erased checkpoint beside its denoiser folder (unet/ or transformer/) and erase.json."""
     group = p.add_argument_group("export")
     single = group.add_mutually_exclusive_group()
     single.add_argument("--single-file", dest="single_file", action="store_true", default=None,
                         help="require <out>/<name>.safetensors: a model without a single-file layout is refused "
                              "before any work (default: written where the model has one)")
     single.add_argument("--no-single-file", dest="single_file", action="store_false", default=None,
-                        help="skip <out>/<name>.safetensors (the original-layout single file for A1111/ComfyUI)")
+                        help="skip <out>/<name>.safetensors (the single file for A1111/ComfyUI/Forge in the model "
+                             "family's layout)")
     group.add_argument("--half", action="store_true", help="store the single file in float16")
     group.add_argument("--no-patch", dest="patch", action="store_false",
                        help="leave out <out>/patch.safetensors: it lists every edited weight (a map for a revival "
@@ -211,12 +213,12 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
 
 def load_model_to_export(args: argparse.Namespace):
     """The model, after refusing --single-file for a model that has no single-file layout (before any work)."""
-    from .single_file import unsupported
+    from .families import family_of
 
     pipe = load_model(args)
-    if args.single_file and unsupported(pipe):
-        raise EraseError(f"--single-file asked for a file this model cannot have: {unsupported(pipe)}, or drop "
-                         "--single-file")
+    problem = family_of(pipe).single_file_problem(pipe) if args.single_file else None
+    if problem:
+        raise EraseError(f"--single-file asked for a file this model cannot have: {problem}, or drop --single-file")
     return pipe
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .edits import fingerprint
 from .errors import EraseError
 from .export import disk_full, process_alive
+from .families import denoiser_of, family_of
 from .models import image_side
 
 TENSOR = "data"
@@ -72,15 +73,18 @@ def check_cache(without: str = "") -> None:
     raise EraseError(f"the cache folder {folder} ({which}) {why}: set ERASE_CACHE to a writable folder{without}")
 
 
-def model_identity(pipe, unet_fingerprint: str | None = None, images: bool = False) -> dict:
-    """What a model's samples depend on: the fingerprints of its UNet as it is now (pass it when the caller has
+def model_identity(pipe, denoiser_fingerprint: str | None = None, images: bool = False) -> dict:
+    """What a model's samples depend on: the fingerprints of its denoiser as it is now (pass it when the caller has
     hashed it) and of every other module that takes part (the text encoder(s); for decoded images also the VAE and
     any safety checker), and the sampler with its settings."""
+    family = family_of(pipe)
     modules = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
-               and name != "unet" and (images or name.startswith("text_encoder"))}
-    return {"unet": unet_fingerprint or fingerprint(pipe.unet),
+               and name != family.attribute and (images or name.startswith("text_encoder"))}
+    return {family.attribute: denoiser_fingerprint or fingerprint(family.denoiser(pipe)),
             **{name: fingerprint(module) for name, module in sorted(modules.items())},
-            "sampler": type(pipe.scheduler).__name__, "sampler_config": dict(pipe.scheduler.config)}
+            "sampler": type(pipe.scheduler).__name__,
+            # not diffusers' bookkeeping (_use_default_values is a list in no fixed order: another key per process)
+            "sampler_config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}}
 
 
 def digest(meta: dict) -> str:
@@ -98,8 +102,8 @@ def checksum(tensor: torch.Tensor) -> str:
 class ModelCache:
     """One model's cached batches of one kind ("images" or "latents"), in $ERASE_CACHE/<kind>/<key>/."""
 
-    def __init__(self, kind: str, pipe, unet_fingerprint: str | None = None) -> None:
-        self.model = model_identity(pipe, unet_fingerprint, images=kind == "images")
+    def __init__(self, kind: str, pipe, denoiser_fingerprint: str | None = None) -> None:
+        self.model = model_identity(pipe, denoiser_fingerprint, images=kind == "images")
         self.key = digest(self.model)
         self.folder = cache_dir() / kind / self.key
         self.cleaned = False  # dead writers' leftovers removed: once per cache, not a folder listing per batch
@@ -172,17 +176,17 @@ def _clean_after_dead_writers(folder: Path) -> None:
 
 def sample_latents(pipe, prompts: list[tuple[str, str | None]], settings: SampleSettings, cache: ModelCache,
                    progress: bool = True) -> list[torch.Tensor]:
-    """Latents [count, C, h, w] of each (prompt, negative prompt), from `cache` (the pipeline's as it is now) or
-    sampled and cached."""
+    """Latents of each (prompt, negative prompt) as the pipeline returns them with output_type="latent" ([count, C,
+    h, w]; Flux.1: packed, [count, tokens, C]), from `cache` (the pipeline's as it is now) or sampled and cached."""
     side = image_side(pipe, settings.resolution)
-    latent_side = side // pipe.vae_scale_factor
-    shape = [settings.count, pipe.unet.config.in_channels, latent_side, latent_side]
+    denoiser = denoiser_of(pipe)
+    shape = [settings.count, *family_of(pipe).latents_shape(pipe, side)]
     out = []
     for prompt, negative in tqdm(prompts, desc="training data", unit="prompt", disable=not progress, leave=False):
         batch = {"prompt": prompt, "negative_prompt": negative or "", "side": side, **asdict(settings),
-                 "device": pipe.unet.device.type, "shape": shape, "dtype": str(torch.float32)}
+                 "device": denoiser.device.type, "shape": shape, "dtype": str(torch.float32)}
         latents = cache.get(batch, partial(_sample, pipe, prompt, negative, settings, side))
-        out.append(latents.to(pipe.unet.device, pipe.unet.dtype))  # fresh or cached: the same float32 values
+        out.append(latents.to(denoiser.device, denoiser.dtype))  # fresh or cached: the same float32 values
     return out
 
 
@@ -190,4 +194,4 @@ def _sample(pipe, prompt: str, negative: str | None, settings: SampleSettings, s
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     return pipe(prompt, negative_prompt=negative, num_images_per_prompt=settings.count, height=side, width=side,
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, generator=generator,
-                output_type="latent").images.detach().float().cpu().contiguous()
+                output_type="latent", **family_of(pipe).call_kwargs(pipe)).images.detach().float().cpu().contiguous()

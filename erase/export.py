@@ -364,19 +364,24 @@ def _shown(fields: dict, keys: list[str]) -> str:
 
 
 def check_patch_base(pipe, patch: str | Path, edit: MaskEdit, header: dict) -> str:
-    """The UNet's fingerprint, after refusing a UNet other than the one the patch was made from, or one whose
+    """The denoiser's fingerprint, after refusing a denoiser other than the one the patch was made from, or one whose
     weights the patch's masks and values do not fit (names, shapes, dtype): before any weight is changed."""
-    base = fingerprint(pipe.unet)
+    from .families import denoiser_of
+
+    denoiser = denoiser_of(pipe)
+    base = fingerprint(denoiser)
     if base != header["base_fingerprint"]:
         raise EraseError(f"patch {patch} was made for base {header['base_fingerprint']}, but this model is {base}: "
                          "apply it to the model it was made from (same weights and dtype)")
-    edit.check_fits(pipe.unet)
+    edit.check_fits(denoiser)
     return base
 
 
 def apply_patch(pipe, patch: str | Path) -> MaskEdit:
-    """Apply a saved patch to the pipeline's UNet in place, refusing a UNet other than the patch's base."""
+    """Apply a saved patch to the pipeline's denoiser in place, refusing a denoiser other than the patch's base."""
+    from .families import denoiser_of
+
     edit, header = read_patch(patch)
     check_patch_base(pipe, patch, edit, header)
-    edit.apply(pipe.unet)
+    edit.apply(denoiser_of(pipe))
     return edit

@@ -17,7 +17,7 @@ import torch
 
 from .errors import EraseError
 from .profile import MINI_PIPELINE_DIR, profile_of
-from .single_file import SD1_TEXT, SD2_TEXT, SDXL_TEXT
+from .single_file import SD1_TEXT, SD2_TEXT, SDXL_TEXT, SDXL_TEXT_2, carried_tensors
 
 MINI_DIR = MINI_PIPELINE_DIR.parent
 SINGLE_FILE_CONFIGS = Path(__file__).parent / "model_configs"
@@ -50,19 +50,24 @@ def clip_tokenizer(max_length: int = 77):
 
 
 def image_side(pipe, resolution: int | None = None) -> int:
-    """The generated image's side in pixels: `resolution`, or the model's default. A side the VAE cannot decode,
-    or one whose image cannot fit in the device's memory (the killer would end the run), is refused."""
-    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The generated image's side in pixels: `resolution`, or the model's default. A side the VAE (or a transformer's
+    patches) cannot decode, or one whose image cannot fit in the device's memory (the killer would end the run), is
+    refused."""
+    from .families import family_of
+
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    default, multiple = family.default_side(pipe), family.side_multiple(pipe)
     side = resolution or default
-    if side % pipe.vae_scale_factor:
-        raise EraseError(f"resolution={side} is not a multiple of {pipe.vae_scale_factor}, the VAE's scale factor: "
-                         f"pass a multiple, e.g. resolution={default}")
-    # A lower bound: one activation of the UNet's first block, for one image without guidance.
-    need = pipe.unet.config.block_out_channels[0] * (side // pipe.vae_scale_factor) ** 2 * pipe.unet.dtype.itemsize
-    memory = device_memory(pipe.unet.device)
+    if side % multiple:
+        raise EraseError(f"resolution={side} is not a multiple of {multiple}, what the model's latents come in: pass a "
+                         f"multiple, e.g. resolution={default}")
+    # A lower bound: one activation of the denoiser's first block, for one image without guidance.
+    need = family.activation_bytes(denoiser, side // pipe.vae_scale_factor)
+    memory = device_memory(denoiser.device)
     if need > memory:
         raise EraseError(f"resolution={side} needs more than {need / 2**30:.0f} GB for one image and the "
-                         f"{pipe.unet.device.type} has {memory / 2**30:.0f} GB: lower it (the model's default is {default})")
+                         f"{denoiser.device.type} has {memory / 2**30:.0f} GB: lower it (the model's default is {default})")
     return side
 
 
@@ -188,13 +193,20 @@ def load_pipeline(model: str | Path = "mini", device: str = "cpu", dtype: str | 
     else:
         folder = MINI_PIPELINE_DIR if source == "mini" else Path(ref).expanduser()
         try:
-            pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **absent_components(folder), **kwargs)
         except (OSError, ValueError, TypeError) as exc:
             raise EraseError(f"{folder} could not be loaded as a diffusers pipeline ({exc}): save it again with "
                              "save_pretrained") from exc
     check_pipeline(pipe, ref)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def absent_components(folder: Path) -> dict[str, None]:
+    """The components model_index.json marks null (an SD3 folder saved without T5, as users keep it to save memory):
+    passed as None, which diffusers accepts, where it would otherwise refuse the folder as incomplete."""
+    return {name: None for name, spec in _pipeline_index(folder, "--model").items()
+            if not name.startswith("_") and isinstance(spec, list) and spec and spec[0] is None}
 
 
 def _load_from_hub_cache(repo_id: str, kwargs: dict):
@@ -208,7 +220,6 @@ def _load_from_hub_cache(repo_id: str, kwargs: dict):
 
 
 def _load_single_file(path: Path, config: str | Path | None, kwargs: dict):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -217,6 +228,54 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict):
     except (SafetensorError, OSError) as exc:
         raise EraseError(f"{path} is not a readable safetensors file ({exc}): the file is corrupt or truncated, "
                          "download or export it again") from exc
+    dit = _load_transformer_file(path, keys, config and Path(config).expanduser(), kwargs)
+    if dit is not None:
+        pipe = dit
+    else:
+        pipe = _load_sd_file(path, keys, config, kwargs)
+    pipe.register_to_config(_name_or_path=str(path))
+    pipe.source_sha256 = file_sha256(path)
+    return pipe
+
+
+def _load_transformer_file(path: Path, keys: list[str], config: Path | None, kwargs: dict):
+    """An SD3/SD3.5 checkpoint (SAI's layout) or a Flux.1 transformer file (BFL's), or None for another file. A Flux
+    file holds the transformer alone: the text encoders and the VAE come from --model-config, the base model's folder."""
+    from diffusers import DiffusionPipeline
+
+    from .families import flux_file, sd3_file
+
+    dtype = kwargs.get("torch_dtype")
+    if any(k.startswith(sd3_file.MODEL_PREFIX + "joint_blocks.") for k in keys):
+        config_dir = config or sd3_file.config_for(keys)
+        if config_dir is None:
+            raise EraseError(f"{path.name} is an SD3 checkpoint of no architecture erase ships a config for (SD3 medium, "
+                             "SD3.5 medium or large): pass --model-config with the diffusers folder of its base model")
+        try:
+            return sd3_file.load_single_file(path, config_dir, dtype)
+        except EraseError:
+            raise
+        except Exception as exc:
+            raise EraseError(f"{path.name} could not be loaded as an SD3 checkpoint ({exc}); pass --model-config with "
+                             "the diffusers folder of its base model") from exc
+    if flux_file.config_for(keys) is None:
+        return None
+    if config is None:
+        raise EraseError(f"{path.name} is a Flux.1 transformer file, which holds no text encoders or VAE: pass "
+                         "--model-config with the diffusers folder of its base model (FLUX.1-dev or FLUX.1-schnell)")
+    transformer = flux_file.load_transformer(path, config, dtype)
+    try:
+        return DiffusionPipeline.from_pretrained(config, transformer=transformer, use_safetensors=True,
+                                                 local_files_only=True, **absent_components(config), **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise EraseError(f"--model-config {config} could not give {path.name} its text encoders and VAE ({exc}): pass "
+                         "the diffusers folder of its base model, with their weights") from exc
+
+
+def _load_sd_file(path: Path, keys: list[str], config: str | Path | None, kwargs: dict):
+    """A Stable Diffusion 1.x, 2.x or XL checkpoint in the original layout."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     config_dir = Path(config).expanduser() if config else _shipped_config_for(keys, path)
     index = _pipeline_index(config_dir, "--model-config")
     cls = StableDiffusionXLPipeline if index.get("_class_name") == "StableDiffusionXLPipeline" else StableDiffusionPipeline
@@ -229,8 +288,7 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict):
     except Exception as exc:
         raise EraseError(f"{path.name} could not be loaded as a Stable Diffusion checkpoint ({exc}); "
                          "pass --model-config with the diffusers folder of its base model") from exc
-    pipe.register_to_config(_name_or_path=str(path))
-    pipe.source_sha256 = file_sha256(path)
+    pipe.carried_tensors = carried_tensors(path, keys, pipe)  # SD2.x's 24th text layer, for the single-file export
     return pipe
 
 
@@ -278,7 +336,12 @@ def model_record(pipe) -> dict:
     record = {"source": source, **({"version": profile.version} if profile.version else {})}
     if getattr(pipe, "source_sha256", None):
         record["sha256"] = pipe.source_sha256
-    return {**record, "pipeline": type(pipe).__name__, "dtype": str(pipe.unet.dtype), "device": str(pipe.unet.device)}
+    from .families import family_of
+
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    return {**record, "pipeline": type(pipe).__name__, "family": family.name, "denoiser": type(denoiser).__name__,
+            "dtype": str(denoiser.dtype), "device": str(denoiser.device)}
 
 
 def _text_length(text_encoder: Path) -> int:
@@ -292,10 +355,12 @@ def _text_length(text_encoder: Path) -> int:
 def _shipped_config_for(keys: list[str], path: Path) -> Path:
     """Pick the shipped config of the SD architecture whose characteristic keys the checkpoint has."""
     keyset = set(keys)
-    if any(k.startswith("conditioner.embedders.") for k in keyset):
-        raise EraseError(f"{path.name} is an SDXL checkpoint and erase ships no SDXL config yet: pass --model-config with "
-                         "the diffusers folder of its base model")
-    if any(k.startswith(SD2_TEXT) for k in keyset):
+    if any(k.startswith(SDXL_TEXT_2) for k in keyset):
+        name = "sdxl"  # SDXL base 1.0 and its fine-tunes: CLIP-L and OpenCLIP bigG
+    elif any(k.startswith("conditioner.embedders.") for k in keyset):
+        raise EraseError(f"{path.name} is an SDXL checkpoint without SDXL base's two text encoders (a refiner?), which "
+                         "erase ships no config for: pass --model-config with the diffusers folder of its base model")
+    elif any(k.startswith(SD2_TEXT) for k in keyset):
         name = "sd2"  # the 768-v model; an SD2 base (512, epsilon) checkpoint needs --model-config
     elif {f"{SD1_TEXT}{inner}embeddings.token_embedding.weight" for inner in ("text_model.", "")} & keyset:
         name = "sd15"
@@ -306,11 +371,13 @@ def _shipped_config_for(keys: list[str], path: Path) -> Path:
 
 
 def check_pipeline(pipe, what: str) -> None:
-    """Refuse anything but a diffusers Stable Diffusion (1.x, 2.x, XL) pipeline: a UNet2DConditionModel with a
-    text encoder."""
-    from diffusers import UNet2DConditionModel
+    """Refuse anything but a pipeline of a model family erase knows (erase.families): a Stable Diffusion UNet,
+    SD3/SD3.5, Flux.1 or a diffusers text-to-image transformer built from FeedForward blocks."""
+    from .families import family_of
 
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) or getattr(pipe, "text_encoder", None) is None:
-        raise EraseError(f"{what} is not a Stable Diffusion model (erase needs a UNet2DConditionModel with a text "
-                         "encoder): pass a diffusers StableDiffusion or StableDiffusionXL pipeline, e.g. from "
-                         "erase.load_pipeline")
+    try:
+        family_of(pipe)
+    except EraseError:
+        raise EraseError(f"{what} is not a model erase can edit (a Stable Diffusion UNet with a text encoder, "
+                         "SD3/SD3.5, Flux.1, or a diffusers text-to-image transformer built from FeedForward blocks): "
+                         "pass such a diffusers pipeline, e.g. from erase.load_pipeline") from None

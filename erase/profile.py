@@ -1,7 +1,8 @@
 """A model's profile: the defaults that go with the model rather than with a method or the evaluator.
 
 A pipeline folder may carry them in `erase_profile.json` beside its model_index.json (the shipped miniature model
-does); any other model gets the Stable Diffusion defaults. Nothing in erase tests a model's name to choose them.
+does); any other model gets the defaults of its model family (its pipeline's own guidance). Nothing in erase tests a
+model's name to choose them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Profile:
     judge_pretrained: str | None = "openai"
     """The judge's open_clip pretrained tag (None for the miniature world's own CLIP)."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance its images are drawn at."""
+    """The guidance its images are drawn at (classifier-free, or a distilled model's guidance embedding)."""
     seeds: tuple[int, ...] = (0,)
     """The seeds each evaluation prompt is drawn with: one image per prompt and seed."""
 
@@ -54,7 +55,11 @@ def profile_of(model) -> Profile:
     folder = folder_of(model)
     path = folder / PROFILE_NAME if folder else None
     if path is None or not path.is_file():
-        return Profile()
+        if isinstance(model, (str, Path)):
+            return Profile()
+        from .families import family_of
+
+        return Profile(guidance_scale=family_of(model).guidance_scale(model))
     try:
         data = json.loads(path.read_text())
         known = {f.name for f in fields(Profile)}

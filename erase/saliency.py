@@ -7,17 +7,17 @@ only one step's S of one layer exists at a time, and nothing is written to disk.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import CaptureSettings, ColumnStats, capture, cpu_threads, find_target_layers
+from .capture import CaptureSettings, ColumnStats, capture, cpu_threads
 from .concepts import Catalog, Concept
 from .config import check_choice, check_positive_int
 from .edits import MaskEdit
+from .families import Target, family_of
 from .masks import Votes, count, kth_largest, layer_topk_mask, row_draws, row_topk_mask
 
 
@@ -55,7 +55,7 @@ def above_kth_largest(s_t: torch.Tensor, k: int) -> torch.Tensor:
     return s_t > (kth_largest(s_t, k) if s_t.numel() >= k else 0)
 
 
-def fia_concept_mask(layers: dict[str, nn.Linear], concept: ColumnStats, base: ColumnStats,
+def fia_concept_mask(layers: dict[str, Target], concept: ColumnStats, base: ColumnStats,
                      r1: float, r2: float) -> dict[str, torch.Tensor]:
     """Concept-sensitive weights per layer: in their row's top-k and the layer's top-K of A (k, K from r2).
 
@@ -69,7 +69,7 @@ def fia_concept_mask(layers: dict[str, nn.Linear], concept: ColumnStats, base: C
     return masks
 
 
-def conceptprune_concept_mask(layers: dict[str, nn.Linear], concept: ColumnStats, base: ColumnStats,
+def conceptprune_concept_mask(layers: dict[str, Target], concept: ColumnStats, base: ColumnStats,
                               skill_ratio: float) -> dict[str, torch.Tensor]:
     """Skilled weights: at some captured step, in the row's top-(skill_ratio · C_in) of |W_ij| · ||X_j|| for the
     concept prompts, and scoring higher for the concept than for the base prompts (norms pooled over prompts)."""
@@ -93,9 +93,11 @@ FILLS = ("zeros", "noise")
 class MaskingConfig(CaptureSettings):
     """Settings shared by the training-free masking methods."""
 
-    target: str = "*ff.net.2"
-    """Glob over UNet module names selecting the Linear layers to score and mask (default: the second
-    feed-forward Linear of every transformer block)."""
+    target: str = "ffn"
+    """The Linear layers to score and mask: 'ffn', the model family's feed-forward down-projections (a UNet's
+    `*ff.net.2`; SD3's `ff` and `ff_context`; Flux's double-block feed-forwards and the MLP columns of its single
+    blocks' `proj_out`; any transformer's diffusers FeedForward outputs), or a glob over the denoiser's module
+    names such as '*ff.net.2'."""
     prompts_per_concept: int | None = None
     """Prompt pairs per concept (the first fillers of its kind); None uses every filler."""
     fill: str = "noise"
@@ -111,7 +113,7 @@ class MaskingConfig(CaptureSettings):
         check_choice("fill", self.fill, FILLS)
 
 
-ConceptMask = Callable[[dict[str, nn.Linear], ColumnStats, ColumnStats, Concept], dict[str, torch.Tensor]]
+ConceptMask = Callable[[dict[str, Target], ColumnStats, ColumnStats, Concept], dict[str, torch.Tensor]]
 
 
 def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: MaskingConfig, concept_mask: ConceptMask,
@@ -124,10 +126,14 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
     """
     from accelerate import PartialState
 
-    state = PartialState(cpu=pipe.unet.device.type == "cpu")  # as the Trainer's Accelerator: gloo on CPU
-    layers = find_target_layers(pipe.unet, config.target)
-    votes, base_stats = Votes({name: layer.weight.shape for name, layer in layers.items()}, pipe.unet.device), {}
-    record: dict = {"prompts": {}, "concept_masks": {}, "timesteps": []}
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    state = PartialState(cpu=denoiser.device.type == "cpu")  # as the Trainer's Accelerator: gloo on CPU
+    layers = family.targets(denoiser, config.target)
+    votes, base_stats = Votes({name: layer.weight.shape for name, layer in layers.items()}, denoiser.device), {}
+    record: dict = {"prompts": {}, "concept_masks": {}, "timesteps": [],
+                    "sampler": {"scheduler": type(pipe.scheduler).__name__, "guidance": family.guidance(pipe),
+                                "guidance_scale": config.guidance_scale, "steps": config.steps}}
     timings = {"capture_s": 0.0, "scoring_s": 0.0}
     with state.split_between_processes(concepts) as mine:
         for concept in tqdm(mine, desc="concepts", unit="concept", disable=not progress or len(mine) <= 1
@@ -141,7 +147,7 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
             stats, record["timesteps"] = capture(pipe, concept_prompts, layers, config, faithful_cosine,
                                                  desc=concept.name, progress=progress)
             scored = time.perf_counter()
-            with cpu_threads(pipe.unet.device, config.statistics_threads):
+            with cpu_threads(denoiser.device, config.statistics_threads):
                 masks = concept_mask(layers, stats, base_stats[tuple(base_prompts)], concept)
                 votes.add(masks)
             timings["capture_s"] += scored - started
@@ -153,11 +159,12 @@ def erase_with_masks(pipe, concepts: list[Concept], catalog: Catalog, config: Ma
         votes.sum_across_processes()
         record["processes"] = state.num_processes  # timings are the main process's own share
     fused = time.perf_counter()
-    with cpu_threads(pipe.unet.device, config.statistics_threads):
+    with cpu_threads(denoiser.device, config.statistics_threads):
         prune, keep = votes.fuse(alpha)
-        masks = {f"{name}.weight": mask for name, mask in prune.items()}
         weights = {f"{name}.weight": layer.weight for name, layer in layers.items()}
-        fill = noise_fill(weights, masks, config.seed) if config.fill == "noise" else None
+        fill = noise_fill(weights, {f"{n}.weight": m for n, m in prune.items()}, config.seed) \
+            if config.fill == "noise" else None  # drawn from the scored columns' rows only
+        masks = {f"{name}.weight": layers[name].full_mask(mask) for name, mask in prune.items()}
     timings["scoring_s"] += time.perf_counter() - fused  # fusion and the fill's draws count as scoring too
     record["fusion"] = {"concepts": votes.concepts, "tau": votes.threshold(alpha),
                         "kept_agnostic": {name: int(k.sum()) for name, k in keep.items()}}

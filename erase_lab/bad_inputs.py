@@ -305,9 +305,9 @@ def api_cases(pipe) -> list[tuple[str, Callable[[], object], str]]:
     import erase
 
     return [
-        ("erase(object(), ...)", lambda: erase.erase(object(), "church"), "not a Stable Diffusion model"),
-        ("erase(pipe.unet, ...)", lambda: erase.erase(pipe.unet, "church"), "not a Stable Diffusion model"),
-        ("erase(None, ...)", lambda: erase.erase(None, "church"), "not a Stable Diffusion model"),
+        ("erase(object(), ...)", lambda: erase.erase(object(), "church"), "not a model erase can edit"),
+        ("erase(pipe.unet, ...)", lambda: erase.erase(pipe.unet, "church"), "not a model erase can edit"),
+        ("erase(None, ...)", lambda: erase.erase(None, "church"), "not a model erase can edit"),
         ("erase(pipe, None)", lambda: erase.erase(pipe, None), "a list of concept names"),
         ("erase(pipe, [1, 2])", lambda: erase.erase(pipe, [1, 2]), "a list of concept names"),
         ("erase(pipe, [None])", lambda: erase.erase(pipe, [None]), "a list of concept names"),

@@ -69,7 +69,8 @@ def timed(work, one_thread: bool, repeats: int) -> float:
 
 def workloads(pipe) -> dict:
     """The two pieces of work, as callables: the statistics of one UNet call, one concept's masks and fill."""
-    from erase.capture import ColumnStats, column_norms, find_target_layers
+    from erase.capture import ColumnStats, column_norms
+    from erase.families import find_target_layers
     from erase.saliency import fia_concept_mask, noise_fill
 
     layers = find_target_layers(pipe.unet, "*ff.net.2")

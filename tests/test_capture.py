@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import erase
-from erase.capture import CaptureSettings, capture, column_norms, cosine_scores, cpu_threads, find_target_layers
+from erase.capture import CaptureSettings, capture, column_norms, cosine_scores, cpu_threads
+from erase.families import find_target_layers
 from erase_lab.tiny import real_unet_on_meta
 
 SD_FFN2_SHAPES = [(320, 1280)] * 2 + [(640, 2560)] * 2 + [(1280, 5120)] * 2 + [(1280, 5120)] * 1 \
@@ -85,7 +86,7 @@ def test_statistics_run_on_their_own_thread_count_and_the_unet_on_torchs(pipe, s
         return hook
 
     handles = [pipe.unet.register_forward_pre_hook(record("unet")),
-               next(iter(layers.values())).register_forward_hook(record("layer after the statistics"))]
+               next(iter(layers.values())).module.register_forward_hook(record("layer after the statistics"))]
     try:
         settings = CaptureSettings(saliency_steps=1, statistics_threads=statistics_threads)
         capture(pipe, ["a red car"], layers, settings, progress=False)

@@ -149,7 +149,7 @@ def test_model_that_is_not_stable_diffusion(capsys, tmp_path):
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
-    bad(["--concepts", "church", "--model", str(folder)], capsys, tmp_path, "is not a Stable Diffusion model")
+    bad(["--concepts", "church", "--model", str(folder)], capsys, tmp_path, "is not a model erase can edit")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":", b"not a safetensors file at all"])

@@ -47,7 +47,9 @@ def test_record_is_complete_json(saved):
     assert record["versions"]["torch"] == torch.__version__
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "church.safetensors", "erase.json", "patch.safetensors",
                                                    "unet"]
-    assert record["single_file"] == {"name": "church.safetensors", "dtype": "native"}
+    assert record["single_file"] == {"name": "church.safetensors", "dtype": "native", "holds": "pipeline",
+                                     "layout": "original Stable Diffusion checkpoint (A1111, ComfyUI, Forge)"}
+    assert record["model"]["family"] == "unet" and record["model"]["denoiser"] == "UNet2DConditionModel"
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no partial folders left
 
 

@@ -6,7 +6,8 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
 import erase
-from erase.capture import CaptureSettings, capture, find_target_layers
+from erase.capture import CaptureSettings, capture
+from erase.families import find_target_layers
 from erase_lab.tiny import tiny_sdxl_pipeline
 
 SDXL_UNET = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "sample_size": 128,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import erase
-from erase.capture import find_target_layers
+from erase.families import find_target_layers
 from erase.methods.uce import last_token_embeddings
 
 

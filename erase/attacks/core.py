@@ -19,6 +19,7 @@ from ..config import check_positive_int, config_from
 from ..errors import EraseError
 from ..evaluation import JudgedSettings, erasure_of, generate, load_judge
 from ..evaluation.judge import Judge
+from ..families import denoiser_of
 from ..models import check_pipeline, image_side
 from ..profile import profile_of
 from ..versions import versions
@@ -99,7 +100,7 @@ def attack(original, erased, concepts: list[str] | str | None = None, kind: str 
         original_images, anchor_images = images(targets, latents=latents), images(anchors)
         for target, x0 in zip(targets, latents):
             target.latents = x0
-        with erasure.edit.applied_to(original.unet):
+        with erasure.edit.applied_to(denoiser_of(original)):
             erased_images = images(targets)
         timings["generation_s"] = time.perf_counter() - started
         bar.clear()
@@ -107,7 +108,7 @@ def attack(original, erased, concepts: list[str] | str | None = None, kind: str 
         found, attacked_edit = spec.run(original, erasure.edit, targets, cfg, progress)
         timings["attack_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        with attacked_edit.applied_to(original.unet):
+        with attacked_edit.applied_to(denoiser_of(original)):
             attacked_images = images(targets, [f["prompt"] for f in found])
         timings["generation_s"] += time.perf_counter() - started
     settings = {"kind": kind, **asdict(cfg), "sampler": type(original.scheduler).__name__,

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import find_target_layers
 from ..config import check_choice, check_positive, check_positive_ints, check_ratio
 from ..edits import MaskEdit
+from ..families import family_of
 from ..masks import row_draws
 from . import register
 from .core import AttackSettings, Target
@@ -31,8 +31,9 @@ LOCATIONS = ("zeros", "patch")
 class RevivalAttackConfig(AttackSettings):
     """Revival settings: which layers are completed, where the pruned entries are taken from, and the completion."""
 
-    target: str = "*ff.net.2"
-    """Glob over UNet module names of the Linear layers whose pruned entries are completed (the paper: ff.net.2)."""
+    target: str = "ffn"
+    """The Linear layers whose pruned entries are completed: 'ffn', the model family's feed-forward down-projections
+    (the paper: a UNet's ff.net.2), or a glob over the denoiser's module names."""
     locations: str = "zeros"
     """'zeros': the erased weights' exact zeros outside all-zero columns and rows (an attacker who has the
     checkpoint); 'patch': the erasure's own
@@ -99,11 +100,13 @@ def run(pipe, edit, targets: list[Target], config: RevivalAttackConfig,
         progress: bool = True) -> tuple[list[dict], MaskEdit]:
     """The revived weights as an edit of the original UNet (the erasure's edit with its pruned entries revived),
     and for each target its plain prompt and how many weights were revived."""
-    layers = find_target_layers(pipe.unet, config.target)
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    layers = family.targets(denoiser, config.target)
     generator = torch.Generator("cpu").manual_seed(config.seed)
-    params = dict(pipe.unet.named_parameters())
+    params = dict(denoiser.named_parameters())
     masks, values, count = {}, {}, 0
-    with edit.applied_to(pipe.unet), torch.no_grad():
+    with edit.applied_to(denoiser), torch.no_grad():
         names = sorted({*edit.masks, *(f"{name}.weight" for name in layers)})
         for name in tqdm(names, desc="revival", unit="layer", disable=not progress):
             weight = params[name].detach()

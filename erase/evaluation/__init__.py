@@ -21,6 +21,7 @@ from ..data import ModelCache, check_cache
 from ..edits import MaskEdit, fingerprint
 from ..errors import EraseError
 from ..export import PATCH_NAME, RECORD_NAME, check_patch_of_run, read_json, read_patch
+from ..families import denoiser_of, family_of
 from ..models import check_pipeline, image_side
 from ..profile import Profile, profile_of
 from ..versions import versions
@@ -42,7 +43,8 @@ class JudgedSettings:
     """Each prompt is generated once per seed, identically for every model compared. None: the model's profile's
     (the miniature model: 0, 1, 2, its images being cheap; any other: 0)."""
     guidance_scale: float | None = None
-    """Classifier-free guidance. None: the model's profile's (the miniature model: 2; any other: 7.5)."""
+    """Guidance (classifier-free, or a distilled model's guidance embedding). None: the model's profile's (the
+    miniature model: 2; any other: its family's, e.g. Stable Diffusion 7.5, SD3 7, Flux.1 dev 3.5)."""
     resolution: int | None = None
     """Image side in pixels; None uses the model's default."""
     batch_size: int = 16
@@ -62,7 +64,7 @@ class JudgedSettings:
     def fill_defaults(self, profile: Profile) -> None:
         """Seeds and guidance left unset take the values of the model's profile."""
         self.seeds = self.seeds or list(profile.seeds)
-        self.guidance_scale = self.guidance_scale or profile.guidance_scale
+        self.guidance_scale = profile.guidance_scale if self.guidance_scale is None else self.guidance_scale
 
 
 @dataclass
@@ -147,19 +149,20 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
 
 
 def erasure_of(original, erased) -> Erasure:
-    """The erasure to measure, refused unless it names concepts and `original`'s UNet, as it is now, is its base:
+    """The erasure to measure, refused unless it names concepts and `original`'s denoiser, as it is now, is its base:
     the result's own pipeline too, which may have been edited since erase() (an applied patch would be measured
-    twice). Hashes the UNet once: the erasure's base_fingerprint is then what the UNet holds."""
+    twice). Hashes the denoiser once: the erasure's base_fingerprint is then what the denoiser holds."""
     erasure = _erasure(erased)
     if erasure.edit.applied:
         raise EraseError("the erasure's edit is applied right now (inside `with result.applied()`): call this after "
                          "the with-block, with the unedited model")
-    base = fingerprint(original.unet)
+    denoiser = denoiser_of(original)
+    base = fingerprint(denoiser)
     if base != erasure.base_fingerprint:
         raise EraseError(f"the erased model was made from base {erasure.base_fingerprint}, but the original given "
                          f"is {base} (another model, or this one with an edit applied, e.g. by erase.apply_patch): "
                          "pass the unedited model the erasure was made from")
-    erasure.edit.check_fits(original.unet)  # a patch that does not fit the weights: refused before any image
+    erasure.edit.check_fits(denoiser)  # a patch that does not fit the weights: refused before any image
     if not erasure.concepts:
         raise EraseError("no concept to evaluate: the erasure names no concepts")
     return erasure
@@ -171,7 +174,7 @@ def load_judge(original, profile: Profile, clip: str | Judge | None, clip_pretra
     if isinstance(clip, Judge):
         return clip
     return Judge.load(clip or profile.judge, clip_pretrained if clip else profile.judge_pretrained,
-                      device=str(original.unet.device))
+                      device=str(denoiser_of(original).device))
 
 
 def _erasure(erased) -> Erasure:
@@ -250,7 +253,7 @@ def _paired_images(pipe, edit: MaskEdit, jobs: list[Job], config: EvalSettings, 
     with tqdm(total=2 * len(jobs), desc="generating", unit="image", disable=not progress) as bar:
         original = generate(pipe, prompts, seeds, config.steps, config.guidance_scale, side, config.batch_size, bar,
                             cache=cache)
-        with edit.applied_to(pipe.unet):
+        with edit.applied_to(denoiser_of(pipe)):
             erased = generate(pipe, prompts, seeds, config.steps, config.guidance_scale, side, config.batch_size, bar)
     return original, erased
 
@@ -274,7 +277,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
     def run(batch_prompts, batch_seeds):
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds]
         return pipe(batch_prompts, num_inference_steps=steps, height=side, width=side, guidance_scale=guidance_scale,
-                    generator=generators, callback_on_step_end=keep if latents is not None else None).images
+                    generator=generators, callback_on_step_end=keep if latents is not None else None,
+                    **family_of(pipe).call_kwargs(pipe)).images
 
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -283,7 +287,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
             out += run(*batch)
         else:
             meta = {"prompts": batch[0], "seeds": batch[1], "steps": steps, "guidance_scale": guidance_scale,
-                    "side": side, "device": pipe.unet.device.type, "shape": [len(batch[1]), side, side, 3],
+                    "side": side, "device": denoiser_of(pipe).device.type, "shape": [len(batch[1]), side, side, 3],
                     "dtype": str(torch.uint8)}
             pixels = cache.get(meta, lambda batch=batch: torch.from_numpy(np.stack([np.asarray(im) for im in run(*batch)])))
             out += [Image.fromarray(image.numpy()) for image in pixels]  # the uint8 pixels the pipeline gave

@@ -1,8 +1,9 @@
 """The method registry: a method's name → its config dataclass and the function that runs it.
 
-A method's run(pipe, concepts, catalog, config, progress, unet_fingerprint) returns (edit, record): the edit applies
-to the UNet, the record (prompts, timesteps, per-layer statistics, timings) goes into erase.json. unet_fingerprint is
-the UNet's as erase() computed it (seconds on SD1.5): methods that key caches by the model take it from there.
+A method's run(pipe, concepts, catalog, config, progress, denoiser_fingerprint) returns (edit, record): the edit applies
+to the denoiser (the UNet or transformer), the record (prompts, timesteps, per-layer statistics, timings) goes into
+erase.json. denoiser_fingerprint is the denoiser's as erase() computed it (seconds on SD1.5): methods that key caches by
+the model take it from there. Methods reach the model's parts through its family's adapter (erase.families).
 """
 
 from __future__ import annotations

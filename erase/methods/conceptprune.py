@@ -24,7 +24,7 @@ class ConceptPruneConfig(MaskingConfig):
 @register("conceptprune", ConceptPruneConfig, "skilled-neuron pruning, union over steps and concepts",
           masking=True)
 def run(pipe, concepts, catalog, config: ConceptPruneConfig, progress: bool = True,
-        unet_fingerprint: str | None = None):
+        denoiser_fingerprint: str | None = None):
     def concept_mask(layers, concept_stats, base_stats, concept):
         return conceptprune_concept_mask(layers, concept_stats, base_stats, config.skill_ratio)
 

@@ -46,7 +46,7 @@ class FIAConfig(MaskingConfig):
 @register("fia", FIAConfig, "training-free concept-aware neuron masking with concept-agnostic retention",
           masking=True)
 def run(pipe, concepts, catalog, config: FIAConfig, progress: bool = True,
-        unet_fingerprint: str | None = None):
+        denoiser_fingerprint: str | None = None):
     def concept_mask(layers, concept_stats, base_stats, concept):
         r1, r2 = config.ratios(concept.name)
         return fia_concept_mask(layers, concept_stats, base_stats, r1, r2)

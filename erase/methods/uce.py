@@ -1,6 +1,8 @@
-"""UCE (unified concept editing): a closed-form edit of the cross-attention keys and values (docs/methods.md).
+"""UCE (unified concept editing): a closed-form edit of the layers that read the text embeddings (docs/methods.md):
+a UNet's cross-attention keys and values; SD3's and Flux's context embedder, the one Linear through which the text
+sequence enters every block.
 
-For every target projection W (to_k, to_v):
+For every target projection W:
     W ← (λ W + Σ_erase (W g_i) c_iᵀ + Σ_keep (W c_j) c_jᵀ) (λ I + Σ_erase c_i c_iᵀ + Σ_keep c_j c_jᵀ)⁻¹
 so that a concept's token embedding c_i now yields what its guide g_i (the anchor) yielded, while preserved
 embeddings c_j keep their outputs. c is the text encoder's output at the text's last word token.
@@ -19,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..capture import find_target_layers
 from ..config import check_positive
 from ..edits import MaskEdit
 from ..errors import EraseError
+from ..families import family_of
 from . import register
 
 
@@ -30,8 +32,9 @@ from . import register
 class UCEConfig:
     """UCE settings (defaults of the paper's erasure runs)."""
 
-    target: str = "*attn2.to_[kv]"
-    """Glob over UNet module names: the cross-attention key and value projections."""
+    target: str = "text"
+    """The layers edited: 'text', the model family's Linear layers that read the text embeddings (a UNet's
+    `*attn2.to_[kv]`, SD3's and Flux's `context_embedder`), or a glob over the denoiser's module names."""
     lam: float = 0.5
     """λ: how strongly every other direction keeps its old output."""
     preserve: list[str] = field(default_factory=list)
@@ -55,20 +58,26 @@ def check_guides(concepts, config: UCEConfig) -> None:
 
 @torch.no_grad()
 def last_token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
-    """[len(texts), d]: the text encoder output at each text's last word token (its end token for "")."""
-    embeds = pipe.encode_prompt(prompt=texts, device=pipe.unet.device, num_images_per_prompt=1,
-                                do_classifier_free_guidance=False)[0]
-    lengths = [len(pipe.tokenizer(t).input_ids) for t in texts]
-    index = torch.tensor([n - 2 if n > 2 else n - 1 for n in lengths], device=embeds.device)
+    """[len(texts), d]: the text embeddings the edited layers read, at each text's last word token (its end token for
+    ""). The tokenizer is the one of that sequence (Flux: T5's): its token list ends in one end token, after a start
+    token where it has one (CLIP; T5 has none), so the last word sits just before the end token."""
+    family = family_of(pipe)
+    embeds = family.text_embeddings(pipe, texts)
+    tokenizer = family.text_tokenizer(pipe)
+    ids = [tokenizer(t).input_ids for t in texts]
+    starts = [int(tokenizer.bos_token_id is not None and i[0] == tokenizer.bos_token_id) for i in ids]
+    index = torch.tensor([len(i) - 2 if len(i) > 1 + s else len(i) - 1 for i, s in zip(ids, starts)],
+                         device=embeds.device)
     return embeds[torch.arange(len(texts)), index].float()
 
 
 @register("uce", UCEConfig, "closed-form edit of cross-attention keys and values towards each concept's anchor",
           check=check_guides)
 def run(pipe, concepts, catalog, config: UCEConfig, progress: bool = True,
-        unet_fingerprint: str | None = None):
+        denoiser_fingerprint: str | None = None):
     started = time.perf_counter()
-    layers = find_target_layers(pipe.unet, config.target)
+    family = family_of(pipe)
+    layers = family.text_projections(family.denoiser(pipe), config.target)
     erase_c = last_token_embeddings(pipe, [c.text for c in concepts])
     guide = last_token_embeddings(pipe, [c.anchor for c in concepts])
     keep = last_token_embeddings(pipe, config.preserve) if config.preserve else erase_c[:0]
