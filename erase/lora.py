@@ -1,16 +1,25 @@
-"""A training method's edit as a LoRA in the kohya format: A1111, ComfyUI and diffusers' `load_lora_weights` read it.
+"""A training method's edit as a LoRA: kohya's format for UNets (A1111, ComfyUI and diffusers' `load_lora_weights`
+read it), diffusers' own (PEFT) format for diffusion transformers (diffusers and ComfyUI read it).
 
 Per edited Linear or Conv2d weight, the delta (erased − original; a conv's flattened to out × in·kh·kw, as kohya
-does) is truncated by SVD to the rank asked: lora_down = √S·Vh, lora_up = U·√S, alpha = rank (scale 1), one rank
-for every layer ('full': the largest layer's whole rank). Biases and norm weights cannot be low-rank factors: they
-are left out, and their share of the delta is reported with the SVD tail's. Masking methods (FIA, ConceptPrune)
-have no LoRA: a sparse mask is not low-rank, so their edit stays a patch.
+does) is truncated by SVD to the rank asked: down = √S·Vh, up = U·√S at scale 1, one rank for every layer ('full':
+the largest layer's whole rank). Biases and norm weights cannot be low-rank factors: they are left out, and their
+share of the delta is reported with the SVD tail's. Masking methods (FIA, ConceptPrune) have no LoRA: a sparse mask
+is not low-rank, so their edit stays a patch.
 
-Keys are `lora_unet_<module, dots as underscores>.{lora_down.weight, lora_up.weight, alpha}`, named as kohya's
-sd-scripts names them: diffusers module names for SD1.x/SD2.x (kohya trains those on the diffusers UNet, and
-diffusers' SD1 loader reads only those), the original (sgm) names for SDXL (kohya trains SDXL on its sgm UNet;
-diffusers' SDXL loader maps add_embedding only from label_emb). ComfyUI (comfy/lora.py, model_lora_keys_unet)
+UNets: keys `lora_unet_<module, dots as underscores>.{lora_down.weight, lora_up.weight, alpha}` with alpha = rank,
+named as kohya's sd-scripts names them: diffusers module names for SD1.x/SD2.x (kohya trains those on the diffusers
+UNet, and diffusers' SD1 loader reads only those), the original (sgm) names for SDXL (kohya trains SDXL on its sgm
+UNet; diffusers' SDXL loader maps add_embedding only from label_emb). ComfyUI (comfy/lora.py, model_lora_keys_unet)
 maps both: the original names of its own state dict, and diffusers names through utils.unet_to_diffusers.
+
+Transformers (Flux, SD3, ...): keys `transformer.<diffusers module>.{lora_A.weight, lora_B.weight}` (down, up), no
+alpha: scale 1 in both loaders (diffusers' PEFT config takes alpha = rank, ComfyUI takes 1 when a module has none).
+diffusers' pipelines load these names as they are; ComfyUI maps `transformer.<diffusers name>` onto its own layout
+for Flux (utils.flux_to_diffusers: q, k, v and a single block's proj_mlp become row slices of the fused qkv and
+linear1, norm_out's halves are swapped), SD3 (mmdit_to_diffusers), PixArt and AuraFlow. Kohya's Flux names
+(`lora_unet_double_blocks_0_img_attn_qkv`) would hold one factorisation of the fused q, k, v delta where an edit
+changes the three layers apart; the diffusers names carry each edited layer as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +39,20 @@ from .single_file import rename, unet_block_prefixes
 
 FULL = "full"
 PREFIX = "lora_unet_"
+TRANSFORMER_PREFIX = "transformer."
+
+
+@dataclass(frozen=True)
+class Format:
+    """How a LoRA file names a module's two factors."""
+
+    name: str
+    down: str
+    up: str
+
+
+KOHYA = Format("kohya", "lora_down.weight", "lora_up.weight")
+DIFFUSERS = Format("diffusers", "lora_A.weight", "lora_B.weight")
 
 
 def parse_rank(text) -> int | str:
@@ -57,6 +80,18 @@ def kohya_names(unet: nn.Module, names: list[str]) -> dict[str, str]:
     return {name: PREFIX + name.removesuffix(".weight").replace(".", "_") for name in names}
 
 
+def transformer_names(names: list[str]) -> dict[str, str]:
+    """The diffusers (PEFT) module key of each transformer weight name."""
+    return {name: TRANSFORMER_PREFIX + name.removesuffix(".weight") for name in names}
+
+
+def is_unet(denoiser: nn.Module) -> bool:
+    """Whether the denoiser is a UNet (its LoRA in kohya's format) rather than a transformer (diffusers' format)."""
+    from diffusers import UNet2DConditionModel
+
+    return isinstance(denoiser, UNet2DConditionModel)
+
+
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """(lora_down, lora_up, rank kept, squared Frobenius norm of the SVD tail) of one weight delta. A layer whose whole
     rank is below `rank` is zero-padded to it: one rank and alpha for every layer is scale 1 in every loader (diffusers
@@ -73,42 +108,48 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 @dataclass
 class Lora:
-    """The LoRA of an edit: kohya tensors, which UNet weight each module patches, and what it leaves out."""
+    """The LoRA of an edit: its tensors, which denoiser weight each module patches, and what it leaves out."""
 
     tensors: dict[str, torch.Tensor]
-    modules: dict[str, str]  # UNet weight name → kohya module key
+    modules: dict[str, str]  # denoiser weight name → module key
     record: dict
+    format: Format = KOHYA
 
-    def edit(self, unet: nn.Module) -> MaskEdit:
+    def edit(self, denoiser: nn.Module) -> MaskEdit:
         """The edit loading this LoRA at scale 1 makes: W + up·down on its layers, nothing on biases and norms."""
-        params = dict(unet.named_parameters())
+        params = dict(denoiser.named_parameters())
         new = {}
         with torch.no_grad():
             for name, key in self.modules.items():
-                up, down = (self.tensors[f"{key}.lora_{side}.weight"].flatten(1).float() for side in ("up", "down"))
+                up, down = (self.tensors[f"{key}.{side}"].flatten(1).float() for side in (self.format.up, self.format.down))
                 new[name] = params[name] + (up @ down).reshape(params[name].shape).to(params[name])
         return MaskEdit.from_weights(new, {name: params[name] for name in new})
 
 
-def to_lora(unet: nn.Module, edit: MaskEdit, rank: int | str) -> Lora:
-    """The LoRA of `edit` (not applied) on `unet` at `rank`, with its share of the edit left out in `record`."""
-    modules, params = dict(unet.named_modules()), dict(unet.named_parameters())
-    keys = kohya_names(unet, [name for name in edit.masks if name.endswith(".weight") and isinstance(
-        modules[name.removesuffix(".weight")], (nn.Linear, nn.Conv2d))])
+def to_lora(denoiser: nn.Module, edit: MaskEdit, rank: int | str) -> Lora:
+    """The LoRA of `edit` (not applied) on `denoiser` (a UNet: kohya's format; a transformer: diffusers') at `rank`,
+    with its share of the edit left out in `record`."""
+    modules, params = dict(denoiser.named_modules()), dict(denoiser.named_parameters())
+    names = [name for name in edit.masks if name.endswith(".weight") and isinstance(
+        modules[name.removesuffix(".weight")], (nn.Linear, nn.Conv2d))]
+    form = KOHYA if is_unet(denoiser) else DIFFUSERS
+    keys = kohya_names(denoiser, names) if form is KOHYA else transformer_names(names)
     if not keys:
         raise EraseError("this edit changes no Linear or Conv2d weight, so it has no LoRA: drop --lora and share the "
                          "patch or the single file")
     width = max(min(params[name].flatten(1).shape) for name in keys) if rank == FULL else rank
     tensors, energy, ranks, tails = {}, {}, {}, {}
-    for name, delta in edit.deltas(unet):
+    for name, delta in edit.deltas(denoiser):
         energy[name] = float(delta.float().square().sum())
         if name in keys and energy[name] > 0:
             down, up, ranks[name], tails[name] = low_rank(delta, width)
-            tensors.update({f"{keys[name]}.lora_down.weight": down.to(delta.dtype).contiguous().cpu(),
-                            f"{keys[name]}.lora_up.weight": up.to(delta.dtype).contiguous().cpu(),
-                            f"{keys[name]}.alpha": torch.tensor(float(width))})  # alpha = rank: scale 1
+            tensors.update({f"{keys[name]}.{form.down}": down.to(delta.dtype).contiguous().cpu(),
+                            f"{keys[name]}.{form.up}": up.to(delta.dtype).contiguous().cpu()})
+            if form is KOHYA:
+                tensors[f"{keys[name]}.alpha"] = torch.tensor(float(width))  # alpha = rank: scale 1
     modules = {name: key for name, key in keys.items() if name in ranks}
-    return Lora(tensors, modules, {"rank": rank, "file_rank": width, **_left_out(energy, ranks, tails)})
+    return Lora(tensors, modules, {"format": form.name, "rank": rank, "file_rank": width,
+                                   **_left_out(energy, ranks, tails)}, form)
 
 
 def _left_out(energy: dict, ranks: dict, tails: dict) -> dict:
@@ -131,9 +172,10 @@ def summary(record: dict) -> str:
 
 
 def save_lora(path: Path, lora: Lora, metadata: dict) -> None:
-    """Write the LoRA with `metadata` and kohya's network fields in the safetensors header."""
+    """Write the LoRA with `metadata` (and, in kohya's format, its network fields) in the safetensors header."""
     width = lora.record["file_rank"]
-    header = {"ss_network_module": "networks.lora", "ss_network_dim": width, "ss_network_alpha": width, **metadata}
+    kohya = {"ss_network_module": "networks.lora", "ss_network_dim": width, "ss_network_alpha": width}
+    header = {**(kohya if lora.format is KOHYA else {}), **metadata}
     save_file(lora.tensors, str(path), metadata=encode_header(header))
 
 
