@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import conditioning
 from .config import check_choice, check_positive, check_positive_int
 from .data import ModelCache, SampleSettings, check_cache, sample_latents
 from .edits import MaskEdit
 from .errors import EraseError, TrainingStopped
+from .families import family_of
 from .models import image_side
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -117,7 +117,7 @@ class MaskedOptimizer:
 @contextmanager
 def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]):
     """The parameters hold `values` inside the block, their own values again after it: a frozen or teacher
-    model without a second UNet in memory."""
+    model without a second denoiser in memory."""
     with torch.no_grad():
         own = {n: p.detach().clone() for n, p in params.items()}
         for n, p in params.items():
@@ -128,11 +128,6 @@ def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(own[n])
-
-
-def attn2_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:
-    """The cross-attention parameters (q, k, v, out): where the prompt enters the UNet."""
-    return {n: p for n, p in unet.named_parameters() if ".attn2." in n}
 
 
 @dataclass
@@ -165,35 +160,22 @@ class ForgetSet:
 
 
 def rows(kwargs: dict, index: torch.Tensor) -> dict:
-    """The UNet keyword arguments of the given prompts (nested dicts, as SDXL's added_cond_kwargs)."""
+    """The denoiser keyword arguments of the given prompts (nested dicts, as SDXL's added_cond_kwargs)."""
     return {k: rows(v, index) if isinstance(v, dict) else v[index.to(v.device)] for k, v in kwargs.items()}
 
 
-def noised(schedule, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, target) under a DDPM schedule: t ~ U{0..T-1}, fresh noise, and what the UNet should predict (ε, or v
-    for v-models)."""
-    n = len(latents)
-    t = torch.randint(schedule.config.num_train_timesteps, (n,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    t = t.to(latents.device)
-    x_t = schedule.add_noise(latents, noise, t)
-    if schedule.config.prediction_type == "v_prediction":
-        return x_t, t, schedule.get_velocity(latents, noise, t)
-    return x_t, t, noise
-
-
 def encode(pipe, prompts: list[str], side: int) -> dict:
-    """The conditional half of conditioning(): one row of UNet keyword arguments per prompt."""
+    """One row of denoiser keyword arguments per prompt (conditional only): the family's conditioning, without
+    gradients."""
     with torch.no_grad():
-        both = conditioning(pipe, prompts, side)
-    return rows(both, torch.arange(len(prompts), 2 * len(prompts)))
+        return family_of(pipe).conditioning(pipe, prompts, side)
 
 
 def accelerator(mixed_precision: str, cpu: bool):
     """An Accelerator with this precision. Accelerate keeps one state per process and refuses a second precision;
     a notebook that trains once in fp32 and then in bf16 is a normal use, so the state is reset for it.
-    Launched as several processes (torchrun, accelerate launch), the UNet is trained data-parallel; trained
-    parameters that a step does not reach (SalUn's whole-UNet set) must not stall the gradient all-reduce."""
+    Launched as several processes (torchrun, accelerate launch), the denoiser is trained data-parallel; trained
+    parameters that a step does not reach (SalUn's whole-denoiser set) must not stall the gradient all-reduce."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
@@ -204,23 +186,24 @@ def accelerator(mixed_precision: str, cpu: bool):
 
 
 class Trainer:
-    """One training run on a pipeline's UNet: its trainable parameters, data, noise, loop and checkpoints.
+    """One training run on a pipeline's denoiser (UNet or transformer): its trainable parameters, data, noise, loop
+    and checkpoints. The family's adapter says how to condition, noise and call the denoiser (DDPM or flow matching).
 
-    The UNet is trained in place and always restored afterwards (also on error or interruption); the result
-    is returned as an edit. Only one UNet is ever in memory: frozen/teacher predictions swap weights in.
+    The denoiser is trained in place and always restored afterwards (also on error or interruption); the result
+    is returned as an edit. Only one denoiser is ever in memory: frozen/teacher predictions swap weights in.
     """
 
     def __init__(self, pipe, params: dict[str, nn.Parameter], settings: TrainingSettings | DataSettings, method: str,
-                 concepts: list, progress: bool = True, unet_fingerprint: str | None = None) -> None:
-        from diffusers import DDPMScheduler
-
-        self.pipe, self.unet, self.params, self.settings, self.progress = pipe, pipe.unet, params, settings, progress
-        self.accelerator = accelerator(settings.mixed_precision, cpu=pipe.unet.device.type == "cpu")
-        self.model = self.unet  # the data-parallel wrapper inside training() when there are several processes
-        self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+                 concepts: list, progress: bool = True, denoiser_fingerprint: str | None = None) -> None:
+        self.family = family_of(pipe)
+        self.denoiser = self.family.denoiser(pipe)
+        self.pipe, self.params, self.settings, self.progress = pipe, params, settings, progress
+        self.accelerator = accelerator(settings.mixed_precision, cpu=self.denoiser.device.type == "cpu")
+        self.model = self.denoiser  # the data-parallel wrapper inside training() when there are several processes
         self.side = image_side(pipe, settings.resolution)
+        self.noise_schedule = self.family.noise_schedule(pipe, self.side)
         self.original = {n: p.detach().clone() for n, p in params.items()}
-        self.data_cache = ModelCache("latents", pipe, unet_fingerprint)  # erase() hashed the UNet already
+        self.data_cache = ModelCache("latents", pipe, denoiser_fingerprint)  # erase() hashed the denoiser already
         self.key = self.data_cache.key
         run = {k: v for k, v in asdict(settings).items() if k not in RUN_CONTROL}
         self.checkpoint = Checkpoint(settings.checkpoint_dir and Path(settings.checkpoint_dir) / "checkpoint.pt",
@@ -247,7 +230,8 @@ class Trainer:
         """Images of the concepts' prompts and of their anchors (c.anchor, else the pair's base prompt).
 
         negative_anchors: sample the anchors with the concept as negative prompt (superclass images that
-        avoid the concept, as the dynamic-mask method does).
+        avoid the concept, as the dynamic-mask method does; a model sampled without CFG, Flux.1, has no negative
+        prompt and samples the anchors alone).
         """
         n = self.settings.prompts_per_concept
         pairs = [(p, (c.anchor or b, c.text if negative_anchors else None))
@@ -272,11 +256,17 @@ class Trainer:
         return torch.Generator("cpu").manual_seed(seed + 104_729 * self.accelerator.process_index)
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return noised(self.noise_schedule, latents, generator)
+        return self.family.noised(self.noise_schedule, latents, generator)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The denoiser's output at noised()'s (x_t, t) for rows of an Examples' conditioning."""
         with self.accelerator.autocast():
-            return self.model(x_t, t, **cond).sample.float()
+            return self.family.predict(self.pipe, self.model, x_t, t, cond).float()
+
+    def forward(self, x: torch.Tensor, timestep, kwargs: dict) -> torch.Tensor:
+        """The denoiser's output for a call as its pipeline made it (a truncated sampling's, capture.Denoised)."""
+        with self.accelerator.autocast():
+            return self.family.forward(self.model, x, timestep, kwargs).float()
 
     def weights(self, values: dict[str, torch.Tensor]):
         """The trained parameters hold `values` inside the block (a frozen or teacher model), their own after it."""
@@ -288,22 +278,22 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------------------------
     @contextmanager
     def training(self):
-        """Only the trained parameters require gradients inside the block; after it, the UNet is as it was."""
-        requires_grad = {n: p.requires_grad for n, p in self.unet.named_parameters()}
-        self.unet.requires_grad_(False)
+        """Only the trained parameters require gradients inside the block; after it, the denoiser is as it was."""
+        requires_grad = {n: p.requires_grad for n, p in self.denoiser.named_parameters()}
+        self.denoiser.requires_grad_(False)
         for p in self.params.values():
             p.requires_grad_(True)
         if self.accelerator.num_processes > 1:  # wraps after requires_grad: DDP syncs exactly the trained set
-            self.model = self.accelerator.prepare_model(self.unet, device_placement=False)
+            self.model = self.accelerator.prepare_model(self.denoiser, device_placement=False)
         try:
             yield
         finally:
-            self.model = self.unet
+            self.model = self.denoiser
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.copy_(self.original[n])
                     p.grad = None
-            for n, p in self.unet.named_parameters():
+            for n, p in self.denoiser.named_parameters():
                 p.requires_grad_(requires_grad[n])
 
     def loop(self, total: int, step: Callable[[int], dict], state: Callable[[], dict],
@@ -358,13 +348,16 @@ class Trainer:
         """Remove the finished run's checkpoint; the record every trained method writes.
 
         A resumed run's timings cover only its last attempt: earlier_attempts_s is the training loop time of the
-        attempts before it (None when resumed from a checkpoint that did not keep it).
+        attempts before it (None when resumed from a checkpoint that did not keep it). A guidance-distilled model
+        (Flux.1 dev) is trained at its family's guidance, recorded as training_guidance.
         """
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.checkpoint.remove()
+        distilled = self.family.guidance(self.pipe) == "distilled"
         return {"training_curve": self.losses, "trained_parameters": len(self.params),
-                "resumed_from_step": self.resumed_from_step, "earlier_attempts_s": self.earlier_attempts_s}
+                "resumed_from_step": self.resumed_from_step, "earlier_attempts_s": self.earlier_attempts_s,
+                **({"training_guidance": self.family.guidance_scale(self.pipe)} if distilled else {})}
 
 
 class Checkpoint:

@@ -1,14 +1,16 @@
 """Prompt attack, in the spirit of UnlearnDiffAtk (Zhang et al., 2024): a few words appended to a prompt that make
 the erased model draw the concept again.
 
-The erased UNet is its own classifier, no other network is needed: the appended tokens are optimised so that the
-erased UNet, conditioned on prompt + tokens, denoises the original model's image of that prompt (its final latents,
-noised at random timesteps) as well as it can, i.e. predicts the noise (or v) that was added. Optimisation runs in
-the text-embedding space through the nearest real tokens (PEZ, Wen et al., 2023): each step the soft embeddings are
-projected to their nearest vocabulary entries, the loss is taken there, and its gradient updates the soft ones.
-Projecting only at the end would lose most of what the soft prompt learnt (its nearest tokens do something else);
-this way the discrete prompt, which anyone can type, is the one that was optimised. Candidates are the tokenizer's
-whole lowercase words, which read back as the same tokens, so the attacked prompt is plain text.
+The erased denoiser is its own classifier, no other network is needed: the appended tokens are optimised so that the
+erased denoiser, conditioned on prompt + tokens, denoises the original model's image of that prompt (its final
+latents, noised at random timesteps) as well as it can, i.e. predicts the noise (or v, or a flow-matching model's
+velocity) that was added. Optimisation runs in the text-embedding space through the nearest real tokens (PEZ, Wen et
+al., 2023): each step the soft embeddings are projected to their nearest vocabulary entries, the loss is taken there,
+and its gradient updates the soft ones. Projecting only at the end would lose most of what the soft prompt learnt (its
+nearest tokens do something else); this way the discrete prompt, which anyone can type, is the one that was
+optimised. Candidates are the tokenizer's whole lowercase words, which read back as the same tokens, so the attacked
+prompt is plain text. The tokens are CLIP tokens: every text encoder of the model must read CLIP tokens (SD1/SD2/SDXL,
+SD3 without T5).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..capture import conditioning
 from ..config import check_positive, check_positive_ints
 from ..errors import EraseError
+from ..families import family_of
 from ..models import image_side
-from ..training import noised, rows
+from ..training import rows
 from . import register
 from .core import AttackSettings, Target
 
@@ -54,17 +56,26 @@ class PromptAttackConfig(AttackSettings):
 
 
 def check(pipe, prompts: list[str], config: PromptAttackConfig) -> None:
-    """Refuse prompts that would not hold the attack's tokens, or that already use the placeholder word."""
+    """Refuse a model that reads the prompt through other than CLIP tokens, prompts that would not hold the attack's
+    tokens, and prompts that already use the placeholder word."""
+    for name, tokenizer, encoder in text_encoders(pipe):
+        if tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids != [placeholder_id(tokenizer)]:
+            raise EraseError(f"the prompt attack optimises CLIP tokens and this model also reads the prompt through "
+                             f"{type(encoder).__name__} ({name}): attack it with kind='revival', or load it without "
+                             "that encoder where it runs without it (SD3 without T5: text_encoder_3=None)")
     tokenizer = pipe.tokenizer
-    if tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids != [placeholder_id(tokenizer)]:
-        raise EraseError(f"this tokenizer splits the placeholder {PLACEHOLDER!r}: the prompt attack needs a CLIP "
-                         "BPE tokenizer, as Stable Diffusion's")
     longest = max(len(ids) for ids in tokenizer(prompts, verbose=False).input_ids) + config.tokens
     if longest > tokenizer.model_max_length:
         raise EraseError(f"the attacked prompts would reach {longest} tokens and the text encoder reads "
                          f"{tokenizer.model_max_length}: lower tokens={config.tokens} or prompts_per_concept")
     if any(PLACEHOLDER in p.lower().split() for p in prompts):
         raise EraseError(f"a prompt contains the word {PLACEHOLDER!r}, which the prompt attack uses as its placeholder")
+
+
+def text_encoders(pipe) -> list[tuple[str, object, torch.nn.Module]]:
+    """(name, tokenizer, model) of every text encoder the pipeline has (SDXL has two, SD3 up to three)."""
+    return [(f"text_encoder{suffix}", getattr(pipe, f"tokenizer{suffix}"), encoder) for suffix in ("", "_2", "_3")
+            if (encoder := getattr(pipe, f"text_encoder{suffix}", None)) is not None]
 
 
 def placeholder_id(tokenizer) -> int:
@@ -100,29 +111,30 @@ def substituted(encoders: list, placeholder: int, embeddings: list[torch.Tensor]
             handle.remove()
 
 
-@register("prompt", PromptAttackConfig, "appended tokens optimised with the erased UNet's denoising loss "
+@register("prompt", PromptAttackConfig, "appended tokens optimised with the erased denoiser's denoising loss "
           "(UnlearnDiffAtk-style, projected to real words)", check=check)
 def run(pipe, edit, targets: list[Target], config: PromptAttackConfig, progress: bool = True) -> tuple[list[dict], object]:
     """For each target: the attacked prompt (its prompt + the words found), the words and the last step's loss; and
     the erasure's own edit, which the attacked prompts are generated with."""
-    from diffusers import DDPMScheduler
-
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    encoders = [encoder for _, _, encoder in text_encoders(pipe)]
     tables = [e.get_input_embeddings().weight.detach() for e in encoders]
     vocab = candidates(pipe.tokenizer).to(tables[0].device)
     unit = [F.normalize(table[vocab].float(), dim=-1) for table in tables]
-    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     side = image_side(pipe, config.resolution)
+    schedule = family.noise_schedule(pipe, side)
     generator = torch.Generator("cpu").manual_seed(config.seed)
     placeholder = placeholder_id(pipe.tokenizer)
 
     def project(soft: list[torch.Tensor]) -> torch.Tensor:
-        """Nearest candidate word of each soft token (cosine, summed over the text encoders: SDXL has two)."""
+        """Nearest candidate word of each soft token (cosine, summed over the text encoders: SDXL and SD3 have
+        two)."""
         return vocab[sum(F.normalize(s, dim=-1) @ u.T for s, u in zip(soft, unit)).argmax(-1)]
 
     found = []
-    with edit.applied_to(pipe.unet), tqdm(total=len(targets) * config.steps, desc="attack", unit="step",
-                                          disable=not progress) as bar:
+    with edit.applied_to(denoiser), tqdm(total=len(targets) * config.steps, desc="attack", unit="step",
+                                         disable=not progress) as bar:
         for start in range(0, len(targets), config.batch_size):
             batch = targets[start : start + config.batch_size]
             n = len(batch)
@@ -130,14 +142,14 @@ def run(pipe, edit, targets: list[Target], config: PromptAttackConfig, progress:
             init = vocab[torch.randint(len(vocab), (n, config.tokens), generator=generator).to(vocab.device)]
             soft = [table[init].float().clone().requires_grad_() for table in tables]
             optimizer = torch.optim.AdamW(soft, lr=config.lr)
-            x0 = torch.stack([t.latents for t in batch]).repeat(config.timesteps, 1, 1, 1)
+            x0 = torch.cat([torch.stack([t.latents for t in batch])] * config.timesteps)
             each = torch.arange(n).repeat(config.timesteps)
             for _ in range(config.steps):
                 hard = [table[project(soft)].requires_grad_() for table in tables]
                 with substituted(encoders, placeholder, hard):
-                    cond = rows(conditioning(pipe, prompts, side), each + n)  # the conditional half, per draw
-                x_t, t, target = noised(schedule, x0, generator)
-                error = (pipe.unet(x_t, t, **cond).sample.float() - target.float()).square().flatten(1).mean(1)
+                    cond = rows(family.conditioning(pipe, prompts, side), each)  # one row per draw
+                x_t, t, target = family.noised(schedule, x0, generator)
+                error = (family.predict(pipe, denoiser, x_t, t, cond).float() - target.float()).square().flatten(1).mean(1)
                 loss = error.mean()
                 for s, g in zip(soft, torch.autograd.grad(loss, hard)):  # PEZ: the projected tokens' gradient
                     s.grad = g.float()

@@ -9,7 +9,9 @@ c_s the concept's superclass (its anchor; its images are sampled with the concep
 of active weights with the least accumulated |G| is dropped and as many inactive ones with the most regrown.
 L_kd = MSE(ε_θ(x, c), ε_teacher(x, c)) with the teacher the model at the start of this concept, on superclass
 images and on the earlier concepts' images and prompts: it keeps them forgotten (the reference code computes
-it and then overwrites it; here it acts, and a test shows it).
+it and then overwrites it; here it acts, and a test shows it). The trained weights are the attention where the text
+meets the image (a UNet's cross-attention, a DiT's joint attention); for a flow-matching model (SD3, Flux.1) ε is its
+velocity target ε − x0 and ε_θ its output.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_ratio
+from ..families import family_of
 from ..masks import count, drop_and_regrow, layer_topk_mask
-from ..training import DataSettings, MaskedOptimizer, Trainer, attn2_parameters
+from ..training import DataSettings, MaskedOptimizer, Trainer
 from . import register
 
 
@@ -103,18 +106,19 @@ class ConceptStage:
 
 
 def teacher_predictions(trainer: Trainer, teacher: dict, batches: list[tuple]) -> list[torch.Tensor]:
-    """ε_teacher for each (x_t, t, cond): the teacher's weights are swapped in, not copied into a second UNet.
+    """ε_teacher for each (x_t, t, cond): the teacher's weights are swapped in, not copied into a second denoiser.
     Call it before the step's student passes: swapping edits the weights those passes' graphs hold."""
     with torch.no_grad(), trainer.weights(teacher):
         return [trainer.predict(x_t, t, cond) for x_t, t, cond in batches]
 
 
-@register("dynamic", DynamicMaskConfig, "sequential fine-tuning of cross-attention under dynamic gradient masks, "
+@register("dynamic", DynamicMaskConfig, "sequential fine-tuning of text-image attention under dynamic gradient masks, "
                                         "concept-aware loss and distillation")
 def run(pipe, concepts, catalog, config: DynamicMaskConfig, progress: bool = True,
-        unet_fingerprint: str | None = None):
-    trainer = Trainer(pipe, attn2_parameters(pipe.unet), config, "dynamic", concepts, progress,
-                      unet_fingerprint)
+        denoiser_fingerprint: str | None = None):
+    family = family_of(pipe)
+    trainer = Trainer(pipe, family.trainable(family.denoiser(pipe), "attention"), config, "dynamic", concepts,
+                      progress, denoiser_fingerprint)
     data = [trainer.forget_set([c], catalog, negative_anchors=True) for c in concepts]
     per_concept = config.warmup + config.steps
     updates = {config.warmup + u for u in range(config.update_every, int(config.update_until * config.steps) + 1,

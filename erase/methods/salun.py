@@ -4,7 +4,7 @@ Saliency: g = |Σ ∇θ ℓ_f| over one pass of the forget images, ℓ_f = −MS
 the mask is the top `saliency_fraction` of g in one global ranking over the trained parameters.
 Unlearning: L = MSE(ε_θ(x_t, c_f), sg[ε_θ(x_t, c')]) + α · MSE(ε_θ(x^r_t, c'), ε^r), c' the concept's anchor (its
 remap target) and the retain images those of the concept's rivals and anchor; only the masked weights move,
-strictly.
+strictly. For a flow-matching model (SD3, Flux.1) ε is its velocity target ε − x0 and ε_θ its output.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_choice, check_ratio
+from ..families import family_of
 from ..masks import global_topk_masks
-from ..training import DataSettings, Examples, MaskedOptimizer, Trainer, attn2_parameters, encode, rows
+from ..training import DataSettings, Examples, MaskedOptimizer, Trainer, encode, rows
 from . import register
-from .esd import trainable as non_attn2_parameters
 
-TRAIN_SETS = ("unet", "attn2")
+TRAIN_SETS = {"unet": ("rest", "attention"), "attn2": ("attention",)}
+"""SalUn's train sets (named after the UNet's; for a DiT the same parts), as the model family names them."""
 
 
 @dataclass
@@ -28,7 +29,8 @@ class SalUnConfig(DataSettings):
     """SalUn settings; the published runs: whole UNet, lr 1e-5, batch 8, 50% saliency, α 0.5 (classes)."""
 
     train: str = "unet"
-    """unet: every Linear/Conv weight and bias of the UNet; attn2: the cross-attention only."""
+    """unet: every Linear/Conv weight and bias of the denoiser (UNet or transformer); attn2: only the attention where
+    the text meets the image (a UNet's cross-attention, a DiT's joint attention)."""
     saliency_fraction: float = 0.5
     saliency_guidance: float = 7.5
     """w of the CFG-combined prediction whose loss gradient ranks the weights."""
@@ -37,14 +39,14 @@ class SalUnConfig(DataSettings):
 
     def validate(self) -> None:
         super().validate()
-        check_choice("train", self.train, TRAIN_SETS)
+        check_choice("train", self.train, tuple(TRAIN_SETS))
         check_ratio("saliency_fraction", self.saliency_fraction)
 
 
-def trained_parameters(unet, train: str) -> dict:
-    if train == "attn2":
-        return attn2_parameters(unet)
-    return {**non_attn2_parameters(unet, "esd-u"), **attn2_parameters(unet)}
+def trained_parameters(pipe, train: str) -> dict:
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    return {name: p for part in TRAIN_SETS[train] for name, p in family.trainable(denoiser, part).items()}
 
 
 def saliency_masks(trainer: Trainer, forget: Examples, config: SalUnConfig) -> dict[str, torch.Tensor]:
@@ -65,9 +67,9 @@ def saliency_masks(trainer: Trainer, forget: Examples, config: SalUnConfig) -> d
 
 @register("salun", SalUnConfig, "gradient-saliency mask, then masked fine-tuning with remap and retain losses")
 def run(pipe, concepts, catalog, config: SalUnConfig, progress: bool = True,
-        unet_fingerprint: str | None = None):
-    trainer = Trainer(pipe, trained_parameters(pipe.unet, config.train), config, "salun", concepts, progress,
-                      unet_fingerprint)
+        denoiser_fingerprint: str | None = None):
+    trainer = Trainer(pipe, trained_parameters(pipe, config.train), config, "salun", concepts, progress,
+                      denoiser_fingerprint)
     data = trainer.forget_set(concepts, catalog)
     forget, retain = data.forget, trainer.retain_examples(concepts, catalog)
     with trainer.training():
