@@ -3,10 +3,16 @@
 diffusers ships only the original → diffusers conversion; the reverse is written here as data: renames inside
 a block (tables below) and a block-prefix table derived from the UNet/VAE/text-encoder config. SD1.x, SD2.x and
 SDXL; the round trip through `from_single_file` is what the tests check.
+
+A pipeline loaded from a single file keeps, as `pipe.carried_tensors`, the source file's OpenCLIP tensors that
+diffusers' text encoder has no place for (SD2.x's 24th text layer: diffusers keeps 23, as SD2 reads the penultimate
+layer); a single file written from that pipeline holds them again, so a loader built on OpenCLIP's full text tower
+(ComfyUI) finds every layer it expects.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -59,8 +65,8 @@ def unet_block_prefixes(config) -> dict[str, tuple[str, dict]]:
             if attention:
                 table[f"up_blocks.{b}.attentions.{j}"] = (f"output_blocks.{b * per_level + j}.1", {})
         if b < levels - 1:
-            table[f"up_blocks.{b}.upsamplers.0.conv"] = (f"output_blocks.{b * per_level + per_level - 1}."
-                                                         f"{2 if attention else 1}.conv", {})
+            upsampler = f"output_blocks.{b * per_level + per_level - 1}.{2 if attention else 1}.conv"
+            table[f"up_blocks.{b}.upsamplers.0.conv"] = (upsampler, {})
     table.update({k: (v, {}) for k, v in UNET_FIXED.items()})
     return table
 
@@ -142,6 +148,30 @@ def open_clip_layout(text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
+def open_clip_dropped(keys: list[str], pipe) -> list[str]:
+    """Keys of the OpenCLIP text tower(s) in a checkpoint that the pipeline's text encoder drops: resblocks past its
+    depth, and the bare `text_projection` / `logit_scale` (diffusers reads neither into a CLIPTextModel)."""
+    dropped = []
+    for prefix, layout, encoder in text_layouts(pipe):
+        if layout is not open_clip_layout:
+            continue
+        for key in keys:
+            inner = key[len(prefix):] if key.startswith(prefix) else None
+            block = re.match(r"transformer\.resblocks\.(\d+)\.", inner or "")
+            if inner in ("text_projection", "logit_scale") or (block and int(block[1]) >= encoder.config.num_hidden_layers):
+                dropped.append(key)
+    return dropped
+
+
+def carried_tensors(path: Path, keys: list[str], pipe) -> dict[str, torch.Tensor]:
+    """The tensors of the single file at `path` that the pipeline loaded from it dropped (see open_clip_dropped), in
+    the original layout: what a single file written from the pipeline carries through."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in open_clip_dropped(keys, pipe)}
+
+
 def text_layouts(pipe) -> list[tuple[str, object, object]]:
     """(original prefix, layout function, text encoder) of each text encoder: SD1.x, SD2.x or SDXL."""
     if getattr(pipe, "text_encoder_2", None) is not None:
@@ -166,20 +196,27 @@ def unsupported(pipe) -> str | None:
     return None
 
 
+def vae_layout(vae) -> dict[str, torch.Tensor]:
+    """The VAE in the original LDM layout (SD1.x, SD2.x, SDXL and SD3 files alike)."""
+    out = rename(vae.state_dict(), vae_block_prefixes(vae.config))
+    for key, tensor in out.items():  # the original VAE attention uses 1x1 convolutions
+        if ".mid.attn_1." in key and key.endswith("weight") and tensor.dim() == 2:
+            out[key] = tensor[:, :, None, None]
+    return out
+
+
 def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's UNet, VAE and text encoder(s) as one state dict in the original SD layout."""
     reason = unsupported(pipe)
     if reason:
         raise EraseError(reason)
     unet = rename(pipe.unet.state_dict(), unet_block_prefixes(pipe.unet.config))
-    vae = rename(pipe.vae.state_dict(), vae_block_prefixes(pipe.vae.config))
-    for key, tensor in vae.items():  # the original VAE attention uses 1x1 convolutions
-        if ".mid.attn_1." in key and key.endswith("weight") and tensor.dim() == 2:
-            vae[key] = tensor[:, :, None, None]
     state = {UNET_PREFIX + k: v for k, v in unet.items()}
-    state.update({VAE_PREFIX + k: v for k, v in vae.items()})
+    state.update({VAE_PREFIX + k: v for k, v in vae_layout(pipe.vae).items()})
     for prefix, layout, encoder in text_layouts(pipe):
         state.update({prefix + k: v for k, v in layout(encoder).items()})
+    dtype = pipe.text_encoder.dtype
+    state.update({k: v.to(dtype) for k, v in getattr(pipe, "carried_tensors", {}).items() if k not in state})
     return state
 
 

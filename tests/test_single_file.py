@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,57 @@ def test_apply_refuses_a_missing_output_directory(erased_run, tmp_path, capsys):
     code = main(["apply", "--patch", str(out / "patch.safetensors"), "--model", str(root / "base"), "--out",
                  str(tmp_path / "missing" / "out"), "--quiet"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_an_sdxl_single_file_picks_the_shipped_sdxl_base_config():
+    """The real SDXL architecture on the meta device: the keys of its single file pick the shipped config, which is
+    SDXL base 1.0's (the UNet of test_sdxl, CLIP-L and OpenCLIP bigG), so `--model FILE` needs no --model-config."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from test_sdxl import SDXL_UNET
+    from transformers import CLIPTextModelWithProjection
+
+    from erase.models import _shipped_config_for
+    from erase.single_file import original_state_dict
+
+    shipped = MODEL_CONFIGS / "sdxl"
+    unet_config = json.loads((shipped / "unet" / "config.json").read_text())
+    assert {k: unet_config[k] for k in SDXL_UNET} == SDXL_UNET
+    with init_empty_weights():
+        pipe = StableDiffusionXLPipeline(
+            unet=UNet2DConditionModel.from_config(SDXL_UNET),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(shipped / "vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(shipped / "text_encoder")),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(shipped / "text_encoder_2")),
+            tokenizer=None, tokenizer_2=None, scheduler=None)
+    state = original_state_dict(pipe)
+    assert state["conditioner.embedders.1.model.token_embedding.weight"].shape == (49408, 1280)
+    assert "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight" in state
+    assert _shipped_config_for(list(state), Path("sdxl.safetensors")) == shipped
+    refiner = [k.replace("embedders.1.", "embedders.0.") for k in state if k.startswith("conditioner.embedders.1.")]
+    with pytest.raises(erase.EraseError, match="refiner.*--model-config"):
+        _shipped_config_for(refiner, Path("refiner.safetensors"))
+
+
+def test_sd2_text_layers_that_diffusers_drops_are_carried_from_the_loaded_file_into_the_export(tmp_path):
+    """OpenCLIP-H's 24th layer (diffusers keeps 23) and its projection: a file loaded with them is exported with them,
+    bit for bit; a pipeline from a diffusers folder has none, and its export writes none."""
+    pipe = tiny_pipeline(sd2=True)
+    save_configs(pipe, tmp_path / "base")
+    save_single_file(pipe, tmp_path / "folder.safetensors", {"method": "none"})
+    state = load_file(str(tmp_path / "folder.safetensors"))
+    layer = "cond_stage_model.model.transformer.resblocks."
+    extra = {k.replace(f"{layer}1.", f"{layer}23."): torch.randn_like(v) for k, v in state.items()
+             if k.startswith(f"{layer}1.")}
+    extra["cond_stage_model.model.text_projection"] = torch.randn(48, 48)
+    save_file({**state, **extra}, str(tmp_path / "released.safetensors"))
+
+    loaded = erase.load_pipeline(tmp_path / "released.safetensors", config=tmp_path / "base")
+    assert_same_weights(pipe, loaded)
+    save_single_file(loaded, tmp_path / "export.safetensors", {"method": "none"})
+    written = load_file(str(tmp_path / "export.safetensors"))
+    assert set(written) == set(state) | set(extra)
+    assert all(torch.equal(written[k], v) for k, v in {**state, **extra}.items())
+    save_single_file(loaded, tmp_path / "half.safetensors", {"method": "none"}, half=True)
+    assert load_file(str(tmp_path / "half.safetensors"))[f"{layer}23.ln_1.weight"].dtype == torch.float16
+    assert not any(k.startswith(f"{layer}23.") for k in state)
