@@ -30,6 +30,7 @@ SECTIONS = {
                                                                      "mini judge",
     "Package": "the wheel's size and its largest files",
     "Reliability: bad input": "every bad input the command line and the API refuse, run as a user runs it",
+    "Loads in ComfyUI": "erase's single files and LoRAs loaded by ComfyUI's own loaders: keys and values",
 }
 
 
@@ -73,11 +74,21 @@ def turn(path: Path):
 
 
 def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
-    """Replace (or append) the section `## {title}` with `body`, atomically; modules run side by side take turns,
-    so neither loses the other's section."""
+    """Replace the section `## {title}` with `body` (a new one goes where SECTIONS lists it), atomically; modules run
+    side by side take turns, so neither loses the other's section."""
     with turn(path):
         text = path.read_text() if path.exists() else HEADER
-        write_atomically(path, replace_section(text, title, body))
+        write_atomically(path, replace_section(in_place(text, title), title, body))
+
+
+def in_place(text: str, title: str) -> str:
+    """`text` with an empty `## {title}` before the first section SECTIONS lists after it, where it has no such
+    section yet (replace_section would append it at the end)."""
+    names = list(SECTIONS)
+    if f"\n## {title}\n" in text or title not in names:
+        return text
+    later = [text.index(f"\n## {name}\n") for name in names[names.index(title) + 1 :] if f"\n## {name}\n" in text]
+    return text if not later else text[: min(later)] + f"\n## {title}\n\n" + text[min(later) :]
 
 
 def write_atomically(path: Path, text: str) -> None:
