@@ -23,6 +23,7 @@ SECTIONS = {
     "Miniature world: FIA scaling": "FIA's wall time and memory for 1 to 100 concepts",
     "Miniature world: erasure gates": "FIA's gates: each Imagenette class alone, the ten at once, van gogh and nudity",
     "FIA scoring cost (SD1.5 architecture, random weights, CPU)": "FIA's time and memory against plain inference",
+    "FIA scoring cost (SD3-medium architecture, random weights, CPU)": "the same on a diffusion transformer (MMDiT)",
     "FIA statistics: threads (SD1.5 architecture, random weights, CPU)": "why FIA's statistics run on one thread",
     "FIA across processes (mini model, 10 concepts, CPU)": "FIA on one process against two",
     "Miniature world": "the miniature model's quality and knowledge gates, and how it was trained",
@@ -83,12 +84,13 @@ def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
 
 def in_place(text: str, title: str) -> str:
     """`text` with an empty `## {title}` before the first section SECTIONS lists after it, where it has no such
-    section yet (replace_section would append it at the end)."""
+    section yet (replace_section would append it at the end), under the index of every section SECTIONS lists."""
     names = list(SECTIONS)
     if f"\n## {title}\n" in text or title not in names:
         return text
     later = [text.index(f"\n## {name}\n") for name in names[names.index(title) + 1 :] if f"\n## {name}\n" in text]
-    return text if not later else text[: min(later)] + f"\n## {title}\n\n" + text[min(later) :]
+    text = text if not later else text[: min(later)] + f"\n## {title}\n\n" + text[min(later) :]
+    return HEADER + text[text.index("\n## ") :]  # the index lists the new section too
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -81,3 +81,16 @@ def test_a_section_is_its_tables_then_one_wrapped_paragraph_then_its_command():
 def test_wrapping_never_starts_a_line_with_a_markdown_marker():
     lines = wrapped("loss(reference) - loss(concept) + 1. # > * " * 40, width=30).splitlines()
     assert len(lines) > 10 and not any(re.match(r"([-+*>#]|\d+[.)])( |$)", line) for line in lines)
+
+
+def test_a_new_section_goes_where_the_index_lists_it_and_the_index_names_it(tmp_path):
+    """Sections are listed in SECTIONS order: a benchmark run for the first time does not append its section at the end
+    of the file, and the index at the top gains its line."""
+    first, new, last = list(SECTIONS)[0], list(SECTIONS)[1], list(SECTIONS)[-1]
+    path = tmp_path / "BENCHMARKS.md"
+    old_header = HEADER.replace(f"- [{new}]", "- [gone]")
+    path.write_text(f"{old_header}\n## {first}\n\nfirst\n\n## {last}\n\nlast\n")
+    update_section(new, "new", path)
+    text = path.read_text()
+    assert text.startswith(HEADER)
+    assert text.index(f"## {first}") < text.index(f"## {new}\n\nnew\n") < text.index(f"## {last}")
