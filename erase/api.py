@@ -167,8 +167,9 @@ def erase(pipe, concepts, method: str = "fia", config=None, catalog: str | Catal
     check_concepts(method, concept_list, cfg)
     family = family_of(pipe)
     family.check_method(spec)
-    if getattr(cfg, "guidance_scale", 0) is None:  # the model family's own: recorded as used
-        cfg = replace(cfg, guidance_scale=family.guidance_scale(pipe))
+    for name in ("guidance_scale", "sample_guidance"):  # unset: the model family's own, recorded as used
+        if getattr(cfg, name, 0) is None:
+            cfg = replace(cfg, **{name: family.guidance_scale(pipe)})
     check_prompts_fit(pipe.tokenizer, concept_list, catalog)
     image_side(pipe, getattr(cfg, "resolution", None))  # refused now rather than after a minute of work
     if torch.cuda.is_available():

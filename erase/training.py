@@ -76,7 +76,8 @@ class DataSettings(TrainingSettings):
     images_per_prompt: int = 4
     sample_steps: int = 25
     """Sampling steps of the training images (cached on disk by model fingerprint and prompt)."""
-    sample_guidance: float = 7.5
+    sample_guidance: float | None = None
+    """Guidance of that sampling; None: the model family's (Stable Diffusion 7.5, SD3 7, Flux.1 dev 3.5)."""
 
     def validate(self) -> None:
         super().validate()
@@ -219,7 +220,8 @@ class Trainer:
     def examples(self, prompts: list[str], negative: list[str | None] | None = None) -> Examples:
         """Training images of `prompts` sampled by the (unedited) model, cached; with their conditioning."""
         s = self.settings
-        sampling = SampleSettings(s.images_per_prompt, s.sample_steps, s.sample_guidance, s.resolution, s.seed)
+        guidance = self.family.guidance_scale(self.pipe) if s.sample_guidance is None else s.sample_guidance
+        sampling = SampleSettings(s.images_per_prompt, s.sample_steps, guidance, s.resolution, s.seed)
         with torch.no_grad(), self.accelerator.main_process_first():  # the others then read the main's cache
             latents = sample_latents(self.pipe, list(zip(prompts, negative or [None] * len(prompts))), sampling,
                                      self.data_cache, self.progress and self.accelerator.is_main_process)
