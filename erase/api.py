@@ -16,17 +16,8 @@ from .concepts import Catalog, Concept, check_prompts_fit, concepts_from_record,
 from .config import as_dict, config_from
 from .edits import MaskEdit, fingerprint
 from .errors import EraseError
-from .export import (
-    PATCH_NAME,
-    RECORD_NAME,
-    atomic_dir,
-    check_output_dir,
-    check_patch_base,
-    nbytes,
-    read_patch,
-    save_patch,
-    write_json,
-)
+from .export import (PATCH_NAME, RECORD_NAME, atomic_dir, check_output_dir, check_patch_base, nbytes, read_patch,
+                     save_patch, write_json)
 from .families import denoiser_of, family_of
 from .lora import check_lora_method, lora_name, parse_rank, save_lora, to_lora
 from .methods import check_concepts, get_method
@@ -82,22 +73,24 @@ class EraseResult:
         model, concepts, method, how to load each file).
 
         single_file: None writes the single file where the model family has a community layout (SD1.x, SD2.x and
-        SDXL: the original checkpoint; SD3: SAI's; Flux: BFL's transformer file) and records why not otherwise; True requires it; False skips it. half: store the single file in float16.
-        lora: also write <out name>-lora-r<rank>.safetensors, the edit as a kohya LoRA of that rank (or 'full'),
-        for training methods only; erase.json's `lora` says what it leaves out. patch: False leaves the patch out:
-        it lists every edited weight, a map for an attacker (revival attack), and evaluate/attack read a saved run
-        through it. Atomic.
+        SDXL: the original checkpoint; SD3: SAI's; Flux: BFL's transformer file) and records why not otherwise; True
+        requires it; False skips it. half: store the single file in float16.
+        lora: also write <out name>-lora-r<rank>.safetensors, the edit as a LoRA of that rank (or 'full'; kohya's
+        format for a UNet, diffusers' for a transformer), for training methods only; erase.json's `lora` says what it
+        leaves out. patch: False leaves the patch out: it lists every edited weight, a map for an attacker (revival
+        attack), and evaluate/attack read a saved run through it. Atomic.
         """
         out = check_output_dir(out, overwrite)
         family = family_of(self.pipe)
-        if single_file and family.single_file_problem(self.pipe):
-            raise EraseError(family.single_file_problem(self.pipe))
+        problem = family.single_file_problem(self.pipe) if single_file is not False else "not asked for"
+        if single_file and problem:
+            raise EraseError(problem)
         if lora is not None:
             lora = parse_rank(lora)
             check_lora_method(get_method(self.method), lora)
         started = time.perf_counter()
         record = dict(self.record)
-        single = single_file is not False and not family.single_file_problem(self.pipe)
+        single = not problem
         denoiser = family.denoiser(self.pipe)
         text_encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
         components = nbytes(denoiser, self.pipe.vae, *text_encoders) // (1 + half) if single else 0
@@ -115,8 +108,7 @@ class EraseResult:
                                              "layout": family.single_file, "holds": family.single_file_holds}
                     family.save_single_file(pipe, tmp / record["single_file"]["name"], header, half=half)
                 else:
-                    record["single_file"] = {"name": None, "why": "not asked for" if single_file is False
-                                             else family.single_file_problem(pipe)}
+                    record["single_file"] = {"name": None, "why": problem}
             record["patch"] = PATCH_NAME if patch else None
             if patch:
                 save_patch(tmp / PATCH_NAME, self.edit, header)

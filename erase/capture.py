@@ -204,7 +204,7 @@ class Denoised:
 
 def first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_call=None) -> Denoised:
     """Denoise `prompts` from one shared initial noise and stop after T denoiser calls (the family's loop)."""
-    if family_of(pipe).attribute == "unet":
+    if family_of(pipe).own_loop:
         return denoise_first_calls(pipe, prompts, settings, on_call)
     return pipeline_first_calls(pipe, prompts, settings, on_call)
 
@@ -223,7 +223,7 @@ def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_
     if len(timesteps) < settings.saliency_steps:
         raise EraseError(f"saliency_steps={settings.saliency_steps} exceeds the {len(scheduler.timesteps)} UNet calls "
                          f"of a {settings.steps}-step generation: lower saliency_steps or raise steps")
-    guidance = guidance_of(pipe, settings)
+    guidance = family_of(pipe).guidance_or_default(pipe, settings.guidance_scale)
     noise = initial_noise(pipe, settings)
     kwargs = kwargs or conditioning(pipe, prompts, noise.shape[-1] * pipe.vae_scale_factor)
     latents = noise.expand(len(prompts), -1, -1, -1) * scheduler.init_noise_sigma
@@ -235,11 +235,6 @@ def denoise_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on_
         if i + 1 < len(timesteps):  # the last call's step would only feed statistics we no longer take
             latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
     return Denoised([int(t) for t in timesteps], x, kwargs, uncond, cond)
-
-
-def guidance_of(pipe, settings: CaptureSettings) -> float:
-    """The settings' guidance, or the model family's where they leave it unset."""
-    return family_of(pipe).guidance_scale(pipe) if settings.guidance_scale is None else settings.guidance_scale
 
 
 def initial_noise(pipe, settings: CaptureSettings) -> torch.Tensor:
@@ -269,7 +264,7 @@ def pipeline_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on
         if on_call is not None:
             on_call(len(calls))
         timestep = kwargs["timestep"]
-        calls.append(round(float(timestep.flatten()[0] if torch.is_tensor(timestep) else timestep), 6))
+        calls.append(float(timestep.flatten()[0] if torch.is_tensor(timestep) else timestep))  # exact: ESD reuses it
         last.update(args=args, kwargs=kwargs)
 
     def after(module, args, kwargs, output):
@@ -281,8 +276,9 @@ def pipeline_first_calls(pipe, prompts: list[str], settings: CaptureSettings, on
     handles = [transformer.register_forward_pre_hook(before, with_kwargs=True),
                transformer.register_forward_hook(after, with_kwargs=True)]
     try:
-        pipe(prompts, num_inference_steps=settings.steps, guidance_scale=guidance_of(pipe, settings), height=side,
-             width=side, generator=generators, output_type="latent", **family.call_kwargs(pipe))
+        pipe(prompts, num_inference_steps=settings.steps, height=side, width=side, generator=generators,
+             guidance_scale=family.guidance_or_default(pipe, settings.guidance_scale), output_type="latent",
+             **family.call_kwargs(pipe))
     except _Enough:
         pass
     finally:

@@ -220,7 +220,7 @@ class Trainer:
     def examples(self, prompts: list[str], negative: list[str | None] | None = None) -> Examples:
         """Training images of `prompts` sampled by the (unedited) model, cached; with their conditioning."""
         s = self.settings
-        guidance = self.family.guidance_scale(self.pipe) if s.sample_guidance is None else s.sample_guidance
+        guidance = self.family.guidance_or_default(self.pipe, s.sample_guidance)
         sampling = SampleSettings(s.images_per_prompt, s.sample_steps, guidance, s.resolution, s.seed)
         with torch.no_grad(), self.accelerator.main_process_first():  # the others then read the main's cache
             latents = sample_latents(self.pipe, list(zip(prompts, negative or [None] * len(prompts))), sampling,

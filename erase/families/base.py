@@ -70,6 +70,9 @@ class Family:
     """How users know the family: "Stable Diffusion 3 / 3.5 (MMDiT)"."""
     attribute: str = "transformer"
     """The pipeline's attribute holding the denoiser, also the name of its diffusers subfolder."""
+    own_loop: bool = False
+    """Whether erase's own CFG loop runs the denoiser for the capture (a UNet: its statistics as recorded); else the
+    pipeline's own loop does, stopped after the calls the capture needs."""
     ffn_pattern: str = "*ff.net.2"
     """Glob over the denoiser's module names: the feed-forward down-projections (what `target: ffn` means)."""
     text_pattern: str | None = None
@@ -105,6 +108,10 @@ class Family:
         """The guidance its images are drawn at by default: the pipeline's own default."""
         default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
         return float(default.default) if default is not None and default.default is not inspect.Parameter.empty else 7.5
+
+    def guidance_or_default(self, pipe, value: float | None) -> float:
+        """`value`, or where a setting leaves it unset (None), the family's default guidance."""
+        return self.guidance_scale(pipe) if value is None else value
 
     # -- what the methods edit ---------------------------------------------------------------------------------
     def ffn_targets(self, denoiser: nn.Module) -> dict[str, Target]:

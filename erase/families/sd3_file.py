@@ -22,7 +22,8 @@ from ..single_file import UNET_PREFIX as MODEL_PREFIX
 from ..single_file import VAE_PREFIX, rename, unmapped, vae_block_prefixes, vae_layout
 
 CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
-CLIP_L, CLIP_G, T5 = "text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer.", "text_encoders.t5xxl.transformer."
+CLIP_L, CLIP_G = "text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer."
+T5 = "text_encoders.t5xxl.transformer."
 TEXT_ENCODERS = {"text_encoder": (CLIP_L, "CLIPTextModelWithProjection", "CLIP-L"),
                  "text_encoder_2": (CLIP_G, "CLIPTextModelWithProjection", "CLIP-G"),
                  "text_encoder_3": (T5, "T5EncoderModel", "T5")}  # T5 is optional

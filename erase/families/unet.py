@@ -13,6 +13,7 @@ class UNetFamily(Family):
     name = "unet"
     title = "Stable Diffusion 1.x / 2.x / XL (UNet)"
     attribute = "unet"
+    own_loop = True
     ffn_pattern = "*ff.net.2"
     text_pattern = "*attn2.to_[kv]"
     single_file = "original Stable Diffusion checkpoint (A1111, ComfyUI, Forge)"
