@@ -18,7 +18,7 @@ from .concepts import Catalog, Concept
 from .config import check_choice, check_positive_int
 from .edits import MaskEdit
 from .families import Target, family_of
-from .masks import Votes, count, kth_largest, layer_topk_mask, row_draws, row_topk_mask
+from .masks import BLOCK_ROWS, KthLargest, Votes, above, count, kth_largest, layer_topk_mask, row_draws, row_topk_mask
 
 
 def contrastive_margin(concept: ColumnStats, base: ColumnStats, name: str) -> torch.Tensor:
@@ -26,33 +26,92 @@ def contrastive_margin(concept: ColumnStats, base: ColumnStats, name: str) -> to
     return (concept.mean(name) - base.mean(name) - base.std(name)).clamp_min(0)
 
 
-def time_integrated_sensitivity(weight: torch.Tensor, margin: torch.Tensor, r1: float) -> torch.Tensor:
-    """A = ½ · norm(mean_t S_t) + ½ · mean_t 1[S_t > τ_t], τ_t the k-th largest S_t with k = max(1, int(r1 · numel)).
+SAMPLE = 16384
+"""Entries sampled (fixed seed) to bracket each selection's threshold before the blocks are read (KthLargest)."""
 
-    margin [T, C_in] gives S_t = |W| · c_t (rank-1 broadcast); margin [T, C_out, C_in] is S_t itself (cosine scores
-    already carry |W|).
-    """
-    abs_w = weight.detach().abs().float()
-    steps = margin.shape[0]
-    rank1 = margin.dim() == 2
-    k = count(r1, abs_w.numel())
-    frequency = torch.zeros_like(abs_w)
-    for t in range(steps):
-        if rank1:  # S_t is zero in the columns the concept does not excite (most): select among the others only
-            columns = margin[t].nonzero().squeeze(1)
-            frequency.index_add_(1, columns, above_kth_largest(abs_w[:, columns] * margin[t, columns], k).float())
-        else:
-            frequency += above_kth_largest(margin[t], k)
-    mean_s = abs_w * margin.mean(0) if rank1 else margin.mean(0)
-    peak = mean_s.max()
+
+class StepScores:
+    """S_t of one layer, a block of rows at a time: S_t = |W| · c_t for a margin [T, C_in] (a rank-1 broadcast), or
+    the margin itself for a margin [T, C_out, C_in] (cosine scores already carry |W|). No whole S_t is ever built."""
+
+    def __init__(self, weight: torch.Tensor, margin: torch.Tensor) -> None:
+        self.weight, self.margin, self.rank1 = weight.detach(), margin, margin.dim() == 2
+        self.mean_margin = margin.mean(0)
+        self.steps, self.shape, self.numel = margin.shape[0], weight.shape, weight.numel()
+
+    def blocks(self):
+        """(rows, |W| of those rows or None, their margins [T, C_in] or [T, rows, C_in], their mean margin)."""
+        for start in range(0, self.shape[0], BLOCK_ROWS):
+            rows = slice(start, start + BLOCK_ROWS)
+            if self.rank1:
+                yield rows, self.weight[rows].abs().float(), self.margin, self.mean_margin
+            else:
+                yield rows, None, self.margin[:, rows], self.mean_margin[rows]
+
+    def sample(self) -> tuple | None:
+        """The same at SAMPLE random entries (1-D): (None, |W| or None, margins [T, SAMPLE], mean margin); None for
+        a small layer, whose every positive value is then bracketed."""
+        if self.numel < 4 * SAMPLE:
+            return None
+        flat = torch.randint(self.numel, (SAMPLE,), generator=torch.Generator().manual_seed(0)).to(self.weight.device)
+        row, column = flat // self.shape[1], flat % self.shape[1]
+        if self.rank1:
+            return None, self.weight[row, column].abs().float(), self.margin[:, column], self.mean_margin[column]
+        return None, None, self.margin[:, row, column], self.mean_margin[row, column]
+
+    def step(self, abs_w: torch.Tensor | None, margins: torch.Tensor, t: int) -> torch.Tensor:
+        return abs_w * margins[t] if self.rank1 else margins[t]
+
+    def mean(self, abs_w: torch.Tensor | None, mean_margin: torch.Tensor) -> torch.Tensor:
+        return abs_w * mean_margin if self.rank1 else mean_margin
+
+
+def step_thresholds(scores: StepScores, k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """τ_t, the k-th largest of each S_t, and the peak of mean_t S_t: one pass over the blocks for all T steps."""
+    sample = scores.sample()
+    selections = [KthLargest(k) if sample is None else KthLargest(k, scores.step(*sample[1:3], t), scores.numel)
+                  for t in range(scores.steps)]
+    peak = torch.zeros((), device=scores.weight.device)
+    for _, abs_w, margins, mean_margin in scores.blocks():
+        for t, selection in enumerate(selections):
+            selection.see(scores.step(abs_w, margins, t))
+        peak = torch.maximum(peak, scores.mean(abs_w, mean_margin).max())
+    taus = [selection.value() for selection in selections]
+    for t, tau in enumerate(taus):
+        if tau is None:  # the sample's bracket missed: select from the whole S_t
+            taus[t] = kth_largest(torch.cat([scores.step(abs_w, margins, t).flatten()
+                                             for _, abs_w, margins, _ in scores.blocks()]), k)
+    return taus, peak
+
+
+def sensitivity(scores: StepScores, abs_w: torch.Tensor | None, margins: torch.Tensor, mean_margin: torch.Tensor,
+                taus: list[torch.Tensor], peak: torch.Tensor) -> torch.Tensor:
+    """A = ½ · norm(mean_t S_t) + ½ · mean_t 1[S_t > τ_t] of a block of rows (or of the sample)."""
+    frequency = sum(above(scores.step(abs_w, margins, t), tau) for t, tau in enumerate(taus))
+    mean_s = scores.mean(abs_w, mean_margin)
     strength = mean_s / peak if peak > 0 else mean_s
-    return 0.5 * strength + 0.5 * frequency / steps
+    return 0.5 * strength + 0.5 * frequency / scores.steps
 
 
-def above_kth_largest(s_t: torch.Tensor, k: int) -> torch.Tensor:
-    """True where S_t (≥ 0) exceeds the k-th largest of the whole step's S_t, given its entries that can be nonzero:
-    that k-th largest is theirs, or 0 where they are fewer than k."""
-    return s_t > (kth_largest(s_t, k) if s_t.numel() >= k else 0)
+def fia_layer_mask(weight: torch.Tensor, margin: torch.Tensor, r1: float, r2: float) -> torch.Tensor:
+    """The weights in their row's top-k and the layer's top-K of A (k, K from r2), with A > 0.
+
+    A = ½ · norm(mean_t S_t) + ½ · mean_t 1[S_t > τ_t], τ_t the k-th largest S_t with k = max(1, int(r1 · numel)).
+    Two passes over the blocks of rows: the first finds every τ_t and the peak, the second builds A, its row
+    top-k and the layer's threshold.
+    """
+    scores = StepScores(weight, margin)
+    taus, peak = step_thresholds(scores, count(r1, scores.numel))
+    sample, k_layer = scores.sample(), count(r2, scores.numel)
+    top = KthLargest(k_layer) if sample is None else \
+        KthLargest(k_layer, sensitivity(scores, *sample[1:], taus, peak), scores.numel)
+    a = torch.empty(scores.shape, device=margin.device)
+    in_row_top = torch.empty(scores.shape, dtype=torch.bool, device=margin.device)
+    for rows, *block in scores.blocks():
+        a[rows] = sensitivity(scores, *block, taus, peak)
+        in_row_top[rows] = row_topk_mask(a[rows], count(r2, scores.shape[1]))
+        top.see(a[rows])
+    return in_row_top & layer_topk_mask(a, k_layer, top.value()) & (a > 0)
 
 
 def fia_concept_mask(layers: dict[str, Target], concept: ColumnStats, base: ColumnStats,
@@ -62,11 +121,8 @@ def fia_concept_mask(layers: dict[str, Target], concept: ColumnStats, base: Colu
     Entries with A = 0 never enter: a weight the concept does not excite more than its base serves no concept,
     even in a layer where fewer than K entries are salient.
     """
-    masks = {}
-    for name, layer in layers.items():
-        a = time_integrated_sensitivity(layer.weight, contrastive_margin(concept, base, name), r1)
-        masks[name] = row_topk_mask(a, count(r2, a.shape[1])) & layer_topk_mask(a, count(r2, a.numel())) & (a > 0)
-    return masks
+    return {name: fia_layer_mask(layer.weight, contrastive_margin(concept, base, name), r1, r2)
+            for name, layer in layers.items()}
 
 
 def conceptprune_concept_mask(layers: dict[str, Target], concept: ColumnStats, base: ColumnStats,

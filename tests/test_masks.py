@@ -4,16 +4,18 @@ import pytest
 import torch
 
 from erase.masks import (
+    KthLargest,
     Votes,
     drop_and_regrow,
     global_topk_masks,
     kth_largest,
     layer_topk_mask,
     pack_bits,
+    row_draws,
     row_topk_mask,
     unpack_bits,
 )
-from erase.saliency import time_integrated_sensitivity
+from erase.saliency import SAMPLE, fia_layer_mask
 
 
 def votes_from(counts: list[int], concepts: int) -> Votes:
@@ -111,19 +113,63 @@ def test_kth_largest_is_exactly_the_full_selection(ratio):
         assert torch.equal(kth_largest(values, k), kthvalue_reference(values, k))
 
 
-def test_time_integrated_sensitivity_is_bit_identical_to_the_full_selection():
-    """The masks FIA writes depend on A: the same A as with a full selection at every step (rank-1 and full S_t)."""
+def fia_reference(weight: torch.Tensor, margin: torch.Tensor, r1: float, r2: float) -> torch.Tensor:
+    """FIA's mask by its definition on whole tensors: every S_t built, full selections, topk for both top-k's."""
+    abs_w = weight.abs()
+    s = [abs_w * m if margin.dim() == 2 else m for m in margin]
+    k = max(1, int(r1 * weight.numel()))
+    frequency = sum((s_t > kthvalue_reference(s_t, k)).float() for s_t in s)
+    mean_s = abs_w * margin.mean(0) if margin.dim() == 2 else margin.mean(0)
+    a = 0.5 * mean_s / mean_s.max() + 0.5 * frequency / len(s)
+    k_layer = max(1, int(r2 * a.numel()))
+    layer = torch.zeros(a.numel(), dtype=torch.bool).scatter_(0, a.flatten().topk(k_layer).indices, True)
+    return row_topk_mask(a, max(1, int(r2 * a.shape[1]))) & layer.view_as(a) & (a > 0)
+
+
+@pytest.mark.parametrize("r1", [0.001, 0.05, 0.4])
+def test_fia_layer_mask_is_bit_identical_to_the_full_selections(r1):
+    """The masks FIA writes: the blocked, bracketed selections give what whole-tensor selections give (rank-1 and
+    full S_t; layers above and below the sampling size; steps where fewer weights are excited than selected)."""
     torch.manual_seed(1)
-    weight, margin = torch.randn(320, 1280), torch.randn(10, 1280).clamp_min(0)
-    margin[3:6, 2:] = 0  # steps where the concept excites fewer weights than the selection takes
-    for margin_t in (margin, torch.randn(3, 64, 2048).clamp_min(0)):
-        w = weight if margin_t.dim() == 2 else torch.randn(64, 2048)
-        abs_w, k = w.abs(), max(1, int(0.05 * w.numel()))
-        s = [abs_w * m if margin_t.dim() == 2 else m for m in margin_t]
-        frequency = sum((s_t > kthvalue_reference(s_t, k)).float() for s_t in s)
-        mean_s = abs_w * margin_t.mean(0) if margin_t.dim() == 2 else margin_t.mean(0)
-        expected = 0.5 * mean_s / mean_s.max() + 0.5 * frequency / len(s)
-        assert torch.equal(time_integrated_sensitivity(w, margin_t, 0.05), expected)
+    for rows, columns in ((320, 1280), (40, 96)):
+        weight, margin = torch.randn(rows, columns), torch.randn(10, columns).clamp_min(0)
+        margin[3:6, 2:] = 0
+        assert torch.equal(fia_layer_mask(weight, margin, r1, 0.01), fia_reference(weight, margin, r1, 0.01))
+    weight, margin = torch.randn(64, 2048), torch.randn(3, 64, 2048).clamp_min(0)
+    assert torch.equal(fia_layer_mask(weight, margin, r1, 0.02), fia_reference(weight, margin, r1, 0.02))
+    misleading = torch.zeros(320 * 1280)  # only the sampled entries are nonzero: every bracket misses
+    picks = torch.randint(misleading.numel(), (SAMPLE,), generator=torch.Generator().manual_seed(0))
+    misleading[picks] = torch.rand(SAMPLE) + 1
+    weight, margin = misleading.view(320, 1280), torch.rand(4, 1280)
+    assert torch.equal(fia_layer_mask(weight, margin, r1, 0.01), fia_reference(weight, margin, r1, 0.01))
+
+
+def test_kth_largest_of_blocks_is_exact_when_its_sample_misleads():
+    """A bracket from a sample that misses the k-th largest says so (None); one that holds it gives it exactly."""
+    torch.manual_seed(3)
+    values = torch.rand(200_000)
+    honest, misled = KthLargest(5000, values[:4096], values.numel()), KthLargest(5000, values[:4096] / 10, values.numel())
+    for block in values.split(30_000):
+        honest.see(block)
+        misled.see(block)
+    assert torch.equal(honest.value(), kthvalue_reference(values, 5000)) and misled.value() is None
+    sparse = torch.zeros(100_000)
+    sparse[:10] = torch.rand(10) + 1  # fewer positive values than k: the k-th largest is 0
+    unsampled = KthLargest(50)
+    unsampled.see(sparse)
+    assert unsampled.value() == 0
+
+
+def test_row_draws_use_each_rows_unmasked_mean_and_std():
+    torch.manual_seed(4)
+    weight, mask = torch.randn(150, 300), torch.rand(150, 300) < 0.05
+    draws = row_draws(weight, mask, torch.Generator().manual_seed(0))
+    kept = (~mask).float()
+    mean = (weight * kept).sum(1) / kept.sum(1)
+    std = ((weight - mean[:, None]).square() * kept).sum(1).div(kept.sum(1)).sqrt()
+    rows = mask.nonzero()[:, 0]
+    expected = torch.randn(len(rows), generator=torch.Generator().manual_seed(0)) * std[rows] + mean[rows]
+    assert torch.equal(draws, expected)
 
 
 @pytest.mark.parametrize("ratio", [0.001, 0.01, 0.2])
