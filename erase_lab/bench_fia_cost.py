@@ -197,7 +197,19 @@ def overhead(fia: dict) -> tuple[float, float]:
     return fia["capture_s"] + fia["scoring_s"], sum(fia["bare_s"]) / len(fia["bare_s"])
 
 
-def report(plain: dict, runs: dict[str, dict], args) -> str:
+def other_settings(store, args) -> str:
+    """A sentence on the idle runs kept at other settings, so that a table at one setting hides none of them."""
+    key = store.identity(run_key("idle", args))
+    others = [r for r in store.rows if r["run"] == "idle" and store.current(r) and store.identity(r) != key]
+    if not others:
+        return ""
+    ratio = lambda r: overhead(r)[0] / overhead(r)[1]
+    return " Kept at other settings: " + "; ".join(
+        f"T = {r.get('calls', 10)}, {r['pairs']} prompt pairs, {r['resolution']} px: {ratio(r):.3f}x "
+        f"(scoring {r['scoring_s']:.1f} s, commit {r['commit']})" for r in others) + "."
+
+
+def report(plain: dict, runs: dict[str, dict], args, store=None) -> str:
     from .benchmarks_md import section_body
 
     resolution, pairs, load, arch = args.resolution, args.pairs, args.load, arch_settings(args.arch)
@@ -240,7 +252,7 @@ def report(plain: dict, runs: dict[str, dict], args) -> str:
                 "uses their mean. Plain inference: the bare forwards in a process of their own, for its peak RSS (the "
                 f"loaded pipeline alone: {plain['rss_loaded_mb']:.0f} MB). Noise: the bare forwards before and after "
                 f"erase() differ by {spread} of their mean in these runs; one run per setting reads the ratio to about "
-                "that precision.")
+                "that precision." + (other_settings(store, args) if store else ""))
     options = "" if args.arch == "sd15" else f"--arch {args.arch} "
     options += "" if args.calls == 10 else f"--calls {args.calls} "
     reproduce = (f"`python -m erase_lab.bench_fia_cost {options}--resolution {resolution} --pairs {pairs} --load {load}` "
@@ -278,7 +290,7 @@ def main() -> None:
     runs = {"idle": measure_it(store, "idle", args, fia)}
     if args.load:
         runs["loaded"] = measure_it(store, "loaded", args, lambda: under_load(args.load, fia))
-    text = report(plain, runs, args)
+    text = report(plain, runs, args, store)
     print(text)
     update_section(arch["section"], text)
 
