@@ -46,3 +46,14 @@ def run(tmp_path_factory):
     pipe = tiny_pipeline()
     result = erase.erase(pipe, "church", progress=False, prompts_per_concept=2, saliency_steps=2)
     return pipe, result, result.save(tmp_path_factory.mktemp("runs") / "church")
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """The shipped miniature pipeline, with a cache of its own for the module's evaluations."""
+    import os
+
+    import erase
+
+    os.environ["ERASE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return erase.load_pipeline("mini")

@@ -61,8 +61,8 @@ def test_prompt_attack_runs_on_sdxl(judge):
 
 def test_refusals_before_any_work(run, judge, tmp_path):
     pipe, result, folder = run
-    with pytest.raises(erase.EraseError, match="unknown attack kind 'inversion'"):
-        erase.attack(pipe, result, kind="inversion", clip=judge, progress=False)
+    with pytest.raises(erase.EraseError, match="unknown attack kind 'jailbreak'"):
+        erase.attack(pipe, result, kind="jailbreak", clip=judge, progress=False)
     with pytest.raises(erase.EraseError, match="locations='checkpoint' is unknown: use one of zeros, patch"):
         erase.attack(pipe, result, kind="revival", clip=judge, progress=False, locations="checkpoint")
     with pytest.raises(erase.EraseError, match="concept 'dog' was not erased by this run"):
@@ -83,14 +83,6 @@ def test_refusals_before_any_work(run, judge, tmp_path):
              seeds=[0]).save(tmp_path / "other")
     with pytest.raises(erase.EraseError, match="holds the report of another erasure"):
         report.save(tmp_path / "other")
-
-
-@pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    import os
-
-    os.environ["ERASE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return erase.load_pipeline("mini")
 
 
 MINI_ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 20}  # at the mini guidance

@@ -10,17 +10,7 @@ neurons zeroed the base model still paints the church's colours from its name (t
 mini judge reads those blobs as "church" (BENCHMARKS.md, "Miniature world: erasure gates").
 """
 
-import pytest
-
 import erase
-
-
-@pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    import os
-
-    os.environ["ERASE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return erase.load_pipeline("mini")
 
 
 def test_fia_erases_a_taught_object_and_keeps_the_others(mini):

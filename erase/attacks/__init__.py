@@ -16,7 +16,7 @@ ATTACKS = Registry("attack kind")
 register = ATTACKS.register
 get_attack = ATTACKS.lookup
 
-from . import prompt, revival  # noqa: F401  (registration)
+from . import inversion, prompt, revival  # noqa: F401  (registration)
 from .core import AttackSettings, Target, attack
 from .report import AttackReport
 

@@ -53,6 +53,8 @@ class Target:
     prompt: str
     seed: int
     latents: torch.Tensor | None = None
+    text: str = ""
+    """The concept's name as its prompts hold it (the catalog's text)."""
 
 
 def attack_config(kind: str, config=None, **overrides):
@@ -80,7 +82,7 @@ def attack(original, erased, concepts: list[str] | str | None = None, kind: str 
     chosen = chosen_concepts(erasure.concepts, concepts)
     profile = profile_of(original)
     cfg.fill_defaults(profile)
-    targets = [Target(c.name, prompt, seed) for c in chosen
+    targets = [Target(c.name, prompt, seed, text=c.text) for c in chosen
                for prompt in catalog.eval_prompts(c, cfg.prompts_per_concept) for seed in cfg.seeds]
     anchors = [Target(c.name, c.anchor, seed) for c in chosen if c.anchor for seed in cfg.seeds]
     check_prompts_fit(original.tokenizer, chosen, catalog)

@@ -55,14 +55,19 @@ class PromptAttackConfig(AttackSettings):
         check_positive("lr", self.lr, "0.01")
 
 
+def check_clip_tokens(pipe, kind: str) -> None:
+    """Refuse a model that reads the prompt through other than CLIP tokens (T5: SD3 with it, Flux)."""
+    for name, tokenizer, encoder in text_encoders(pipe):
+        if tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids != [placeholder_id(tokenizer)]:
+            raise EraseError(f"the {kind} attack works on CLIP tokens and this model also reads the prompt through "
+                             f"{type(encoder).__name__} ({name}): attack it with kind='revival', or load it without "
+                             "that encoder where it runs without it (SD3 without T5: text_encoder_3=None)")
+
+
 def check(pipe, prompts: list[str], config: PromptAttackConfig) -> None:
     """Refuse a model that reads the prompt through other than CLIP tokens, prompts that would not hold the attack's
     tokens, and prompts that already use the placeholder word."""
-    for name, tokenizer, encoder in text_encoders(pipe):
-        if tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids != [placeholder_id(tokenizer)]:
-            raise EraseError(f"the prompt attack optimises CLIP tokens and this model also reads the prompt through "
-                             f"{type(encoder).__name__} ({name}): attack it with kind='revival', or load it without "
-                             "that encoder where it runs without it (SD3 without T5: text_encoder_3=None)")
+    check_clip_tokens(pipe, "prompt")
     tokenizer = pipe.tokenizer
     longest = max(len(ids) for ids in tokenizer(prompts, verbose=False).input_ids) + config.tokens
     if longest > tokenizer.model_max_length:
