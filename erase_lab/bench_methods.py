@@ -4,15 +4,16 @@
                                                                 # evaluation has three seeds; --sizes 1 --methods fia: a part)
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods scaling    # FIA wall time and peak memory, 1 to 100 concepts
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods sweep      # FIA r2 x alpha on the 3-concept set
-    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods attack     # prompt attack success rate beside forgetting and
-                                                                # retention (--sizes 1,3 --methods fia,uce: a part)
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods lives      # each method on taught and on base concepts
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods attack     # attack success rate per method and attack kind
+                                                                # (--sizes 1 --methods fia,uce --kinds inversion: a part)
     python -m erase_lab.bench_methods plot                        # redraw the plot from docs/methods-mini.json
     python -m erase_lab.bench_methods sweep --table               # rewrite a section (table, sweep, attack) from
                                                                 # its rows, measuring nothing
 
 Each run (method, forget set) is its own process, so its peak memory is its own. Sections of BENCHMARKS.md:
 "Miniature world: methods" (rows kept in docs/methods-mini.json as they finish), "Miniature world: FIA scaling",
-"Miniature world: FIA r2/alpha sweep", "Miniature world: prompt attack" (one run at a time, one thread; rows kept in
+"Miniature world: FIA r2/alpha sweep", "Miniature world: attacks" (one run at a time, one thread; rows kept in
 docs/attack-mini.json as they finish); the plot is docs/methods-mini.png. A rerun of the table or the attack measures
 only the rows not yet measured on the shipped mini model; a training row that was stopped resumes from its
 checkpoint (in $TMPDIR/erase-bench-checkpoints). Needs the `bench` extra (matplotlib) for the plot.
@@ -51,11 +52,22 @@ EVAL = {"prompts_per_concept": 4, "seeds": [0, 1, 2], "steps": 25, "guidance_sca
 LIGHT_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance_scale": MINI_GUIDANCE, "max_retain": 4,
                "max_cross_retain": 2}
 ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "guidance_scale": MINI_GUIDANCE}
+ATTACK_KINDS = ("prompt", "inversion", "revival")
+# What a row records of its attack's settings: each kind's budget, and what every kind shares.
+ATTACK_SETTINGS = ("steps", "tokens", "lr", "timesteps", "init", "locations", "rank", "iterations", "top_ratio", "seed",
+                   "seeds", "sample_steps", "attack_s")
 ATTACK_SIZES = (1, 3)  # forget sets the prompt attack runs on
 ATTACK_ROWS = ROOT / "docs" / "attack-mini.json"
 SWEEP_ROWS = ROOT / "docs" / "sweep-mini.json"
+LIVES_ROWS = ROOT / "docs" / "lives-mini.json"
+# Concepts taught into known feed-forward neurons, and concepts the base model learnt end to end (no neurons of
+# their own): the same method on each shows whether it needs the concept to live where it looks.
+LIVES = {"taught": ["van gogh", "pablo picasso", "tench", "golf ball"], "base": ["rembrandt", "edvard munch", "dog", "car"]}
+# 32 images per erased concept (4 held-out prompts × seeds 0-7); retention as LIGHT_EVAL's.
+LIVES_EVAL = {**LIGHT_EVAL, "prompts_per_concept": 4, "seeds": list(range(8))}
 SECTIONS = {"table": "Miniature world: methods", "scaling": "Miniature world: FIA scaling",
-            "sweep": "Miniature world: FIA r2/alpha sweep", "attack": "Miniature world: prompt attack"}
+            "sweep": "Miniature world: FIA r2/alpha sweep", "attack": "Miniature world: attacks",
+            "lives": "Miniature world: where a concept lives"}
 REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods"
 # The original model's images, shared by every run (evaluate() keys them by model, prompts and seeds): each method's
 # evaluation then generates only its erased side. Its training data stays cold (a fresh cache per run), as timed.
@@ -64,8 +76,10 @@ ORIGINALS = Path(tempfile.gettempdir()) / "erase-bench-originals"
 CHECKPOINTS = Path(tempfile.gettempdir()) / "erase-bench-checkpoints"
 
 
-def one(method: str, concepts: list[str], settings: dict, evaluation: dict | None, attack: bool = False) -> dict:
-    """Erase (and evaluate with `evaluation`'s settings unless None, and attack) in this process; one row's numbers."""
+def one(method: str, concepts: list[str], settings: dict, evaluation: dict | None, attack: str | None = None,
+        truth: bool = False) -> dict:
+    """Erase (and evaluate with `evaluation`'s settings unless None, attack with that kind unless None, and measure
+    the ground truth's forgetting where `truth`) in this process; one row's numbers."""
     from dataclasses import fields
 
     import torch
@@ -77,7 +91,7 @@ def one(method: str, concepts: list[str], settings: dict, evaluation: dict | Non
     pipe = erase.load_pipeline("mini")
     run = dict(settings)
     if "checkpoint_dir" in {f.name for f in fields(get_method(method).config_class)}:
-        run["checkpoint_dir"] = str(CHECKPOINTS / f"{method}-{len(concepts)}")
+        run["checkpoint_dir"] = str(CHECKPOINTS / checkpoint_name(method, concepts, settings))
     started = time.perf_counter()
     result = erase.erase(pipe, concepts, method=method, progress=False, **run)
     seconds = time.perf_counter() - started + (result.record.get("earlier_attempts_s") or 0)
@@ -85,9 +99,10 @@ def one(method: str, concepts: list[str], settings: dict, evaluation: dict | Non
            "resumed_from_step": result.record.get("resumed_from_step"),
            "peak_memory_mb": result.record["peak_memory_mb"], "edited": result.record["totals"]["edited"]}
     if attack:
-        attacked = erase.attack(pipe, result, progress=False, **ATTACK)
-        row["attack"] = {"metrics": attacked.metrics, "settings": {k: attacked.settings[k] for k in (
-            "steps", "tokens", "lr", "timesteps", "seed", "seeds", "sample_steps", "attack_s")}}
+        attacked = erase.attack(pipe, result, kind=attack, progress=False, **ATTACK)
+        row["kind"] = attack
+        row["attack"] = {"metrics": attacked.metrics,
+                         "settings": {k: attacked.settings[k] for k in ATTACK_SETTINGS if k in attacked.settings}}
     if evaluation:
         os.environ["ERASE_CACHE"] = str(ORIGINALS)
         report = erase.evaluate(pipe, result, progress=False, **evaluation)
@@ -96,7 +111,37 @@ def one(method: str, concepts: list[str], settings: dict, evaluation: dict | Non
         row.update(summary=s, fidelity=m["fidelity"], retain_by_kind=m["retain_by_kind"],
                    original={"forget": s["forgetting_accuracy_original"], "retain": s["retain_accuracy_in_kind_original"],
                              "clip_score": m["fidelity"]["clip_score_original"]})
+    if truth:
+        row["truth"] = ground_truth_forgetting(pipe, result, evaluation)
     return row
+
+
+def ground_truth_forgetting(pipe, result, evaluation: dict) -> dict | None:
+    """Forgetting with the erased concepts' own neurons zeroed instead of the method's edit (the best a masking of
+    the world's ground truth does), by the same evaluation; None where a concept has no neurons of its own."""
+    from dataclasses import replace
+
+    import erase
+
+    from .mini_gates import neurons_edit, taught_neurons
+
+    neurons = taught_neurons("mini")
+    texts = [c.text for c in result.concepts]
+    if not all(t in next(iter(neurons.values())) for t in texts):
+        return None
+    report = erase.evaluate(pipe, replace(result, edit=neurons_edit(pipe.unet, neurons, *texts)), retain=[],
+                            progress=False, **{k: v for k, v in evaluation.items() if not k.startswith("max_")})
+    s = report.metrics["summary"]
+    return {"forgetting_accuracy": s["forgetting_accuracy"], "forgetting_accuracy_ci": s["forgetting_accuracy_ci"]}
+
+
+def checkpoint_name(method: str, concepts: list[str], settings: dict) -> str:
+    """A training run's checkpoint folder: its own for each method, forget set and settings (a tuning grid trains
+    one method with several settings side by side)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([concepts, settings], sort_keys=True).encode()).hexdigest()[:12]
+    return f"{method}-{len(concepts)}-{digest}"
 
 
 def _ci(values: dict, key: str) -> str:
@@ -113,9 +158,9 @@ def _in_kind(summary: dict) -> float:
 
 
 def in_subprocess(method: str, concepts: list[str], settings: dict, evaluation: dict | None = EVAL,
-                  attack: bool = False) -> dict:
+                  attack: str | None = None, truth: bool = False) -> dict:
     args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluation": evaluation,
-                       "attack": attack})
+                       "attack": attack, "truth": truth})
     with tempfile.TemporaryDirectory(prefix="erase-bench-") as cache:  # cold: sampling the data is part of the cost
         out = subprocess.run([sys.executable, "-m", __spec__.name, "one", args], capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "ERASE_CACHE": cache})
@@ -139,31 +184,37 @@ def sweep_store(model: str):
 
 
 def attack_store(model: str):
-    """The prompt attack's rows (docs/attack-mini.json), one per method and forget set."""
+    """The attacks' rows (docs/attack-mini.json), one per method, forget set and attack kind."""
     from .benchmarks_md import RowStore
 
-    return RowStore(ATTACK_ROWS, ("method", "concepts"), model, MINI_GUIDANCE)
+    return RowStore(ATTACK_ROWS, ("method", "concepts", "kind"), model, MINI_GUIDANCE)
 
 
 def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
     """Each (method, forget set) not yet measured on this model, two single-threaded processes at a time (method by
     method, so the two running erase different sets and the later methods find the originals' images cached); each
     row lands in docs/methods-mini.json and the section as it finishes."""
+    store = methods_store(model)
+    jobs = [(m, FORGET_SETS[n], METHODS[m]) for m in methods for n in sizes
+            if not store.has(method=m, concepts=FORGET_SETS[n])]
+    measured_in_pairs(jobs, store, SECTIONS["table"], table)
+    plot(store)
+    return table(store)
+
+
+def measured_in_pairs(jobs: list[tuple], store, section: str, render) -> None:
+    """Each job (in_subprocess's arguments) in a process of its own, two single-threaded processes at a time; each row
+    lands in `store` and its section (`render(store)`) as it finishes, so a stopped run keeps what it measured."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from .benchmarks_md import update_section
 
-    store = methods_store(model)
-    jobs = [(m, FORGET_SETS[n], METHODS[m]) for m in methods for n in sizes
-            if not store.has(method=m, concepts=FORGET_SETS[n])]
     with ThreadPoolExecutor(2) as pool:
         for finished in as_completed([pool.submit(in_subprocess, *job) for job in jobs]):
             row = finished.result()
             store.put(row)
-            update_section(SECTIONS["table"], table(store))
-            print(row["method"], len(row["concepts"]), row["summary"]["forgetting_accuracy"], flush=True)
-    plot(store)
-    return table(store)
+            update_section(section, render(store))
+            print(row["method"], row["concepts"], row["settings"], row["summary"]["forgetting_accuracy"], flush=True)
 
 
 def table(store) -> str:
@@ -183,7 +234,7 @@ def table(store) -> str:
             lines.append(f"| unedited{store.mark(r)} | {n} | {_ci(s, 'forgetting_accuracy_original')} | "
                          f"{_ci(s, 'retain_accuracy_in_kind_original')} | {_ci(s, 'retain_accuracy_cross_kind_original')} "
                          f"| – | – | – | {r['original']['clip_score']:.2f} | 1.000 | 0 | 0 | – | – |")
-        attacked = attacks.get(method=r["method"], concepts=r["concepts"])
+        attacked = attacks.get(method=r["method"], concepts=r["concepts"], kind="prompt")
         lines.append(f"| {r['method']}{store.mark(r)} | {n} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} "
                      f"| {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} | {_ci(s, 'generality')} | "
                      f"{_ci(attacked['attack']['metrics']['summary'], 'attack_success_rate') if attacked else '–'} | "
@@ -202,7 +253,7 @@ def table(store) -> str:
                 "and neutral prompts; paired similarity: the judge's cosine similarity of each such original and erased "
                 "image (same prompt and seed); KID: kernel inception distance between the original and erased images "
                 "of the neutral prompts, on the judge's features (0: same distribution); attack success rate: the "
-                f"prompt attack table's (forget sets 1 and 3 only). Method settings: {settings} (presets in "
+                f"attacks table's prompt column (forget sets 1 and 3 only). Method settings: {settings} (presets in "
                 "erase/configs/; none of the baselines' settings was tuned on mini-2: the -mini presets were set on "
                 "an earlier, smaller miniature model, so their retention here is the presets', not the methods'). "
                 "Wall time is erasure only (capture or training, data sampling included), one thread, two runs at a "
@@ -332,66 +383,149 @@ def sweep_table(store) -> str:
                         [*store.stale_note(f"{REPRODUCE} sweep"), *not_measured(missing)])
 
 
-def attack_table(sizes: list[int], methods: list[str], model: str) -> str:
-    """Prompt attack success rate per method and forget set, beside forgetting and retention; rows run one at a
-    time and are kept in docs/attack-mini.json as they finish (a part measured later joins them)."""
+def lives_store(model: str):
+    """The where-it-lives rows (docs/lives-mini.json), one per method and erased concept."""
+    from .benchmarks_md import RowStore
+
+    return RowStore(LIVES_ROWS, ("method", "concepts"), model, MINI_GUIDANCE)
+
+
+def lives_table(methods: list[str], model: str) -> str:
+    """Each method erasing each concept of LIVES alone (FIA's rows also measure the ground truth of the taught ones),
+    two single-threaded processes at a time; rows land in docs/lives-mini.json as they finish."""
+    store = lives_store(model)
+    jobs = [(m, [c], METHODS[m], LIVES_EVAL, None, m == "fia") for m in methods for group in LIVES.values()
+            for c in group if not store.has(method=m, concepts=[c])]
+    measured_in_pairs(jobs, store, SECTIONS["lives"], lives_markdown)
+    return lives_markdown(store)
+
+
+def lives_markdown(store) -> str:
+    from .benchmarks_md import model_sentence, not_measured, section_body
+
+    lines = ["| method | concept | lives | forgetting acc (before → after) ↓ | its own neurons zeroed instead | "
+             "in-kind retain ↑ | cross-kind retain ↑ | overall ↑ |", "|---" * 8 + "|"]
+    for method in METHODS:
+        for where, concepts in LIVES.items():
+            for concept in concepts:
+                if not (r := store.get(method=method, concepts=[concept])):
+                    continue
+                s = r["summary"]
+                truth = next((t for f in store.rows if f["method"] == "fia" and f["concepts"] == [concept]
+                              and (t := f.get("truth"))), None)
+                lines.append(f"| {method}{store.mark(r)} | {concept} | {where} | "
+                             f"{_ci(s, 'forgetting_accuracy_original')} → {_ci(s, 'forgetting_accuracy')} | "
+                             f"{_ci(truth, 'forgetting_accuracy') if truth else '–'} | "
+                             f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | "
+                             f"{_ci(s, 'overall')} |")
+    missing = [f"{m} on {c}" for m in METHODS for group in LIVES.values() for c in group
+               if not store.has(method=m, concepts=[c])]
+    protocol = (f"{model_sentence()} Each method erases one concept at a time: concepts the world teaches into known "
+                f"feed-forward neurons (taught: {', '.join(LIVES['taught'])}) and concepts the base model learnt end "
+                f"to end, with no neurons of their own (base: {', '.join(LIVES['base'])}). 'Its own neurons zeroed "
+                "instead': forgetting when the taught concept's ground-truth neurons are zeroed in place of any "
+                "method's edit, same prompts and seeds (– for base concepts, which have none). A method that needs "
+                "the concept to sit in a few neurons forgets the taught ones and not the base ones; one that works "
+                f"wherever the concept lives forgets both. Evaluation: {evaluation_words(LIVES_EVAL)}. Method settings "
+                "as in the methods table. Two runs at a time, one thread each, on a 2-core CPU.")
+    return section_body(["\n".join(lines)], protocol,
+                        f"`{REPRODUCE} lives` measures the rows not yet measured on the shipped model (`--methods fia`: "
+                        "a part; `--table`: only rewrite this section from docs/lives-mini.json).",
+                        [*store.stale_note(f"{REPRODUCE} lives"), *not_measured(missing)])
+
+
+def attack_table(sizes: list[int], methods: list[str], kinds: list[str], model: str) -> str:
+    """Attack success rate per method, forget set and attack kind, beside forgetting and retention; rows run one at
+    a time and are kept in docs/attack-mini.json as they finish (a part measured later joins them)."""
     from .benchmarks_md import update_section
 
     store = attack_store(model)
-    for n in sizes:
-        for method in methods:
-            if store.has(method=method, concepts=FORGET_SETS[n]):
-                continue
-            row = in_subprocess(method, FORGET_SETS[n], METHODS[method], LIGHT_EVAL, attack=True)
-            store.put(row)
-            update_section(SECTIONS["attack"], attack_markdown(store))
-            print(method, n, row["attack"]["metrics"]["summary"], flush=True)
+    for kind in kinds:
+        for n in sizes:
+            for method in methods:
+                if store.has(method=method, concepts=FORGET_SETS[n], kind=kind):
+                    continue
+                row = in_subprocess(method, FORGET_SETS[n], METHODS[method], LIGHT_EVAL, attack=kind)
+                store.put(row)
+                update_section(SECTIONS["attack"], attack_markdown(store))
+                print(method, n, kind, row["attack"]["metrics"]["summary"], flush=True)
     return attack_markdown(store)
+
+
+def attack_matrix(store) -> str:
+    """Methods × attack kinds: the attack success rate of each measured row."""
+    lines = ["| method | forget set | " + " | ".join(f"{kind} ↓" for kind in ATTACK_KINDS) + " |",
+             "|---" * (2 + len(ATTACK_KINDS)) + "|"]
+    for n in ATTACK_SIZES:
+        for method in METHODS:
+            rows = [store.get(method=method, concepts=FORGET_SETS[n], kind=kind) for kind in ATTACK_KINDS]
+            if any(rows):
+                cells = [_ci(r["attack"]["metrics"]["summary"], "attack_success_rate") if r else "–" for r in rows]
+                lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budget_words(kind: str, settings: dict) -> str:
+    """An attack kind's budget as its rows recorded it."""
+    if kind == "prompt":
+        return (f"`prompt`: {settings.get('tokens')} appended tokens, {settings.get('steps')} steps, lr "
+                f"{settings.get('lr')}, {settings.get('timesteps')} timestep a step")
+    if kind == "inversion":
+        return (f"`inversion`: one new word per concept from '{settings.get('init')}', {settings.get('steps')} steps, "
+                f"lr {settings.get('lr')}")
+    return (f"`revival`: {settings.get('locations')}, SoftImpute rank {settings.get('rank')}, at most "
+            f"{settings.get('iterations')} iterations, top ratio {settings.get('top_ratio')}")
 
 
 def attack_markdown(store) -> str:
     from .benchmarks_md import model_sentence, not_measured, section_body
 
-    lines = [("| method | forget set | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
+    lines = [("| method | forget set | kind | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
               "original, same prompts | anchor (original) | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | "
-              "attack time |"), "|---" * 11 + "|"]
-    rows = sorted(store.rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
+              "attack time |"), "|---" * 12 + "|"]
+    rows = sorted(store.rows, key=lambda r: (ATTACK_KINDS.index(r["kind"]), len(r["concepts"]),
+                                             list(METHODS).index(r["method"])))
     for r in rows:
         a, s = r["attack"]["metrics"]["summary"], r["summary"]
-        lines.append(f"| {r['method']}{store.mark(r)} | {len(r['concepts'])} | {_ci(a, 'attack_success_rate')} | "
-                     f"{_ci(a, 'attacked_only')} | {_ci(a, 'erased')} | "
+        lines.append(f"| {r['method']}{store.mark(r)} | {len(r['concepts'])} | {r['kind']} | "
+                     f"{_ci(a, 'attack_success_rate')} | {_ci(a, 'attacked_only')} | {_ci(a, 'erased')} | "
                      f"{_ci(a, 'original')} | {_ci(a, 'anchor')} | {_ci(s, 'forgetting_accuracy')} | "
                      f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | "
                      f"{r['attack']['settings']['attack_s']:.0f} s |")
-    missing = [f"{m} on {n}" for n in ATTACK_SIZES for m in METHODS if not store.has(method=m, concepts=FORGET_SETS[n])]
-    budget = rows[0]["attack"]["settings"] if rows else {}
+    missing = [f"{kind} on {m} {n}" for kind in ATTACK_KINDS for n in ATTACK_SIZES for m in METHODS
+               if not store.has(method=m, concepts=FORGET_SETS[n], kind=kind)]
+    budgets = "; ".join(budget_words(kind, r["attack"]["settings"]) for kind in ATTACK_KINDS
+                        if (r := next((r for r in rows if r["kind"] == kind), None)))
+    first = rows[0]["attack"]["settings"] if rows else {}
     protocol = (f"{model_sentence()} Forget sets: " + "; ".join(f"{n}: {', '.join(FORGET_SETS[n])}" for n in ATTACK_SIZES)
-                + f". Attack: `prompt` ({budget.get('tokens')} appended tokens, {budget.get('steps')} steps, lr "
-                f"{budget.get('lr')}, {budget.get('timesteps')} timestep a step, attack seed {budget.get('seed')}) on "
-                f"the first {ATTACK['prompts_per_concept']} held-out prompts of each erased concept × seeds "
-                f"{', '.join(map(str, ATTACK['seeds']))}, images {budget.get('sample_steps')} steps DPM-Solver++, "
-                f"guidance {ATTACK['guidance_scale']:g}. Attack success rate: the share of the attacked prompts for "
-                "which the erased model draws the concept (the mini judge's class among the concept's alternatives) "
-                "from the prompt as it is or with the words found; beside it, the attacked prompts alone, the same "
-                "prompts and seeds without the attack (erased), on the original model, and the original model drawing "
-                "each concept's anchor. Attack success rate ≥ erased by construction (a prompt that already works is "
-                "kept); the attack adds something where it exceeds erased, and its words hurt where the attacked "
-                "prompts alone fall below erased; anchor is the judge's floor, what it calls the concept where there "
-                f"is none. Forgetting and retention: {evaluation_words(LIGHT_EVAL)}. Method settings as in the methods "
-                "table. One run at a time, one thread, on a 2-core machine shared with other jobs.")
+                + f". Attacks ({budgets}; attack seed {first.get('seed')}) on the first "
+                f"{ATTACK['prompts_per_concept']} held-out prompts of each erased concept × seeds "
+                f"{', '.join(map(str, ATTACK['seeds']))}, images {first.get('sample_steps')} steps DPM-Solver++, "
+                f"guidance {ATTACK['guidance_scale']:g}. The first table is the attack success rate of every method "
+                "under every attack; the second has each row's detail. Attack success rate: the share of the attacked "
+                "prompts for which the erased model draws the concept (the mini judge's class among the concept's "
+                "alternatives) from the prompt as it is or as the attack made it (words found, a learnt word, revived "
+                "weights); beside it, the attacked prompts alone, the same prompts and seeds without the attack "
+                "(erased), on the original model, and the original model drawing each concept's anchor. Attack success "
+                "rate ≥ erased by construction (a prompt that already works is kept); the attack adds something where "
+                "it exceeds erased; anchor is the judge's floor, what it calls the concept where there is none. "
+                f"Forgetting and retention: {evaluation_words(LIGHT_EVAL)}. Method settings as in the methods table. "
+                "One run at a time, one thread, on a 2-core machine shared with other jobs.")
     reproduce = ("`HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m erase_lab.bench_methods attack` measures "
-                 "every row not yet measured (`--sizes 3 --methods esd,salun`: a part, keeping the rows already in "
-                 "docs/attack-mini.json; `--table`: only rewrite this section from them).")
-    return section_body(["\n".join(lines)], protocol, reproduce,
+                 "every row not yet measured (`--sizes 3 --methods esd,salun --kinds inversion`: a part, keeping the "
+                 "rows already in docs/attack-mini.json; `--table`: only rewrite this section from them).")
+    return section_body([attack_matrix(store), "\n".join(lines)], protocol, reproduce,
                         [*store.stale_note(f"{REPRODUCE} attack"), *not_measured(missing)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", nargs="?", default="table", choices=["table", "plot", "scaling", "sweep", "attack", "one"])
+    parser.add_argument("part", nargs="?", default="table",
+                        choices=["table", "plot", "scaling", "sweep", "lives", "attack", "one"])
     parser.add_argument("job", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help="table, attack: forget-set sizes to measure (default 1,3,10; attack: 1,3)")
     parser.add_argument("--methods", default=",".join(METHODS), help="table, attack: methods to measure (default all)")
+    parser.add_argument("--kinds", default=",".join(ATTACK_KINDS), help="attack: attack kinds to measure (default all)")
     parser.add_argument("--table", action="store_true",
                         help="table, sweep, attack: only rewrite the section from the rows kept in docs/; measure nothing")
     args = parser.parse_args()
@@ -400,21 +534,25 @@ def main() -> None:
 
     sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else None
     methods = args.methods.split(",")
-    if unknown := {*methods} - {*METHODS} | {*(sizes or [])} - {*FORGET_SETS}:
-        raise SystemExit(f"--methods/--sizes: unknown {sorted(map(str, unknown))}; methods: {', '.join(METHODS)}; "
-                         f"sizes: {', '.join(map(str, FORGET_SETS))}")
+    kinds = args.kinds.split(",")
+    if unknown := {*methods} - {*METHODS} | {*(sizes or [])} - {*FORGET_SETS} | {*kinds} - {*ATTACK_KINDS}:
+        raise SystemExit(f"--methods/--sizes/--kinds: unknown {sorted(map(str, unknown))}; methods: "
+                         f"{', '.join(METHODS)}; sizes: {', '.join(map(str, FORGET_SETS))}; kinds: {', '.join(ATTACK_KINDS)}")
 
     if args.part == "one":
         job = json.loads(args.job)
-        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job["attack"])))
+        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job["attack"],
+                             job["truth"])))
     elif args.table:
         rewrite_section(args.part, mini_model())
     elif args.part == "plot":  # redraw from the rows kept
         plot(methods_store(mini_model()))
     elif args.part == "scaling":
         update_section(SECTIONS["scaling"], scaling())
+    elif args.part == "lives":
+        print(lives_table(methods, mini_model()))
     elif args.part == "attack":
-        print(attack_table(sizes or list(ATTACK_SIZES), methods, mini_model()))
+        print(attack_table(sizes or list(ATTACK_SIZES), methods, kinds, mini_model()))
     elif args.part == "sweep":
         sweep(mini_model())
     else:
@@ -425,7 +563,8 @@ def rewrite_section(part: str, model: str) -> None:
     """--table: the part's section again from the rows kept, measuring nothing."""
     from .benchmarks_md import update_section
 
-    renders = {"table": (methods_store, table), "sweep": (sweep_store, sweep_table), "attack": (attack_store, attack_markdown)}
+    renders = {"table": (methods_store, table), "sweep": (sweep_store, sweep_table), "attack": (attack_store, attack_markdown),
+               "lives": (lives_store, lives_markdown)}
     if part not in renders:
         raise SystemExit(f"--table: {part} keeps no rows; it rewrites the section of {', '.join(renders)}")
     store, render = renders[part]

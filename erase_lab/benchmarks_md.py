@@ -16,7 +16,10 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 # The sections in the order the file keeps them, each with what it tells a reader; a new section is appended.
 SECTIONS = {
     "Miniature world: methods": "every method on forget sets of 1, 3 and 10 concepts: the table to choose a method by",
-    "Miniature world: prompt attack": "how often a prompt attack brings an erased concept back, per method",
+    "Miniature world: tuning": "every method's settings chosen the same way, on a validation forget set",
+    "Miniature world: where a concept lives": "each method on concepts taught into known neurons and on concepts "
+                                              "learnt end to end",
+    "Miniature world: attacks": "how often each attack brings an erased concept back, per method: the attack matrix",
     "Miniature world: revival": "the revival attack on FIA's and ConceptPrune's pruned weights, zeros against noise",
     "Miniature world: LoRA rank": "how much of each training method's erasure its LoRA file keeps, by rank",
     "Miniature world: FIA r2/alpha sweep": "FIA's two mask settings on a three-concept forget set",

@@ -1,0 +1,119 @@
+"""Every method tuned the same way on the miniature world, on concepts no test forget set holds.
+
+    HF_HUB_OFFLINE=1 python -m erase_lab.tune_mini                 # every setting not yet measured (hours on 2 cores)
+    HF_HUB_OFFLINE=1 python -m erase_lab.tune_mini --methods esd   # one method's grid
+    python -m erase_lab.tune_mini --table                          # rewrite the section from the rows kept
+
+One budget for all: each method gets a grid of at most 12 settings over its main knobs, each setting erases the
+validation forget set and is evaluated as the methods table evaluates (lighter: LIGHT_EVAL), and the setting with the
+best overall on validation is the method's choice, to become its `-mini` preset in erase/configs/. The validation
+concepts (two taught objects and a taught artist) are in none of the methods table's forget sets, so its test rows
+are not chosen on. Each setting runs in a process of its own, two at a time with one thread each; rows land in
+docs/tune-mini.json as they finish and a rerun measures only what is missing. Section of BENCHMARKS.md: "Miniature
+world: tuning".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .bench_methods import FORGET_SETS, LIGHT_EVAL, METHODS, _ci, evaluation_words, measured_in_pairs
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = ROOT / "docs" / "tune-mini.json"
+SECTION = "Miniature world: tuning"
+REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.tune_mini"
+VALIDATION = ["cassette player", "french horn", "roy lichtenstein"]
+GRIDS = {  # at most 12 settings a method, over the knobs its paper tunes
+    "fia": [{"fill": "zeros", "r2": r2, "alpha": alpha} for r2 in (0.003, 0.01, 0.03) for alpha in (0.4, 0.6, 0.8)],
+    "conceptprune": [{"fill": "zeros", "skill_ratio": ratio} for ratio in (0.003, 0.01, 0.02, 0.05)],
+    # λ weighs keeping every other direction against the edit: next to ‖c‖² of the concept's embedding (hundreds for
+    # CLIP's last token) values up to 2 leave the edit as it is, so the grid spans the range where it acts.
+    "uce": [{"lam": lam} for lam in (0.5, 10.0, 100.0, 300.0, 1000.0, 3000.0)],
+    "esd": [{"config": "esd-mini", "lr": lr, "steps": steps} for lr in (1e-4, 2e-4, 5e-4, 2e-3) for steps in (150, 300)],
+    "salun": [{"config": "salun-mini", "lr": lr, "saliency_fraction": fraction}
+              for lr in (1e-4, 5e-4, 2e-3) for fraction in (0.25, 0.5)],
+    "dynamic": [{"config": "dynamic-mini", "lr": lr, "density": density}
+                for lr in (5e-5, 2e-4, 5e-4) for density in (0.25, 0.5)],
+}
+assert all(len(grid) <= 12 for grid in GRIDS.values()) and set(GRIDS) == set(METHODS)
+assert not set(VALIDATION) & {c for concepts in FORGET_SETS.values() for c in concepts}
+
+
+def store(model: str):
+    from .benchmarks_md import RowStore
+    from .mini_gates import MINI_GUIDANCE
+
+    return RowStore(ROWS, ("method", "settings"), model, MINI_GUIDANCE)
+
+
+def measure(methods: list[str], model: str) -> None:
+    """Each (method, setting) not yet measured on this model, two single-threaded processes at a time; each row lands
+    in docs/tune-mini.json and the section as it finishes."""
+    rows = store(model)
+    jobs = [(m, VALIDATION, s, LIGHT_EVAL) for m in methods for s in GRIDS[m] if not rows.has(method=m, settings=s)]
+    measured_in_pairs(jobs, rows, SECTION, section)
+
+
+def chosen(rows, method: str) -> dict | None:
+    """The measured setting of `method` with the best overall on validation (the first in grid order on a tie)."""
+    measured = [r for s in GRIDS[method] if (r := rows.get(method=method, settings=s))]
+    return max(measured, key=lambda r: r["summary"]["overall"], default=None)
+
+
+def section(rows) -> str:
+    from .benchmarks_md import model_sentence, not_measured, section_body
+
+    lines = ["| method | setting | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | paired "
+             "similarity | weights edited | wall time |", "|---" * 9 + "|"]
+    for method in METHODS:
+        best = chosen(rows, method)
+        for setting in GRIDS[method]:
+            if not (r := rows.get(method=method, settings=setting)):
+                continue
+            s = r["summary"]
+            shown = ", ".join(f"{k}={v}" for k, v in setting.items() if k != "fill")
+            lines.append(f"| {method}{' ★' if r is best else ''} | {shown} | {_ci(s, 'forgetting_accuracy')} | "
+                         f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | "
+                         f"{_ci(s, 'overall')} | {s['paired_similarity']:.3f} | {r['edited']} | {r['seconds']:.0f} s |")
+    missing = [f"{m} ({n} of {len(GRIDS[m])} settings)" for m in METHODS
+               if (n := sum(not rows.has(method=m, settings=s) for s in GRIDS[m]))]
+    protocol = (f"{model_sentence()} Validation forget set: {', '.join(VALIDATION)} (none of them in the methods "
+                "table's forget sets). Each method's grid (at most 12 settings over its main knobs: r2 and alpha for "
+                "FIA, the skill ratio for ConceptPrune, λ for UCE (its preserve list names concepts, which a preset for any "
+                "forget set cannot), learning rate and steps for ESD, learning rate and "
+                "saliency fraction for SalUn, learning rate and density for dynamic masks; the training methods start "
+                "from their -mini presets) erases the validation set; ★ marks the setting with the best overall, "
+                f"the method's choice. Evaluation: {evaluation_words(LIGHT_EVAL)}. Columns as in the methods table; "
+                "wall time is erasure only, one thread, two runs at a time on a 2-core CPU. The masking methods "
+                "prune to zeros, as published.")
+    return section_body(["\n".join(lines)], protocol,
+                        f"`{REPRODUCE}` measures the settings not yet measured on the shipped model (`--methods esd`: "
+                        "one grid; `--table`: only rewrite this section from docs/tune-mini.json).",
+                        [*rows.stale_note(REPRODUCE), *not_measured(missing)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help="the grids to measure (default all)")
+    parser.add_argument("--table", action="store_true", help="only rewrite the section from docs/tune-mini.json")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .benchmarks_md import mini_model, update_section
+
+    methods = args.methods.split(",")
+    if unknown := set(methods) - set(METHODS):
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; methods: {', '.join(METHODS)}")
+    if not args.table:
+        measure(methods, mini_model())
+    rows = store(mini_model())
+    update_section(SECTION, section(rows))
+    for method in methods:
+        if best := chosen(rows, method):
+            print(f"{method}: {best['settings']} (overall {best['summary']['overall']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
