@@ -1,7 +1,7 @@
 """The miniature world's erasure gates for FIA, recorded in BENCHMARKS.md ("Miniature world: erasure gates").
 
     HF_HUB_OFFLINE=1 python -m erase_lab.mini_erasure_gate [--pipeline DIR] [--method fia] [--prompts 4]
-        [--object-config fia-object] [--no-record --seeds 8]
+        [--object-config fia-object] [--no-record --seeds 2]
     python -m erase_lab.mini_erasure_gate --table      # rewrite the section from the rows kept, measuring nothing
 
 With one setting per kind (erase/configs/fia-object-mini.yaml for objects, which says why the mini model has its own
@@ -34,11 +34,12 @@ from .mini_gates import MINI_GUIDANCE
 SECTION = "Miniature world: erasure gates"
 STORE_NAME = "docs/erasure-gate-mini.json"
 STORE = Path(__file__).resolve().parent.parent / STORE_NAME
-KEY = ("method", "label", "settings")  # what identifies a row in the store
+KEY = ("method", "label", "settings", "seeds")  # what identifies a row in the store
 REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.mini_erasure_gate"
 FORGET_MAX, KEPT_MIN, SIMILARITY_MIN = 0.10, 0.85, 0.90
 GATE_OBJECT_CONFIG = "fia-object-mini"
-SEEDS = (0, 1)  # the table's; --seeds N (with --no-record) measures a row on more images
+SEEDS = tuple(range(8))  # the table's: 32 images per concept; --seeds N (with --no-record) measures other counts
+BOOTSTRAP = 1000  # resamplings of each interval (seed 0), as erase.evaluate's
 
 
 def evaluate(pipe, catalog, concepts, retain, method, settings, prompts, seeds):
@@ -65,8 +66,38 @@ def ground_truth(pipe, result, prompts: int, seeds, neurons: dict) -> dict:
     edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
     report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
                             prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=MINI_GUIDANCE)
-    return {"truth": float(np.mean([v["erased"] for v in report.metrics["forget"].values()])),
-            "found": found(result.edit, edit)}
+    truth = np.concatenate([after for _, after in judged(report, "forget").values()])
+    return {"truth": float(truth.mean()), "truth_ci": interval(truth), "found": found(result.edit, edit)}
+
+
+def judged(report, role: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per concept of `role`: whether the judge reads each image as the concept, on the original model and on the
+    erased one (paired: the same prompt and seed at the same index)."""
+    import erase
+    from erase.concepts import parse_concepts
+
+    catalog, out = erase.load_catalog("mini"), {}
+    for r in report.records:
+        if r["role"] == role:
+            named = catalog.alternatives(parse_concepts([r["concept"]], catalog)[0])[0]
+            before, after = out.setdefault(r["concept"], ([], []))
+            before.append(r["original_class"] == named)
+            after.append(r["erased_class"] == named)
+    return {c: (np.array(before), np.array(after)) for c, (before, after) in out.items()}
+
+
+def interval(hits: np.ndarray) -> list[float]:
+    """95% bootstrap interval of a share of images (erase.evaluate's: percentile, 1000 resamplings, seed 0)."""
+    from erase.evaluation.stats import Bootstrap
+
+    return Bootstrap(BOOTSTRAP, 0).mean(hits).interval(0.95)
+
+
+def ratio_interval(before: np.ndarray, after: np.ndarray) -> list[float]:
+    """95% paired bootstrap interval of after's share over before's (others kept)."""
+    draws = np.random.default_rng(0).integers(0, len(before), size=(BOOTSTRAP, len(before)))
+    ratios = after[draws].mean(1) / np.maximum(before[draws].mean(1), 1e-9)
+    return [float(v) for v in np.percentile(ratios, [2.5, 97.5])]
 
 
 def found(method_edit, truth_edit) -> float:
@@ -142,7 +173,13 @@ def rows(pipe, catalog, method: str, prompts: int, landed, neurons: dict, measur
             grids.mkdir(parents=True, exist_ok=True)
             report.grid().save(grids / f"{method}-{label.replace(' ', '-').replace(',', '')}.png")
         forget = [v["erased"] for v in report.metrics["forget"].values()]
-        r = {"label": label, "settings": recorded, "edited": result.record["totals"]["edited"],
+        forgot, others = judged(report, "forget"), judged(report, "retain")
+        worst_name = max(forgot, key=lambda c: forgot[c][1].mean())
+        pooled = lambda groups, side: np.concatenate([g[side] for g in groups.values()])
+        r = {"label": label, "settings": recorded, "seeds": list(seeds), "edited": result.record["totals"]["edited"],
+             "forget_before_ci": interval(pooled(forgot, 0)), "forget_ci": interval(pooled(forgot, 1)),
+             "forget_max_ci": interval(forgot[worst_name][1]), "retain_ci": interval(pooled(others, 1)),
+             "kept_ci": ratio_interval(pooled(others, 0), pooled(others, 1)),
              "forget_before": float(np.mean([v["original"] for v in report.metrics["forget"].values()])),
              "forget": float(np.mean(forget)), "forget_max": float(max(forget)), "kept": kept(report),
              "forget_each": {c: v["erased"] for c, v in report.metrics["forget"].items()},
@@ -187,8 +224,12 @@ def threads(r: dict) -> str:
 
 
 def share(r: dict, key: str) -> str:
-    """A share only some rows have (ground truth, persons), as a percentage; – where the row has none."""
-    return f"{r[key]:.0%}" if key in r else "–"
+    """A share as a percentage and its interval where the row has one; – where the row has none (ground truth and
+    persons are measured on some rows only)."""
+    if key not in r:
+        return "–"
+    low_high = r.get(f"{key}_ci")
+    return f"{r[key]:.0%}" + (f" [{low_high[0]:.0%}, {low_high[1]:.0%}]" if low_high else "")
 
 
 def worst(r: dict) -> str:
@@ -209,10 +250,10 @@ def table(store, prompts: int, seeds=SEEDS, model: str | None = None) -> str:
     model: the model's name where it is not the shipped one."""
     from .benchmarks_md import model_sentence, section_body
 
-    results = {}
-    for r in sorted(store.rows, key=lambda r: (not primary(r), labels().index(r["label"]))):
+    results, measured = {}, [r for r in store.rows if r["seeds"] == list(seeds)]
+    for r in sorted(measured, key=lambda r: (not primary(r), labels().index(r["label"]))):
         results.setdefault(r["method"], []).append(r)
-    done, total = sum(map(primary, store.rows)), len(labels()) * len(results)
+    done, total = sum(map(primary, measured)), len(labels()) * len(results)
     partial = [f"_Partial: {done} of {total} rows measured so far; the module records each row as it lands._"]
     lines = [("| method | erased | settings | weights edited | forgetting before → after (worst) | others kept | "
               "its own neurons zeroed instead | its own weights in the mask | others' accuracy | persons kept | "
@@ -221,8 +262,8 @@ def table(store, prompts: int, seeds=SEEDS, model: str | None = None) -> str:
         for r in rs:
             gate = ("yes" if verdict(r) else "NO") if gate_row(r) else "–"
             lines.append(f"| {method}{store.mark(r)} | {r['label']} | {r['settings']} | {r['edited']} | "
-                         f"{r['forget_before']:.0%} → {r['forget']:.0%} ({r['forget_max']:.0%}{worst(r)}) | "
-                         f"{r['kept']:.0%} | {share(r, 'truth')} | {share(r, 'found')} | {r['retain']:.0%} | "
+                         f"{share(r, 'forget_before')} → {share(r, 'forget')} ({share(r, 'forget_max')}{worst(r)}) | "
+                         f"{share(r, 'kept')} | {share(r, 'truth')} | {share(r, 'found')} | {share(r, 'retain')} | "
                          f"{share(r, 'persons_kept')} | {r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
     images = prompts * len(seeds)
     protocol = (f"{model_sentence(model)} Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the "
@@ -230,7 +271,9 @@ def table(store, prompts: int, seeds=SEEDS, model: str | None = None) -> str:
                 f"classes); the other artists and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on "
                 f"the catalog's neutral prompts ≥ {SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, "
                 f"{prompts} held-out prompts per concept × {seed_words(seeds)} ({images} images per concept, so one "
-                f"image is {1 / images:.1%}), DPM-Solver++ 25 steps, guidance {MINI_GUIDANCE:g}. Forgetting: the "
+                f"image is {1 / images:.1%}), DPM-Solver++ 25 steps, guidance {MINI_GUIDANCE:g}; brackets: 95% bootstrap "
+                f"intervals over the images ({BOOTSTRAP} resamplings, seed 0; others kept: paired, of the ratio). "
+                "Forgetting: the "
                 "share of the erased concepts' images the judge reads as the concept, before and after the erasure, "
                 "and in brackets that of the concept forgotten least; 'others' = every other object (one class), the "
                 "15 everyday objects (ten classes), the other artists (van gogh, nudity); others kept: their accuracy "
@@ -243,8 +286,8 @@ def table(store, prompts: int, seeds=SEEDS, model: str | None = None) -> str:
                 "under the table names the prompts whose erased images the judge still reads as the concept.")
     reproduce = (f"`{REPRODUCE}{'' if seeds == SEEDS else f' --seeds {len(seeds)} --no-record'}` measures the rows not "
                  f"yet in {STORE_NAME} (`--object-config fia-object`: the comparison rows; `--method conceptprune`: "
-                 "the same rows for another method; `--seeds 8 --no-record`: the same rows on 32 images per concept, "
-                 "printed; `--table`: only rewrite this section from the rows kept).")
+                 "the same rows for another method; `--seeds 2 --no-record`: the same rows on 8 images per concept, "
+                 "printed, for a quick look; `--table`: only rewrite this section from the rows kept).")
     status = [*(partial if done < total and store.path else []), *store.stale_note(REPRODUCE)]
     return section_body(["\n".join(lines), *named_block([r for rs in results.values() for r in rs])], protocol,
                         reproduce, status)
@@ -312,7 +355,8 @@ def main() -> None:
     for method in args.method or ["fia"]:
         def measure(label: str, settings) -> bool:
             wanted = not args.only or label in args.only
-            return wanted and (args.again or not store.has(method=method, label=label, settings=settings))
+            return wanted and (args.again or not store.has(method=method, label=label, settings=settings,
+                                                           seeds=list(seeds)))
 
         rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config, seeds)
     if not args.no_record:  # also when every row was there already: the section follows this module's layout
