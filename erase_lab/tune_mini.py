@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python -m erase_lab.tune_mini                 # every setting not yet measured (hours on 2 cores)
     HF_HUB_OFFLINE=1 python -m erase_lab.tune_mini --methods esd   # one method's grid
     python -m erase_lab.tune_mini --table                          # rewrite the section from the rows kept
+    python -m erase_lab.tune_mini --table --presets                # and write each choice as its -mini preset
 
 One budget for all: each method gets a grid of at most 12 settings over its main knobs, each setting erases the
 validation forget set and is evaluated as the methods table evaluates (lighter: LIGHT_EVAL), and the setting with the
@@ -63,6 +64,25 @@ def chosen(rows, method: str) -> dict | None:
     return max(measured, key=lambda r: r["summary"]["overall"], default=None)
 
 
+def write_preset(rows, method: str) -> Path | None:
+    """erase/configs/<method>-mini.yaml from the method's choice, once its whole grid is measured: the knobs the grid
+    tuned, over what the -mini preset it started from (if any) holds; None while the grid is incomplete."""
+    import yaml
+
+    if not all(rows.has(method=method, settings=s) for s in GRIDS[method]):
+        return None
+    best = chosen(rows, method)
+    tuned = {k: v for k, v in best["settings"].items() if k not in ("config", "fill")}
+    path = ROOT / "erase" / "configs" / f"{method}-mini.yaml"
+    start = yaml.safe_load(path.read_text()) if path.is_file() else {"method": method}
+    s = best["summary"]
+    header = (f"# {method} on the miniature world, tuned: the best overall of its grid ({len(GRIDS[method])} settings) "
+              f"on a validation\n# forget set ({', '.join(VALIDATION)}), {s['overall']:.3f} there (BENCHMARKS.md, "
+              f"'{SECTION}').\n")
+    path.write_text(header + yaml.safe_dump({**start, **tuned}, sort_keys=False))
+    return path
+
+
 def section(rows) -> str:
     from .benchmarks_md import model_sentence, not_measured, section_body
 
@@ -99,6 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="the grids to measure (default all)")
     parser.add_argument("--table", action="store_true", help="only rewrite the section from docs/tune-mini.json")
+    parser.add_argument("--presets", action="store_true", help="write each fully measured method's choice to "
+                        "erase/configs/<method>-mini.yaml (with the methods table's rerun: its rows name the presets)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .benchmarks_md import mini_model, update_section
@@ -113,6 +135,8 @@ def main() -> None:
     for method in methods:
         if best := chosen(rows, method):
             print(f"{method}: {best['settings']} (overall {best['summary']['overall']:.3f})")
+        if args.presets and (path := write_preset(rows, method)):
+            print(f"wrote {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
