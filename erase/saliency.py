@@ -49,15 +49,15 @@ class StepScores:
                 yield rows, None, self.margin[:, rows], self.mean_margin[rows]
 
     def sample(self) -> tuple | None:
-        """The same at SAMPLE random entries (1-D): (None, |W| or None, margins [T, SAMPLE], mean margin); None for
-        a small layer, whose every positive value is then bracketed."""
+        """The same at SAMPLE random entries (1-D): (|W| or None, margins [T, SAMPLE], mean margin); None for a small
+        layer, whose every positive value is then bracketed."""
         if self.numel < 4 * SAMPLE:
             return None
         flat = torch.randint(self.numel, (SAMPLE,), generator=torch.Generator().manual_seed(0)).to(self.weight.device)
         row, column = flat // self.shape[1], flat % self.shape[1]
         if self.rank1:
-            return None, self.weight[row, column].abs().float(), self.margin[:, column], self.mean_margin[column]
-        return None, None, self.margin[:, row, column], self.mean_margin[row, column]
+            return self.weight[row, column].abs().float(), self.margin[:, column], self.mean_margin[column]
+        return None, self.margin[:, row, column], self.mean_margin[row, column]
 
     def step(self, abs_w: torch.Tensor | None, margins: torch.Tensor, t: int) -> torch.Tensor:
         return abs_w * margins[t] if self.rank1 else margins[t]
@@ -66,10 +66,9 @@ class StepScores:
         return abs_w * mean_margin if self.rank1 else mean_margin
 
 
-def step_thresholds(scores: StepScores, k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def step_thresholds(scores: StepScores, sample: tuple | None, k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """τ_t, the k-th largest of each S_t, and the peak of mean_t S_t: one pass over the blocks for all T steps."""
-    sample = scores.sample()
-    selections = [KthLargest(k) if sample is None else KthLargest(k, scores.step(*sample[1:3], t), scores.numel)
+    selections = [KthLargest(k) if sample is None else KthLargest(k, scores.step(*sample[:2], t), scores.numel)
                   for t in range(scores.steps)]
     peak = torch.zeros((), device=scores.weight.device)
     for _, abs_w, margins, mean_margin in scores.blocks():
@@ -101,15 +100,16 @@ def fia_layer_mask(weight: torch.Tensor, margin: torch.Tensor, r1: float, r2: fl
     top-k and the layer's threshold.
     """
     scores = StepScores(weight, margin)
-    taus, peak = step_thresholds(scores, count(r1, scores.numel))
-    sample, k_layer = scores.sample(), count(r2, scores.numel)
+    sample = scores.sample()
+    taus, peak = step_thresholds(scores, sample, count(r1, scores.numel))
+    k_row, k_layer = count(r2, scores.shape[1]), count(r2, scores.numel)
     top = KthLargest(k_layer) if sample is None else \
-        KthLargest(k_layer, sensitivity(scores, *sample[1:], taus, peak), scores.numel)
+        KthLargest(k_layer, sensitivity(scores, *sample, taus, peak), scores.numel)
     a = torch.empty(scores.shape, device=margin.device)
     in_row_top = torch.empty(scores.shape, dtype=torch.bool, device=margin.device)
     for rows, *block in scores.blocks():
         a[rows] = sensitivity(scores, *block, taus, peak)
-        in_row_top[rows] = row_topk_mask(a[rows], count(r2, scores.shape[1]))
+        in_row_top[rows] = row_topk_mask(a[rows], k_row)
         top.see(a[rows])
     return in_row_top & layer_topk_mask(a, k_layer, top.value()) & (a > 0)
 

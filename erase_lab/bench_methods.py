@@ -117,22 +117,16 @@ def one(method: str, concepts: list[str], settings: dict, evaluation: dict | Non
 
 
 def ground_truth_forgetting(pipe, result, evaluation: dict) -> dict | None:
-    """Forgetting with the erased concepts' own neurons zeroed instead of the method's edit (the best a masking of
-    the world's ground truth does), by the same evaluation; None where a concept has no neurons of its own."""
-    from dataclasses import replace
-
-    import erase
-
-    from .mini_gates import neurons_edit, taught_neurons
+    """Forgetting with the erased concepts' own neurons zeroed instead of the method's edit, at the evaluation's
+    prompts and seeds (mini_erasure_gate's ground truth); None where a concept has no neurons of its own."""
+    from .mini_erasure_gate import ground_truth
+    from .mini_gates import taught_neurons
 
     neurons = taught_neurons("mini")
-    texts = [c.text for c in result.concepts]
-    if not all(t in next(iter(neurons.values())) for t in texts):
+    if not all(c.text in next(iter(neurons.values())) for c in result.concepts):
         return None
-    report = erase.evaluate(pipe, replace(result, edit=neurons_edit(pipe.unet, neurons, *texts)), retain=[],
-                            progress=False, **{k: v for k, v in evaluation.items() if not k.startswith("max_")})
-    s = report.metrics["summary"]
-    return {"forgetting_accuracy": s["forgetting_accuracy"], "forgetting_accuracy_ci": s["forgetting_accuracy_ci"]}
+    truth = ground_truth(pipe, result, evaluation["prompts_per_concept"], evaluation["seeds"], neurons)
+    return {"forgetting_accuracy": truth["truth"], "forgetting_accuracy_ci": truth["truth_ci"]}
 
 
 def checkpoint_name(method: str, concepts: list[str], settings: dict) -> str:

@@ -76,14 +76,15 @@ def judged(report, role: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     import erase
     from erase.concepts import parse_concepts
 
-    catalog, out = erase.load_catalog("mini"), {}
-    for r in report.records:
-        if r["role"] == role:
-            named = catalog.alternatives(parse_concepts([r["concept"]], catalog)[0])[0]
-            before, after = out.setdefault(r["concept"], ([], []))
-            before.append(r["original_class"] == named)
-            after.append(r["erased_class"] == named)
-    return {c: (np.array(before), np.array(after)) for c, (before, after) in out.items()}
+    catalog = erase.load_catalog("mini")
+    records = [r for r in report.records if r["role"] == role]
+    out = {}
+    for concept in dict.fromkeys(r["concept"] for r in records):
+        named = catalog.alternatives(parse_concepts([concept], catalog)[0])[0]
+        mine = [r for r in records if r["concept"] == concept]
+        out[concept] = (np.array([r["original_class"] == named for r in mine]),
+                        np.array([r["erased_class"] == named for r in mine]))
+    return out
 
 
 def interval(hits: np.ndarray) -> list[float]:
