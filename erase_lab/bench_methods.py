@@ -1,22 +1,23 @@
 """Every registered method on the miniature world: forget sets of 1, 3 and 10 concepts that mix kinds, fixed seeds.
 
-    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods            # the method table and plot (2 CPU cores; hours: each
-                                                                # evaluation has three seeds; --sizes 1 --methods fia: a part)
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods            # the method table, the attacks and the plot (2 CPU
+                                                                # cores; hours; --sizes 1 --methods fia: a part)
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods scaling    # FIA wall time and peak memory, 1 to 100 concepts
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods sweep      # FIA r2 x alpha on the 3-concept set
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods lives      # each method on taught and on base concepts
-    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods attack     # attack success rate per method and attack kind
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods attack     # the same on forget sets 1 and 3 only
                                                                 # (--sizes 1 --methods fia,uce --kinds inversion: a part)
     python -m erase_lab.bench_methods plot                        # redraw the plot from docs/methods-mini.json
     python -m erase_lab.bench_methods sweep --table               # rewrite a section (table, sweep, attack) from
                                                                 # its rows, measuring nothing
 
-Each run (method, forget set) is its own process, so its peak memory is its own. Sections of BENCHMARKS.md:
-"Miniature world: methods" (rows kept in docs/methods-mini.json as they finish), "Miniature world: FIA scaling",
-"Miniature world: FIA r2/alpha sweep", "Miniature world: attacks" (one run at a time, one thread; rows kept in
-docs/attack-mini.json as they finish); the plot is docs/methods-mini.png. A rerun of the table or the attack measures
-only the rows not yet measured on the shipped mini model; a training row that was stopped resumes from its
-checkpoint (in $TMPDIR/erase-bench-checkpoints). Needs the `bench` extra (matplotlib) for the plot.
+Each run (method, forget set) is its own process, so its peak memory is its own; one erasure serves the methods
+table's row and its attacks (forget sets 1 and 3). Sections of BENCHMARKS.md: "Miniature world: methods" (rows kept
+in docs/methods-mini.json as they finish), "Miniature world: attacks" (rows in docs/attack-mini.json), "Miniature
+world: where a concept lives" (docs/lives-mini.json), "Miniature world: FIA scaling", "Miniature world: FIA r2/alpha
+sweep"; the plot is docs/methods-mini.png. A rerun measures only the rows not yet measured on the shipped mini
+model; a training row that was stopped resumes from its checkpoint (in $TMPDIR/erase-bench-checkpoints). Needs the
+`bench` extra (matplotlib) for the plot.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .mini_erasure_gate import seed_words
 from .mini_gates import MINI_GUIDANCE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,21 +39,23 @@ PLOT = ROOT / "docs" / "methods-mini.png"
 FORGET_SETS = {1: ["church"], 3: ["church", "van gogh", "nudity"],
                10: ["church", "golf ball", "parachute", "tench", "garbage truck", "van gogh", "claude monet",
                     "pablo picasso", "andy warhol", "nudity"]}
-METHODS = {  # method → preset or settings used on the mini world (presets in erase/configs/)
-    "fia": {"fill": "zeros"},  # the masking methods as published (fills compared in bench_revival.py)
-    "conceptprune": {"fill": "zeros"},
-    "uce": {},
+METHODS = {  # method → its preset tuned on the mini world (erase_lab.tune_mini; presets in erase/configs/)
+    "fia": {"config": "fia-mini", "fill": "zeros"},  # the masking methods as published (fills compared in bench_revival)
+    "conceptprune": {"config": "conceptprune-mini", "fill": "zeros"},
+    "uce": {"config": "uce-mini"},
     "esd": {"config": "esd-mini"},
     "salun": {"config": "salun-mini"},
     "dynamic": {"config": "dynamic-mini"},
 }
-# the mini world's seeds and guidance
-EVAL = {"prompts_per_concept": 4, "seeds": [0, 1, 2], "steps": 25, "guidance_scale": MINI_GUIDANCE}
-# A lighter evaluation, for the attack table (beside the attack, whose budget is the prompt kind's defaults) and the
-# r2/alpha sweep (twelve erasures): half the prompts and retained concepts, two seeds.
+# A light evaluation, to screen settings (the tuning grids, the r2/alpha sweep): 4 images a concept (2 held-out
+# prompts × 2 seeds), at most 4 in-kind and 2 cross-kind retained concepts per kind.
 LIGHT_EVAL = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 25, "guidance_scale": MINI_GUIDANCE, "max_retain": 4,
-               "max_cross_retain": 2}
-ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "guidance_scale": MINI_GUIDANCE}
+              "max_cross_retain": 2}
+# The tables of record (methods, where it lives, attacks, the tuning's finalists): 32 images a concept, erased and
+# retained (4 held-out prompts × seeds 0-7), the same retained concepts as LIGHT_EVAL.
+EVAL = {**LIGHT_EVAL, "prompts_per_concept": 4, "seeds": list(range(8))}
+UNTUNED_EVAL = "12 images a concept (seeds 0–2), at most 10 in-kind and 3 cross-kind retained concepts per kind"
+ATTACK = {"prompts_per_concept": 4, "seeds": list(range(8)), "guidance_scale": MINI_GUIDANCE}  # EVAL's images, attacked
 ATTACK_KINDS = ("prompt", "inversion", "revival")
 # What a row records of its attack's settings: each kind's budget, and what every kind shares.
 ATTACK_SETTINGS = ("steps", "tokens", "lr", "timesteps", "init", "locations", "rank", "iterations", "top_ratio", "seed",
@@ -63,8 +67,6 @@ LIVES_ROWS = ROOT / "docs" / "lives-mini.json"
 # Concepts taught into known feed-forward neurons, and concepts the base model learnt end to end (no neurons of
 # their own): the same method on each shows whether it needs the concept to live where it looks.
 LIVES = {"taught": ["van gogh", "pablo picasso", "tench", "golf ball"], "base": ["rembrandt", "edvard munch", "dog", "car"]}
-# 32 images per erased concept (4 held-out prompts × seeds 0-7); retention as LIGHT_EVAL's.
-LIVES_EVAL = {**LIGHT_EVAL, "prompts_per_concept": 4, "seeds": list(range(8))}
 SECTIONS = {"table": "Miniature world: methods", "scaling": "Miniature world: FIA scaling",
             "sweep": "Miniature world: FIA r2/alpha sweep", "attack": "Miniature world: attacks",
             "lives": "Miniature world: where a concept lives"}
@@ -76,10 +78,10 @@ ORIGINALS = Path(tempfile.gettempdir()) / "erase-bench-originals"
 CHECKPOINTS = Path(tempfile.gettempdir()) / "erase-bench-checkpoints"
 
 
-def one(method: str, concepts: list[str], settings: dict, evaluation: dict | None, attack: str | None = None,
+def one(method: str, concepts: list[str], settings: dict, evaluation: dict | None, attacks: list[str] = (),
         truth: bool = False) -> dict:
-    """Erase (and evaluate with `evaluation`'s settings unless None, attack with that kind unless None, and measure
-    the ground truth's forgetting where `truth`) in this process; one row's numbers."""
+    """Erase (and evaluate with `evaluation`'s settings unless None, attack with each kind in `attacks`, and measure
+    the ground truth's forgetting where `truth`) in this process; one row's numbers, each attack's under "attacks"."""
     from dataclasses import fields
 
     import torch
@@ -95,15 +97,15 @@ def one(method: str, concepts: list[str], settings: dict, evaluation: dict | Non
     started = time.perf_counter()
     result = erase.erase(pipe, concepts, method=method, progress=False, **run)
     seconds = time.perf_counter() - started + (result.record.get("earlier_attempts_s") or 0)
-    row = {"method": method, "concepts": concepts, "settings": settings, "seconds": seconds,
-           "resumed_from_step": result.record.get("resumed_from_step"),
+    row = {"method": method, "concepts": concepts, "settings": settings, "config": result.record["config"],
+           "seconds": seconds, "resumed_from_step": result.record.get("resumed_from_step"),
            "peak_memory_mb": result.record["peak_memory_mb"], "edited": result.record["totals"]["edited"]}
-    if attack:
-        attacked = erase.attack(pipe, result, kind=attack, progress=False, **ATTACK)
-        row["kind"] = attack
-        row["attack"] = {"metrics": attacked.metrics,
-                         "settings": {k: attacked.settings[k] for k in ATTACK_SETTINGS if k in attacked.settings}}
+    for kind in attacks:
+        attacked = erase.attack(pipe, result, kind=kind, progress=False, **ATTACK)
+        row.setdefault("attacks", {})[kind] = {"metrics": attacked.metrics, "settings": {
+            k: attacked.settings[k] for k in ATTACK_SETTINGS if k in attacked.settings}}
     if evaluation:
+        row["seeds"] = evaluation["seeds"]
         os.environ["ERASE_CACHE"] = str(ORIGINALS)
         report = erase.evaluate(pipe, result, progress=False, **evaluation)
         m = report.metrics
@@ -152,9 +154,9 @@ def _in_kind(summary: dict) -> float:
 
 
 def in_subprocess(method: str, concepts: list[str], settings: dict, evaluation: dict | None = EVAL,
-                  attack: str | None = None, truth: bool = False) -> dict:
+                  attacks: list[str] = (), truth: bool = False) -> dict:
     args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluation": evaluation,
-                       "attack": attack, "truth": truth})
+                       "attacks": list(attacks), "truth": truth})
     with tempfile.TemporaryDirectory(prefix="erase-bench-") as cache:  # cold: sampling the data is part of the cost
         out = subprocess.run([sys.executable, "-m", __spec__.name, "one", args], capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "ERASE_CACHE": cache})
@@ -164,10 +166,10 @@ def in_subprocess(method: str, concepts: list[str], settings: dict, evaluation: 
 
 
 def methods_store(model: str):
-    """The methods table's rows (docs/methods-mini.json), one per method and forget set."""
+    """The methods table's rows (docs/methods-mini.json), one per method, forget set and evaluation seeds."""
     from .benchmarks_md import RowStore
 
-    return RowStore(PLOT.with_suffix(".json"), ("method", "concepts"), model, MINI_GUIDANCE)
+    return RowStore(PLOT.with_suffix(".json"), ("method", "concepts", "seeds"), model, MINI_GUIDANCE)
 
 
 def sweep_store(model: str):
@@ -178,37 +180,82 @@ def sweep_store(model: str):
 
 
 def attack_store(model: str):
-    """The attacks' rows (docs/attack-mini.json), one per method, forget set and attack kind."""
+    """The attacks' rows (docs/attack-mini.json), one per method, forget set, attack kind and evaluation seeds."""
     from .benchmarks_md import RowStore
 
-    return RowStore(ATTACK_ROWS, ("method", "concepts", "kind"), model, MINI_GUIDANCE)
+    return RowStore(ATTACK_ROWS, ("method", "concepts", "kind", "seeds"), model, MINI_GUIDANCE)
 
 
-def methods_table(sizes: list[int], methods: list[str], model: str) -> str:
-    """Each (method, forget set) not yet measured on this model, two single-threaded processes at a time (method by
-    method, so the two running erase different sets and the later methods find the originals' images cached); each
-    row lands in docs/methods-mini.json and the section as it finishes."""
-    store = methods_store(model)
-    jobs = [(m, FORGET_SETS[n], METHODS[m]) for m in methods for n in sizes
-            if not store.has(method=m, concepts=FORGET_SETS[n])]
-    measured_in_pairs(jobs, store, SECTIONS["table"], table)
+def methods_table(sizes: list[int], methods: list[str], kinds: list[str], model: str) -> str:
+    """Each (method, forget set) whose row, or whose attack rows (`kinds`, forget sets of ATTACK_SIZES), are not yet
+    measured on this model at EVAL: one erasure serves the row and its attacks. Two single-threaded processes at a
+    time (method by method, so the two running erase different sets and the later methods find the originals' images
+    cached); rows land in docs/methods-mini.json and docs/attack-mini.json, and their sections, as they finish."""
+    store, attacks = methods_store(model), attack_store(model)
+    jobs = []
+    for method in methods:
+        for n in sizes:
+            concepts = FORGET_SETS[n]
+            scored = store.has(method=method, concepts=concepts, seeds=EVAL["seeds"])
+            todo = [kind for kind in kinds if n in ATTACK_SIZES
+                    and not attacks.has(method=method, concepts=concepts, kind=kind, seeds=EVAL["seeds"])]
+            if todo or not scored:
+                jobs.append((method, concepts, METHODS[method], None if scored else EVAL, todo))
+    measured_in_pairs(jobs, lambda row: land(row, store, attacks))
     plot(store)
     return table(store)
 
 
-def measured_in_pairs(jobs: list[tuple], store, section: str, render) -> None:
-    """Each job (in_subprocess's arguments) in a process of its own, two single-threaded processes at a time; each row
-    lands in `store` and its section (`render(store)`) as it finishes, so a stopped run keeps what it measured."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
+def land(row: dict, store, attacks) -> None:
+    """A methods-table job's row into `store` and each of its attacks into `attacks`, beside the forgetting and
+    retention its erasure scored (the row of record, where the job only attacked: erasure is deterministic), then
+    both sections."""
     from .benchmarks_md import update_section
+
+    if "summary" in row:
+        store.put({k: v for k, v in row.items() if k != "attacks"})
+    scored = store.get(method=row["method"], concepts=row["concepts"], seeds=EVAL["seeds"])
+    for kind, attack in row.get("attacks", {}).items():
+        attacks.put({**{k: scored[k] for k in ("method", "concepts", "settings", "seeds", "summary")}, "kind": kind,
+                     "attack": attack})
+    update_section(SECTIONS["table"], table(store))
+    if row.get("attacks"):
+        update_section(SECTIONS["attack"], attack_markdown(attacks))
+
+
+def landing(store, section: str, render):
+    """measured_in_pairs' `land` for a benchmark whose job is one row: into `store`, then its section."""
+    from .benchmarks_md import update_section
+
+    def land(row: dict) -> None:
+        store.put(row)
+        update_section(section, render(store))
+
+    return land
+
+
+def measured_in_pairs(jobs: list[tuple], land) -> None:
+    """Each job (in_subprocess's arguments) in a process of its own, two single-threaded processes at a time; each row
+    lands (`land(row)`: its store and section) as it finishes, so a stopped run keeps what it measured."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     with ThreadPoolExecutor(2) as pool:
         for finished in as_completed([pool.submit(in_subprocess, *job) for job in jobs]):
             row = finished.result()
-            store.put(row)
-            update_section(section, render(store))
-            print(row["method"], row["concepts"], row["settings"], row["summary"]["forgetting_accuracy"], flush=True)
+            land(row)
+            print(row["method"], row["concepts"], row["settings"], row.get("summary", {}).get("overall"), flush=True)
+
+
+def of_record(store, **fields) -> dict | None:
+    """The row with these key fields measured on EVAL's images or, until it lands, one measured before (on fewer
+    images, with the untuned presets), which `marks` flags."""
+    return store.get(**fields, seeds=EVAL["seeds"]) or next(
+        (r for r in store.rows if store.current(r) and all(r[k] == v for k, v in fields.items())), None)
+
+
+def marks(store, row: dict) -> str:
+    """† for a row measured on another model, ‡ for one measured before the tuned presets and EVAL's 32 images."""
+    return store.mark(row) + ("" if row["seeds"] == EVAL["seeds"] else " ‡")
 
 
 def table(store) -> str:
@@ -218,27 +265,21 @@ def table(store) -> str:
     lines = [("| method | forget set | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | "
               "generality ↓ | attack success rate ↓ | CLIP score | paired similarity | KID (neutral) ↓ | weights edited | "
               "wall time | peak memory |"), "|---" * 14 + "|"]
-    firsts = {}
-    rows = sorted(store.rows, key=lambda r: (len(r["concepts"]), list(METHODS).index(r["method"])))
-    for r in rows:
-        s = r["summary"]
-        n = len(r["concepts"])
-        if n not in firsts:  # the unedited model, from the first run's original images (same prompts and seeds)
-            firsts[n] = r
-            lines.append(f"| unedited{store.mark(r)} | {n} | {_ci(s, 'forgetting_accuracy_original')} | "
+    for n, concepts in FORGET_SETS.items():
+        rows = [r for m in METHODS if (r := of_record(store, method=m, concepts=concepts))]
+        if rows:  # the unedited model, from a run's original images (same prompts and seeds), of record if one is
+            r = min(rows, key=lambda r: r["seeds"] != EVAL["seeds"])
+            s = r["summary"]
+            lines.append(f"| unedited{marks(store, r)} | {n} | {_ci(s, 'forgetting_accuracy_original')} | "
                          f"{_ci(s, 'retain_accuracy_in_kind_original')} | {_ci(s, 'retain_accuracy_cross_kind_original')} "
                          f"| – | – | – | {r['original']['clip_score']:.2f} | 1.000 | 0 | 0 | – | – |")
-        attacked = attacks.get(method=r["method"], concepts=r["concepts"], kind="prompt")
-        lines.append(f"| {r['method']}{store.mark(r)} | {n} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} "
-                     f"| {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} | {_ci(s, 'generality')} | "
-                     f"{_ci(attacked['attack']['metrics']['summary'], 'attack_success_rate') if attacked else '–'} | "
-                     f"{s['clip_score_erased']:.2f} | {s['paired_similarity']:.3f} | {s['kid_neutral']:.2e} | "
-                     f"{r['edited']} | {r['seconds']:.0f} s{' †' if r.get('resumed_from_step') else ''} | "
-                     f"{r['peak_memory_mb']:.0f} MB |")
+        lines += [method_line(r, marks(store, r), of_record(attacks, method=r["method"], concepts=concepts, kind="prompt"))
+                  for r in rows]
     settings = "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}" for m, s in METHODS.items())
     protocol = (f"{model_sentence()} Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items())
-                + ". Retain: the catalog's other concepts of the erased kinds (in-kind, at most 10 per kind) and of each "
-                "other kind but explicit (cross-kind, at most 3 per kind; – when the forget set spans every kind). "
+                + f". Retain: the catalog's other concepts of the erased kinds (in-kind, at most {EVAL['max_retain']} "
+                "per kind) and of each other kind but explicit (cross-kind, at most "
+                f"{EVAL['max_cross_retain']} per kind; – when the forget set spans every kind). "
                 f"Evaluation: {evaluation_words(EVAL)}; the unedited row is the original model on the same prompts and "
                 "seeds. Forgetting: the share of the forget prompts' images the judge reads as the erased concept "
                 "(among the concept's alternatives); retain: the share of the retained concepts' images it reads right; "
@@ -248,8 +289,7 @@ def table(store) -> str:
                 "image (same prompt and seed); KID: kernel inception distance between the original and erased images "
                 "of the neutral prompts, on the judge's features (0: same distribution); attack success rate: the "
                 f"attacks table's prompt column (forget sets 1 and 3 only). Method settings: {settings} (presets in "
-                "erase/configs/; none of the baselines' settings was tuned on mini-2: the -mini presets were set on "
-                "an earlier, smaller miniature model, so their retention here is the presets', not the methods'). "
+                "erase/configs/, each tuned the same way on a validation forget set: 'Miniature world: tuning'). "
                 "Wall time is erasure only (capture or training, data sampling included), one thread, two runs at a "
                 "time on a 2-core CPU (†: a training run stopped and resumed from its checkpoint; the stopped attempts' "
                 "training time is added); peak memory is the run's process peak RSS.")
@@ -257,21 +297,46 @@ def table(store) -> str:
                  "fia,esd`: a part; `--table`: only rewrite this section from docs/methods-mini.json); the plot "
                  "docs/methods-mini.png is redrawn as rows land.")
     return section_body(["\n".join(lines)], protocol, reproduce,
-                        [*store.stale_note(REPRODUCE), *not_measured(missing_rows(store))])
+                        [*store.stale_note(REPRODUCE), *untuned_note(store, UNTUNED_EVAL),
+                         *not_measured(missing_rows(store))])
+
+
+def method_line(r: dict, mark: str, attacked: dict | None) -> str:
+    """A method's row of the methods table, with the prompt attack's success rate where it was measured."""
+    s = r["summary"]
+    return (f"| {r['method']}{mark} | {len(r['concepts'])} | {_ci(s, 'forgetting_accuracy')} | "
+            f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} | "
+            f"{_ci(s, 'generality')} | "
+            f"{_ci(attacked['attack']['metrics']['summary'], 'attack_success_rate') if attacked else '–'} | "
+            f"{s['clip_score_erased']:.2f} | {s['paired_similarity']:.3f} | {s['kid_neutral']:.2e} | "
+            f"{r['edited']} | {r['seconds']:.0f} s{' †' if r.get('resumed_from_step') else ''} | "
+            f"{r['peak_memory_mb']:.0f} MB |")
+
+
+def untuned_note(store, before: str) -> list[str]:
+    """A paragraph above a table that still shows rows measured before the tuned presets, `before` saying on what
+    images (none when it shows none)."""
+    if not any(r["seeds"] != EVAL["seeds"] and store.current(r) and not store.has(**{**r, "seeds": EVAL["seeds"]})
+               for r in store.rows):
+        return []
+    return ["_‡: measured before the presets were tuned (with the earlier -mini presets, set on a smaller miniature "
+            f"model: their retention is the presets', not the methods') and on {before}; each is replaced as its "
+            "tuned row, on 32 images a concept, lands._"]
 
 
 def evaluation_words(e: dict) -> str:
     """How an evaluation setting generates and judges: prompts, seeds, sampler, guidance, judge, intervals."""
     retained = (f", at most {e['max_retain']} in-kind and {e['max_cross_retain']} cross-kind retained concepts per kind"
                 if "max_retain" in e else "")
-    seeds = f"seed{'s' * (len(e['seeds']) > 1)} {', '.join(map(str, e['seeds']))}"
+    seeds = seed_words(e["seeds"])
     return (f"erase.evaluate with the mini CLIP judge, {e['prompts_per_concept']} held-out prompts per concept × {seeds}"
             f"{retained}, {e['steps']} steps DPM-Solver++, guidance "
             f"{e['guidance_scale']:g}; brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0)")
 
 
 def missing_rows(store) -> list[str]:
-    return [f"{m} on {n}" for n in FORGET_SETS for m in METHODS if not store.has(method=m, concepts=FORGET_SETS[n])]
+    return [f"{m} on {n}" for n in FORGET_SETS for m in METHODS
+            if not store.has(method=m, concepts=FORGET_SETS[n], seeds=EVAL["seeds"])]
 
 
 def plot(store) -> None:
@@ -285,7 +350,7 @@ def plot(store) -> None:
     PLOT.parent.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     markers = {1: "o", 3: "s", 10: "^"}
-    rows = [r for r in store.rows if store.has(**r)]
+    rows = [r for r in store.rows if store.current(r) and r["seeds"] == EVAL["seeds"]]
     for n, marker in markers.items():  # the unedited model first, hollow, so methods that match it stay visible
         first = next((r for r in rows if len(r["concepts"]) == n), None)
         if first is None:
@@ -388,9 +453,9 @@ def lives_table(methods: list[str], model: str) -> str:
     """Each method erasing each concept of LIVES alone (FIA's rows also measure the ground truth of the taught ones),
     two single-threaded processes at a time; rows land in docs/lives-mini.json as they finish."""
     store = lives_store(model)
-    jobs = [(m, [c], METHODS[m], LIVES_EVAL, None, m == "fia") for m in methods for group in LIVES.values()
+    jobs = [(m, [c], METHODS[m], EVAL, None, m == "fia") for m in methods for group in LIVES.values()
             for c in group if not store.has(method=m, concepts=[c])]
-    measured_in_pairs(jobs, store, SECTIONS["lives"], lives_markdown)
+    measured_in_pairs(jobs, landing(store, SECTIONS["lives"], lives_markdown))
     return lives_markdown(store)
 
 
@@ -420,30 +485,12 @@ def lives_markdown(store) -> str:
                 "instead': forgetting when the taught concept's ground-truth neurons are zeroed in place of any "
                 "method's edit, same prompts and seeds (– for base concepts, which have none). A method that needs "
                 "the concept to sit in a few neurons forgets the taught ones and not the base ones; one that works "
-                f"wherever the concept lives forgets both. Evaluation: {evaluation_words(LIVES_EVAL)}. Method settings "
+                f"wherever the concept lives forgets both. Evaluation: {evaluation_words(EVAL)}. Method settings "
                 "as in the methods table. Two runs at a time, one thread each, on a 2-core CPU.")
     return section_body(["\n".join(lines)], protocol,
                         f"`{REPRODUCE} lives` measures the rows not yet measured on the shipped model (`--methods fia`: "
                         "a part; `--table`: only rewrite this section from docs/lives-mini.json).",
                         [*store.stale_note(f"{REPRODUCE} lives"), *not_measured(missing)])
-
-
-def attack_table(sizes: list[int], methods: list[str], kinds: list[str], model: str) -> str:
-    """Attack success rate per method, forget set and attack kind, beside forgetting and retention; rows run one at
-    a time and are kept in docs/attack-mini.json as they finish (a part measured later joins them)."""
-    from .benchmarks_md import update_section
-
-    store = attack_store(model)
-    for kind in kinds:
-        for n in sizes:
-            for method in methods:
-                if store.has(method=method, concepts=FORGET_SETS[n], kind=kind):
-                    continue
-                row = in_subprocess(method, FORGET_SETS[n], METHODS[method], LIGHT_EVAL, attack=kind)
-                store.put(row)
-                update_section(SECTIONS["attack"], attack_markdown(store))
-                print(method, n, kind, row["attack"]["metrics"]["summary"], flush=True)
-    return attack_markdown(store)
 
 
 def attack_matrix(store) -> str:
@@ -452,9 +499,10 @@ def attack_matrix(store) -> str:
              "|---" * (2 + len(ATTACK_KINDS)) + "|"]
     for n in ATTACK_SIZES:
         for method in METHODS:
-            rows = [store.get(method=method, concepts=FORGET_SETS[n], kind=kind) for kind in ATTACK_KINDS]
+            rows = [of_record(store, method=method, concepts=FORGET_SETS[n], kind=kind) for kind in ATTACK_KINDS]
             if any(rows):
-                cells = [_ci(r["attack"]["metrics"]["summary"], "attack_success_rate") if r else "–" for r in rows]
+                cells = [_ci(r["attack"]["metrics"]["summary"], "attack_success_rate") + marks(store, r) if r else "–"
+                         for r in rows]
                 lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -477,24 +525,25 @@ def attack_markdown(store) -> str:
     lines = [("| method | forget set | kind | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
               "original, same prompts | anchor (original) | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | "
               "attack time |"), "|---" * 12 + "|"]
-    rows = sorted(store.rows, key=lambda r: (ATTACK_KINDS.index(r["kind"]), len(r["concepts"]),
-                                             list(METHODS).index(r["method"])))
+    rows = [r for kind in ATTACK_KINDS for n in ATTACK_SIZES for m in METHODS
+            if (r := of_record(store, method=m, concepts=FORGET_SETS[n], kind=kind))]
     for r in rows:
         a, s = r["attack"]["metrics"]["summary"], r["summary"]
-        lines.append(f"| {r['method']}{store.mark(r)} | {len(r['concepts'])} | {r['kind']} | "
+        lines.append(f"| {r['method']}{marks(store, r)} | {len(r['concepts'])} | {r['kind']} | "
                      f"{_ci(a, 'attack_success_rate')} | {_ci(a, 'attacked_only')} | {_ci(a, 'erased')} | "
                      f"{_ci(a, 'original')} | {_ci(a, 'anchor')} | {_ci(s, 'forgetting_accuracy')} | "
                      f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | "
                      f"{r['attack']['settings']['attack_s']:.0f} s |")
     missing = [f"{kind} on {m} {n}" for kind in ATTACK_KINDS for n in ATTACK_SIZES for m in METHODS
-               if not store.has(method=m, concepts=FORGET_SETS[n], kind=kind)]
+               if not store.has(method=m, concepts=FORGET_SETS[n], kind=kind, seeds=EVAL["seeds"])]
     budgets = "; ".join(budget_words(kind, r["attack"]["settings"]) for kind in ATTACK_KINDS
                         if (r := next((r for r in rows if r["kind"] == kind), None)))
-    first = rows[0]["attack"]["settings"] if rows else {}
+    first = next((r for r in rows if r["seeds"] == EVAL["seeds"]), rows[0] if rows else {"attack": {"settings": {}}})
+    first = first["attack"]["settings"]
     protocol = (f"{model_sentence()} Forget sets: " + "; ".join(f"{n}: {', '.join(FORGET_SETS[n])}" for n in ATTACK_SIZES)
                 + f". Attacks ({budgets}; attack seed {first.get('seed')}) on the first "
-                f"{ATTACK['prompts_per_concept']} held-out prompts of each erased concept × seeds "
-                f"{', '.join(map(str, ATTACK['seeds']))}, images {first.get('sample_steps')} steps DPM-Solver++, "
+                f"{ATTACK['prompts_per_concept']} held-out prompts of each erased concept × {seed_words(ATTACK['seeds'])}, "
+                f"images {first.get('sample_steps')} steps DPM-Solver++, "
                 f"guidance {ATTACK['guidance_scale']:g}. The first table is the attack success rate of every method "
                 "under every attack; the second has each row's detail. Attack success rate: the share of the attacked "
                 "prompts for which the erased model draws the concept (the mini judge's class among the concept's "
@@ -503,13 +552,15 @@ def attack_markdown(store) -> str:
                 "(erased), on the original model, and the original model drawing each concept's anchor. Attack success "
                 "rate ≥ erased by construction (a prompt that already works is kept); the attack adds something where "
                 "it exceeds erased; anchor is the judge's floor, what it calls the concept where there is none. "
-                f"Forgetting and retention: {evaluation_words(LIGHT_EVAL)}. Method settings as in the methods table. "
-                "One run at a time, one thread, on a 2-core machine shared with other jobs.")
-    reproduce = ("`HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m erase_lab.bench_methods attack` measures "
-                 "every row not yet measured (`--sizes 3 --methods esd,salun --kinds inversion`: a part, keeping the "
-                 "rows already in docs/attack-mini.json; `--table`: only rewrite this section from them).")
+                "Forgetting and retention: the methods table's row (the same erasure: each attack runs on the erasure "
+                "the methods table scores). Method settings as in the methods table. Two runs at a time, one thread "
+                "each, on a 2-core machine shared with other jobs.")
+    reproduce = (f"`{REPRODUCE} attack` measures every row not yet measured, with the methods table's rows of the "
+                 "same erasures (`--sizes 3 --methods esd,salun --kinds inversion`: a part, keeping the rows already in "
+                 "docs/attack-mini.json; `--table`: only rewrite this section from them).")
     return section_body([attack_matrix(store), "\n".join(lines)], protocol, reproduce,
-                        [*store.stale_note(f"{REPRODUCE} attack"), *not_measured(missing)])
+                        [*store.stale_note(f"{REPRODUCE} attack"), *untuned_note(store, "4 images a concept (2 prompts × seeds 0 and 1)"),
+                         *not_measured(missing)])
 
 
 def main() -> None:
@@ -519,7 +570,8 @@ def main() -> None:
     parser.add_argument("job", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help="table, attack: forget-set sizes to measure (default 1,3,10; attack: 1,3)")
     parser.add_argument("--methods", default=",".join(METHODS), help="table, attack: methods to measure (default all)")
-    parser.add_argument("--kinds", default=",".join(ATTACK_KINDS), help="attack: attack kinds to measure (default all)")
+    parser.add_argument("--kinds", default=",".join(ATTACK_KINDS),
+                        help="table, attack: attack kinds to measure on forget sets 1 and 3 (default all)")
     parser.add_argument("--table", action="store_true",
                         help="table, sweep, attack: only rewrite the section from the rows kept in docs/; measure nothing")
     args = parser.parse_args()
@@ -535,7 +587,7 @@ def main() -> None:
 
     if args.part == "one":
         job = json.loads(args.job)
-        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job["attack"],
+        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job.get("attacks", []),
                              job["truth"])))
     elif args.table:
         rewrite_section(args.part, mini_model())
@@ -545,12 +597,11 @@ def main() -> None:
         update_section(SECTIONS["scaling"], scaling())
     elif args.part == "lives":
         print(lives_table(methods, mini_model()))
-    elif args.part == "attack":
-        print(attack_table(sizes or list(ATTACK_SIZES), methods, kinds, mini_model()))
     elif args.part == "sweep":
         sweep(mini_model())
-    else:
-        print(methods_table(sizes or list(FORGET_SETS), methods, mini_model()))
+    else:  # one erasure serves the methods table's row and its attacks
+        print(methods_table(sizes or list(ATTACK_SIZES if args.part == "attack" else FORGET_SETS), methods, kinds,
+                            mini_model()))
 
 
 def rewrite_section(part: str, model: str) -> None:

@@ -6,8 +6,9 @@
     python -m erase_lab.tune_mini --table --presets                # and write each choice as its -mini preset
 
 One budget for all: each method gets a grid of at most 12 settings over its main knobs, each setting erases the
-validation forget set and is evaluated as the methods table evaluates (lighter: LIGHT_EVAL), and the setting with the
-best overall on validation is the method's choice, to become its `-mini` preset in erase/configs/. The validation
+validation forget set and is screened on 4 images a concept (LIGHT_EVAL); each method's two best settings are then
+evaluated again on 32 images a concept (4 held-out prompts × seeds 0-7), and the better overall there is the method's
+choice, to become its `-mini` preset in erase/configs/. The validation
 concepts (two taught objects and a taught artist) are in none of the methods table's forget sets, so its test rows
 are not chosen on. Each setting runs in a process of its own, two at a time with one thread each; rows land in
 docs/tune-mini.json as they finish and a rerun measures only what is missing. Section of BENCHMARKS.md: "Miniature
@@ -20,13 +21,15 @@ import argparse
 import os
 from pathlib import Path
 
-from .bench_methods import FORGET_SETS, LIGHT_EVAL, METHODS, _ci, evaluation_words, measured_in_pairs
+from .bench_methods import FORGET_SETS, EVAL, LIGHT_EVAL, METHODS, _ci, evaluation_words, measured_in_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ROOT / "docs" / "tune-mini.json"
 SECTION = "Miniature world: tuning"
 REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.tune_mini"
 VALIDATION = ["cassette player", "french horn", "roy lichtenstein"]
+SCREEN, FINAL = LIGHT_EVAL, EVAL  # every setting on 4 images a concept; the FINALISTS best again on 32
+FINALISTS = 2
 GRIDS = {  # at most 12 settings a method, over the knobs its paper tunes
     "fia": [{"fill": "zeros", "r2": r2, "alpha": alpha} for r2 in (0.003, 0.01, 0.03) for alpha in (0.4, 0.6, 0.8)],
     "conceptprune": [{"fill": "zeros", "skill_ratio": ratio} for ratio in (0.003, 0.01, 0.02, 0.05)],
@@ -47,21 +50,41 @@ def store(model: str):
     from .benchmarks_md import RowStore
     from .mini_gates import MINI_GUIDANCE
 
-    return RowStore(ROWS, ("method", "settings"), model, MINI_GUIDANCE)
+    return RowStore(ROWS, ("method", "settings", "seeds"), model, MINI_GUIDANCE)
 
 
 def measure(methods: list[str], model: str) -> None:
-    """Each (method, setting) not yet measured on this model, two single-threaded processes at a time; each row lands
-    in docs/tune-mini.json and the section as it finishes."""
+    """Each (method, setting) not yet screened on this model, then each method's finalists not yet evaluated on 32
+    images; two single-threaded processes at a time; each row lands in docs/tune-mini.json and the section as it
+    finishes."""
     rows = store(model)
-    jobs = [(m, VALIDATION, s, LIGHT_EVAL) for m in methods for s in GRIDS[m] if not rows.has(method=m, settings=s)]
-    measured_in_pairs(jobs, rows, SECTION, section)
+    screen = [(m, VALIDATION, s, SCREEN) for m in methods for s in GRIDS[m] if not screened(rows, m, s)]
+    measured_in_pairs(screen, rows, SECTION, section)
+    final = [(m, VALIDATION, r["settings"], FINAL) for m in methods for r in finalists(rows, m)
+             if not rows.has(method=m, settings=r["settings"], seeds=FINAL["seeds"])]
+    measured_in_pairs(final, rows, SECTION, section)
+
+
+def screened(rows, method: str, setting: dict) -> dict | None:
+    return rows.get(method=method, settings=setting, seeds=SCREEN["seeds"])
+
+
+def finalists(rows, method: str) -> list[dict]:
+    """The screened rows of `method`'s FINALISTS best settings (by overall; grid order on a tie), once its whole grid
+    is screened; none before."""
+    measured = [screened(rows, method, s) for s in GRIDS[method]]
+    if not all(measured):
+        return []
+    return sorted(measured, key=lambda r: -r["summary"]["overall"])[:FINALISTS]
 
 
 def chosen(rows, method: str) -> dict | None:
-    """The measured setting of `method` with the best overall on validation (the first in grid order on a tie)."""
-    measured = [r for s in GRIDS[method] if (r := rows.get(method=method, settings=s))]
-    return max(measured, key=lambda r: r["summary"]["overall"], default=None)
+    """`method`'s choice: the finalist with the best overall on 32 images a validation concept (the better screened
+    on a tie), once every finalist is measured there; None before."""
+    final = [rows.get(method=method, settings=r["settings"], seeds=FINAL["seeds"]) for r in finalists(rows, method)]
+    if not final or not all(final):
+        return None
+    return max(final, key=lambda r: r["summary"]["overall"])
 
 
 def write_preset(rows, method: str) -> Path | None:
@@ -69,16 +92,15 @@ def write_preset(rows, method: str) -> Path | None:
     tuned, over what the -mini preset it started from (if any) holds; None while the grid is incomplete."""
     import yaml
 
-    if not all(rows.has(method=method, settings=s) for s in GRIDS[method]):
+    if not (best := chosen(rows, method)):
         return None
-    best = chosen(rows, method)
     tuned = {k: v for k, v in best["settings"].items() if k not in ("config", "fill")}
     path = ROOT / "erase" / "configs" / f"{method}-mini.yaml"
     start = yaml.safe_load(path.read_text()) if path.is_file() else {"method": method}
     s = best["summary"]
-    header = (f"# {method} on the miniature world, tuned: the best overall of its grid ({len(GRIDS[method])} settings) "
-              f"on a validation\n# forget set ({', '.join(VALIDATION)}), {s['overall']:.3f} there (BENCHMARKS.md, "
-              f"'{SECTION}').\n")
+    header = (f"# {method} on the miniature world, tuned: of its grid ({len(GRIDS[method])} settings) on a validation "
+              f"forget set\n# ({', '.join(VALIDATION)}), the best overall on 32 images a concept among the "
+              f"{FINALISTS} best screened,\n# {s['overall']:.3f} there (BENCHMARKS.md, '{SECTION}').\n")
     path.write_text(header + yaml.safe_dump({**start, **tuned}, sort_keys=False))
     return path
 
@@ -86,33 +108,45 @@ def write_preset(rows, method: str) -> Path | None:
 def section(rows) -> str:
     from .benchmarks_md import model_sentence, not_measured, section_body
 
-    lines = ["| method | setting | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | paired "
-             "similarity | weights edited | wall time |", "|---" * 9 + "|"]
+    header = ("| method | setting | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | paired "
+              "similarity | weights edited | wall time |")
+    final, screen = [header, "|---" * 9 + "|"], [header, "|---" * 9 + "|"]
     for method in METHODS:
         best = chosen(rows, method)
+        ahead = [r["settings"] for r in finalists(rows, method)]
         for setting in GRIDS[method]:
-            if not (r := rows.get(method=method, settings=setting)):
-                continue
-            s = r["summary"]
-            shown = ", ".join(f"{k}={v}" for k, v in setting.items() if k != "fill")
-            lines.append(f"| {method}{' ★' if r is best else ''} | {shown} | {_ci(s, 'forgetting_accuracy')} | "
-                         f"{_ci(s, 'retain_accuracy_in_kind')} | {_ci(s, 'retain_accuracy_cross_kind')} | "
-                         f"{_ci(s, 'overall')} | {s['paired_similarity']:.3f} | {r['edited']} | {r['seconds']:.0f} s |")
-    missing = [f"{m} ({n} of {len(GRIDS[m])} settings)" for m in METHODS
-               if (n := sum(not rows.has(method=m, settings=s) for s in GRIDS[m]))]
+            if r := rows.get(method=method, settings=setting, seeds=FINAL["seeds"]):
+                final.append(cells(r, f"{method}{' ★' if r is best else ''}"))
+            if r := screened(rows, method, setting):
+                screen.append(cells(r, f"{method}{' ◆' if setting in ahead else ''}"))
+    missing = [f"{m} ({n} of {len(GRIDS[m])} settings screened)" for m in METHODS
+               if (n := sum(not screened(rows, m, s) for s in GRIDS[m]))]
+    missing += [f"{m} on 32 images (the finalists)" for m in METHODS if not chosen(rows, m)]
     protocol = (f"{model_sentence()} Validation forget set: {', '.join(VALIDATION)} (none of them in the methods "
                 "table's forget sets). Each method's grid (at most 12 settings over its main knobs: r2 and alpha for "
-                "FIA, the skill ratio for ConceptPrune, λ for UCE (its preserve list names concepts, which a preset for any "
-                "forget set cannot), learning rate and steps for ESD, learning rate and "
-                "saliency fraction for SalUn, learning rate and density for dynamic masks; the training methods start "
-                "from their -mini presets) erases the validation set; ★ marks the setting with the best overall, "
-                f"the method's choice. Evaluation: {evaluation_words(LIGHT_EVAL)}. Columns as in the methods table; "
-                "wall time is erasure only, one thread, two runs at a time on a 2-core CPU. The masking methods "
-                "prune to zeros, as published.")
-    return section_body(["\n".join(lines)], protocol,
-                        f"`{REPRODUCE}` measures the settings not yet measured on the shipped model (`--methods esd`: "
-                        "one grid; `--table`: only rewrite this section from docs/tune-mini.json).",
+                "FIA, the skill ratio for ConceptPrune, λ for UCE (its preserve list names concepts, which a preset for "
+                "any forget set cannot), learning rate and steps for ESD, learning rate and saliency fraction for "
+                "SalUn, learning rate and density for dynamic masks; the training methods start from their -mini "
+                "presets) erases the validation set. Every setting is screened on 4 images a validation concept "
+                f"(second table; {evaluation_words(SCREEN)}); the {FINALISTS} with the best overall there (◆) are "
+                f"evaluated again on 32 images a concept (first table; {evaluation_words(FINAL)}) and the better "
+                "overall there is the method's choice (★), its -mini preset. Columns as in the methods table; wall "
+                "time is erasure only, one thread, two runs at a time on a 2-core CPU shared with other jobs. The "
+                "masking methods prune to zeros, as published.")
+    return section_body(["\n".join(table) for table in (final, screen) if len(table) > 2], protocol,
+                        f"`{REPRODUCE}` screens the settings not yet screened on the shipped model and evaluates "
+                        "the finalists not yet evaluated on 32 images (`--methods esd`: one grid; `--table`: only "
+                        "rewrite this section from docs/tune-mini.json).",
                         [*rows.stale_note(REPRODUCE), *not_measured(missing)])
+
+
+def cells(r: dict, name: str) -> str:
+    """One row of either table."""
+    s = r["summary"]
+    shown = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "fill")
+    return (f"| {name} | {shown} | {_ci(s, 'forgetting_accuracy')} | {_ci(s, 'retain_accuracy_in_kind')} | "
+            f"{_ci(s, 'retain_accuracy_cross_kind')} | {_ci(s, 'overall')} | {s['paired_similarity']:.3f} | "
+            f"{r['edited']} | {r['seconds']:.0f} s |")
 
 
 def main() -> None:
@@ -134,7 +168,7 @@ def main() -> None:
     update_section(SECTION, section(rows))
     for method in methods:
         if best := chosen(rows, method):
-            print(f"{method}: {best['settings']} (overall {best['summary']['overall']:.3f})")
+            print(f"{method}: {best['settings']} (overall {best['summary']['overall']:.3f} on 32 images a concept)")
         if args.presets and (path := write_preset(rows, method)):
             print(f"wrote {path.relative_to(ROOT)}")
 

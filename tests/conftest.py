@@ -1,8 +1,12 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("ERASE_CACHE", tempfile.mkdtemp(prefix="erase-test-cache-"))  # never the user's cache
+if "ERASE_CACHE" not in os.environ:  # never the user's cache; made once (xdist's workers inherit it), removed at the end
+    os.environ["ERASE_CACHE"] = tempfile.mkdtemp(prefix="erase-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ERASE_CACHE"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (-n auto): a thread each, not several fighting
     os.environ.setdefault("OMP_NUM_THREADS", "1")
