@@ -6,6 +6,7 @@
     result.save("runs/vg")
     report = erase.evaluate(pipe, result)
     attacked = erase.attack(pipe, result)    # adversarial recovery: attack success rate per concept
+    erase.evaluate_protocol(pipe, result, "i2p", "runs/vg/i2p", prompts="i2p.csv")  # a field protocol
 
 The public names load on first use (PEP 562), so `erase-concepts --version`, a bad option or Ctrl-C during
 start-up answers before torch is imported.
@@ -16,7 +17,7 @@ import importlib
 _PUBLIC = {"attack": "attacks", "EraseResult": "api", "erase": "api", "Concept": "concepts", "load_catalog": "concepts",
            "MaskEdit": "edits", "fingerprint": "edits", "EraseError": "errors", "evaluate": "evaluation",
            "apply_patch": "export", "read_patch": "export", "METHODS": "methods", "clip_tokenizer": "models",
-           "load_pipeline": "models"}
+           "load_pipeline": "models", "evaluate_protocol": "protocols", "PROTOCOLS": "protocols"}
 
 __version__ = "0.1.0"
 __all__ = [*sorted(_PUBLIC), "__version__"]

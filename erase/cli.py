@@ -18,6 +18,8 @@ EPILOG = """examples:
   erase-concepts --concepts "style:van gogh,explicit:nudity" --model ./sd15 --config fia-style --set r2=0.03
   erase-concepts --concepts church --eval                           # erase, then evaluate with the mini CLIP
   erase-concepts evaluate runs/my-run --model ./sd15 --clip ViT-L-14  # evaluate a saved run against its base
+  erase-concepts evaluate runs/my-run --model ./sd15 --protocol i2p --prompts i2p.csv  # a field protocol
+  accelerate launch -m erase.cli evaluate runs/my-run --model ./sd15 --device cuda --protocol i2p --prompts i2p.csv
   erase-concepts apply --patch runs/my-run/patch.safetensors --model ./sd15 --out runs/again  # re-apply a patch
   erase-concepts attack runs/my-run --model ./sd15 --set steps=100   # attack success rate, into runs/my-run/report
 """
@@ -55,6 +57,15 @@ def method_help() -> str:
     from .methods import METHODS
 
     return f"erasure method, one of: {', '.join(sorted(METHODS))} (default fia)"
+
+
+def protocol_help() -> str:
+    from .protocols import PROTOCOLS
+
+    return (f"evaluate by a field protocol instead of the catalog's prompts: {', '.join(sorted(PROTOCOLS))}; its "
+            "settings with --eval-set (e.g. --eval-set steps=25 --eval-set 'categories=[sexual]'); its images, their "
+            "manifest and the report go to --out (default <run>/report-<protocol>), and a rerun generates only what "
+            "is missing there")
 
 
 def attack_kind_help() -> str:
@@ -134,8 +145,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p = Parser("evaluate", "Evaluate a saved erase run against its base model.")
     p.add_argument("run", help=RUN_FOLDER)
     add_model_options(p, BASE_MODEL)
-    add_output_options(p, "report folder (default <run>/report)")
+    add_output_options(p, "report folder (default <run>/report, or <run>/report-<protocol>)")
     add_evaluation_options(p)
+    group = p.add_argument_group("protocol", "the field's protocols, sharded over the processes of a launch "
+                                             "(accelerate launch, torchrun) and resumable")
+    p.listings[group.add_argument("--protocol")] = protocol_help
+    group.add_argument("--prompts", metavar="FILE", help="the protocol's prompt file: a CSV (prompt column; optional "
+                       "seed, guidance and categories columns, I2P's layouts included) or a TXT file of one prompt a line")
     return p
 
 
@@ -359,6 +375,8 @@ def evaluate_run(args: argparse.Namespace) -> None:
     from .evaluation import saved_erasure
     from .export import check_output_dir, reserved
 
+    if args.protocol or args.prompts:
+        return protocol_run(args)
     run_dir = Path(args.run)
     settings = check_eval_options(args, load_catalog(saved_erasure(run_dir).catalog))  # a damaged run: refused now
     model = model_paths(args, check_model_options(args))
@@ -369,6 +387,35 @@ def evaluate_run(args: argparse.Namespace) -> None:
     if out.resolve() == (run_dir / "report").resolve():  # the run's own report: its model card shows the numbers
         write_card(run_dir)
     print(wrote(out))
+
+
+def protocol_run(args: argparse.Namespace) -> None:
+    """evaluate --protocol: the run's erasure by a field protocol; in a launch of several processes each generates
+    its shard on its own device and the main process writes and prints the report."""
+    from .config import parse_settings
+    from .evaluation import saved_erasure
+    from .protocols import evaluate_protocol
+    from .protocols.core import protocol_config
+
+    if not args.protocol:
+        raise EraseError("--prompts needs --protocol: e.g. --protocol i2p or --protocol prompts")
+    if args.retain is not None:
+        raise EraseError("--retain applies to the catalog evaluation, not to a protocol: drop it or drop --protocol")
+    run_dir = Path(args.run)
+    saved_erasure(run_dir)  # a damaged run: refused before the model loads
+    settings = parse_settings(args.eval_settings)
+    settings.update({k: v for k, v in (("prompts", args.prompts), ("clip", args.clip),
+                                       ("clip_pretrained", args.clip_pretrained)) if v is not None})
+    config = protocol_config(args.protocol, **settings)  # bad settings, a missing file: refused now
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and args.device == "cuda":  # one process per GPU
+        args.device = f"cuda:{local_rank}"
+    check_model_options(args)
+    out = Path(args.out) if args.out else run_dir / f"report-{args.protocol}"
+    report = evaluate_protocol(load_model(args), run_dir, args.protocol, out, config=config, progress=not args.quiet)
+    if report is not None:  # the main process
+        print(report.markdown())
+        print(wrote(out))
 
 
 def check_model_options(args: argparse.Namespace) -> str:
