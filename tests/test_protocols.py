@@ -167,3 +167,80 @@ def test_protocol_options_are_checked_before_the_model_loads(tmp_path, capsys):
     assert "--prompts needs --protocol" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--protocol", "i2p"]) == 2
     assert "has no erase.json" in capsys.readouterr().err
+
+
+def test_imagenette_on_the_mini_world_reads_the_classes_with_its_judge(mini, erased, tmp_path):
+    report = erase.evaluate_protocol(mini, erased, "imagenette", tmp_path / "inet", images_per_class=4,
+                                     classes=["tench", "church"], steps=25, progress=False)
+    classes = report.metrics["classes"]
+    assert "CLIP judge" in report.metrics["classifier"] and "CLIP judge" in (tmp_path / "inet" / "report.md").read_text()
+    assert classes["tench"]["original"]["value"] >= 0.75 and classes["church"]["original"]["value"] >= 0.75
+    assert [(s.prompt, s.seed) for s in report_samples(tmp_path / "inet")][:5] == [
+        ("an image of a tench", 0), ("an image of a tench", 1), ("an image of a tench", 2), ("an image of a tench", 3),
+        ("an image of a church", 0)]
+
+
+def report_samples(out):
+    from erase.protocols.core import Sample
+
+    lines = (out / "images" / "manifest.0.jsonl").read_text().splitlines()
+    entries = sorted((e for e in map(json.loads, lines) if e["made_with"]["of"] == "original"), key=lambda e: e["index"])
+    return [Sample(e["made_with"]["prompt"], e["made_with"]["seed"]) for e in entries]
+
+
+def test_imagenette_with_a_classifier_file(mini, erased, tmp_path, monkeypatch):
+    import torch
+    from torchvision.models import resnet50
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty torch cache: nothing to fall back on
+    torch.manual_seed(0)
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet50().state_dict(), path)
+    report = erase.evaluate_protocol(mini, erased, "imagenette", tmp_path / "inet", classifier=str(path),
+                                     images_per_class=2, classes=["golf ball"], progress=False, **FAST)
+    assert "ResNet-50" in report.metrics["classifier"] and str(path) in report.metrics["classifier"]
+    assert 0 <= report.metrics["classes"]["golf ball"]["erased"]["value"] <= 1
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(EraseError, match="not a torchvision ResNet-50"):
+        erase.evaluate_protocol(mini, erased, "imagenette", tmp_path / "x", classifier=str(tmp_path / "other.pth"))
+    (tmp_path / "code.pth").write_bytes(b"\x80\x04cos\nsystem\nq\x00.")  # a pickle that would run code
+    with pytest.raises(EraseError, match="could not be read as weights"):
+        erase.evaluate_protocol(mini, erased, "imagenette", tmp_path / "x", classifier=str(tmp_path / "code.pth"))
+    assert not (tmp_path / "x").exists()  # refused before any image
+    with pytest.raises(EraseError, match="unknown"):
+        erase.evaluate_protocol(mini, erased, "imagenette", tmp_path / "x", classes=["cat"])
+
+
+def inception_weights(path):
+    """torch-fidelity's Inception-v3 with random weights, in its file layout (the real weights are a download)."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True):  # keep the random initialisation
+            return None
+
+    empty = path.with_name("empty.pth")
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    torch.save(RandomInception("inception-v3-compat", ["2048"], str(empty)).state_dict(), path)
+    return path
+
+
+def test_coco_scores_clip_and_fid_through_torchmetrics(mini, erased, tmp_path):
+    captions = tmp_path / "captions.csv"
+    captions.write_text("image_id,caption\n1,a photo of a church\n2,a golf ball on grass\n3,a tench in a net\n"
+                        "4,a parachute in the sky\n")
+    weights = inception_weights(tmp_path / "inception.pth")
+    with pytest.raises(EraseError, match="FID needs Inception weights"):
+        erase.evaluate_protocol(mini, erased, "coco", tmp_path / "c", prompts=captions, inception=str(tmp_path / "no"))
+    report = erase.evaluate_protocol(mini, erased, "coco", tmp_path / "c", prompts=captions, inception=str(weights),
+                                     progress=False, **FAST)
+    fid = report.metrics["fid"]
+    assert fid["images"] == 4 and fid["erased_vs_original"] >= 0 and "clip_score_erased" in report.metrics["clip"]
+    again = erase.evaluate_protocol(mini, erased, "coco", tmp_path / "c", prompts=captions, inception=str(weights),
+                                    reference=str(tmp_path / "c" / "images" / "original"), progress=False, **FAST)
+    assert again.record["generation"]["generated"] == 0
+    assert again.metrics["fid"]["original_vs_reference"] == pytest.approx(0, abs=1e-2)  # the same images
+    assert again.metrics["fid"]["erased_vs_reference"] == pytest.approx(fid["erased_vs_original"], rel=1e-3)
+    assert "FID erased vs original" in (tmp_path / "c" / "report.md").read_text()

@@ -108,6 +108,25 @@ class Protocol:
         raise NotImplementedError
 
 
+def read_weights(path: str | Path, what: str) -> dict:
+    """A state dict from a .safetensors file or a torch.save file read with weights_only (no code is unpickled),
+    refused in one line when it is neither."""
+    import torch
+
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickling refusal, a damaged or foreign file
+        raise EraseError(f"{what} {path} could not be read as weights ({type(exc).__name__}): pass a state dict saved "
+                         "with torch.save or safetensors") from None
+    if not isinstance(state, dict):
+        raise EraseError(f"{what} {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
 def protocol_config(name: str, config=None, **overrides) -> ProtocolSettings:
     """A protocol's settings from a dataclass, a dict or a YAML file (its `protocol:`, if any, must be `name`); a
     path given as a Path is kept as its text."""
