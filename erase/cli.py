@@ -394,7 +394,7 @@ def protocol_run(args: argparse.Namespace) -> None:
     its shard on its own device and the main process writes and prints the report."""
     from .config import parse_settings
     from .evaluation import saved_erasure
-    from .protocols import evaluate_protocol
+    from .protocols import evaluate_protocol, get_protocol
     from .protocols.core import protocol_config
 
     if not args.protocol:
@@ -407,6 +407,9 @@ def protocol_run(args: argparse.Namespace) -> None:
     settings.update({k: v for k, v in (("prompts", args.prompts), ("clip", args.clip),
                                        ("clip_pretrained", args.clip_pretrained)) if v is not None})
     config = protocol_config(args.protocol, **settings)  # bad settings, a missing file: refused now
+    runner = get_protocol(args.protocol).run(config, args.model)  # and what it cannot score, or read, before the model
+    runner.check()
+    runner.samples()
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and args.device == "cuda":  # one process per GPU
         args.device = f"cuda:{local_rank}"

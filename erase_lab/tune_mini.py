@@ -4,13 +4,15 @@
     HF_HUB_OFFLINE=1 python -m erase_lab.tune_mini --methods esd   # one method's grid
     python -m erase_lab.tune_mini --table                          # rewrite the section from the rows kept
     python -m erase_lab.tune_mini --table --presets                # and write each choice as its -mini preset
+    HF_HUB_OFFLINE=1 python -m erase_lab.tune_mini --probe --methods salun  # why a method collapses: one knob at a time
 
 One budget for all: each method gets a grid of at most 12 settings over its main knobs, each setting erases the
 validation forget set and is screened on 4 images a concept (LIGHT_EVAL); each method's two best settings are then
-evaluated again on 32 images a concept (4 held-out prompts × seeds 0-7), and the better overall there is the method's
-choice, to become its `-mini` preset in erase/configs/. The validation
-concepts (two taught objects and a taught artist) are in none of the methods table's forget sets, so its test rows
-are not chosen on. Each setting runs in a process of its own, two at a time with one thread each; rows land in
+evaluated again on 32 images a concept (4 held-out prompts × seeds 0-7), and the better overall there is the
+method's choice, to become its `-mini` preset in erase/configs/. The validation concepts (two taught objects and a
+taught artist) are in none of the methods table's forget sets, so its test rows are not chosen on. A method that
+collapses at every setting is probed one knob at a time from a screened setting (PROBES), to find which part of it
+does it. Each setting runs in a process of its own, two at a time with one thread each; rows land in
 docs/tune-mini.json as they finish and a rerun measures only what is missing. Section of BENCHMARKS.md: "Miniature
 world: tuning".
 """
@@ -21,7 +23,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .bench_methods import FORGET_SETS, EVAL, LIGHT_EVAL, METHODS, _ci, evaluation_words, measured_in_pairs
+from .bench_methods import EVAL, FORGET_SETS, LIGHT_EVAL, METHODS, _ci, evaluation_words, landing, measured_in_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ROOT / "docs" / "tune-mini.json"
@@ -42,6 +44,10 @@ GRIDS = {  # at most 12 settings a method, over the knobs its paper tunes
     "dynamic": [{"config": "dynamic-mini", "lr": lr, "density": density}
                 for lr in (5e-5, 2e-4, 5e-4) for density in (0.25, 0.5)],
 }
+# A method whose retention collapses at every setting of its grid: one knob at a time from a screened setting (its
+# first entry), to find which part of the method does it (the retain term's weight, the layers trained).
+PROBES = {"salun": [{"config": "salun-mini", "lr": 5e-4, "saliency_fraction": 0.5, **change}
+                    for change in ({}, {"retain_weight": 0.0}, {"retain_weight": 5.0}, {"train": "unet"})]}
 assert all(len(grid) <= 12 for grid in GRIDS.values()) and set(GRIDS) == set(METHODS)
 assert not set(VALIDATION) & {c for concepts in FORGET_SETS.values() for c in concepts}
 
@@ -59,10 +65,17 @@ def measure(methods: list[str], model: str) -> None:
     finishes."""
     rows = store(model)
     screen = [(m, VALIDATION, s, SCREEN) for m in methods for s in GRIDS[m] if not screened(rows, m, s)]
-    measured_in_pairs(screen, rows, SECTION, section)
+    measured_in_pairs(screen, landing(rows, SECTION, section))
     final = [(m, VALIDATION, r["settings"], FINAL) for m in methods for r in finalists(rows, m)
              if not rows.has(method=m, settings=r["settings"], seeds=FINAL["seeds"])]
-    measured_in_pairs(final, rows, SECTION, section)
+    measured_in_pairs(final, landing(rows, SECTION, section))
+
+
+def probe(methods: list[str], model: str) -> None:
+    """Each probe of PROBES not yet screened, as the grids are."""
+    rows = store(model)
+    jobs = [(m, VALIDATION, s, SCREEN) for m in methods for s in PROBES.get(m, []) if not screened(rows, m, s)]
+    measured_in_pairs(jobs, landing(rows, SECTION, section))
 
 
 def screened(rows, method: str, setting: dict) -> dict | None:
@@ -132,8 +145,13 @@ def section(rows) -> str:
                 f"evaluated again on 32 images a concept (first table; {evaluation_words(FINAL)}) and the better "
                 "overall there is the method's choice (★), its -mini preset. Columns as in the methods table; wall "
                 "time is erasure only, one thread, two runs at a time on a 2-core CPU shared with other jobs. The "
-                "masking methods prune to zeros, as published.")
-    return section_body(["\n".join(table) for table in (final, screen) if len(table) > 2], protocol,
+                "masking methods prune to zeros, as published. Third table (where a method collapses at every "
+                "setting): one knob at a time from its first row, screened as the grid (retain_weight: the weight "
+                "of SalUn's denoising loss on the retained concepts' images, 0.5 in its preset; train: the layers "
+                "trained, attn2 the cross-attention, unet all of them).")
+    probes = [header, "|---" * 9 + "|"] + [cells(r, method) for method, settings in PROBES.items() for setting in settings
+                                          if (r := screened(rows, method, setting))]
+    return section_body(["\n".join(table) for table in (final, screen, probes) if len(table) > 2], protocol,
                         f"`{REPRODUCE}` screens the settings not yet screened on the shipped model and evaluates "
                         "the finalists not yet evaluated on 32 images (`--methods esd`: one grid; `--table`: only "
                         "rewrite this section from docs/tune-mini.json).",
@@ -153,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="the grids to measure (default all)")
     parser.add_argument("--table", action="store_true", help="only rewrite the section from docs/tune-mini.json")
+    parser.add_argument("--probe", action="store_true", help="screen the probes of a method that collapses (PROBES)")
     parser.add_argument("--presets", action="store_true", help="write each fully measured method's choice to "
                         "erase/configs/<method>-mini.yaml (with the methods table's rerun: its rows name the presets)")
     args = parser.parse_args()
@@ -162,7 +181,9 @@ def main() -> None:
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; methods: {', '.join(METHODS)}")
-    if not args.table:
+    if args.probe:
+        probe(methods, mini_model())
+    elif not args.table:
         measure(methods, mini_model())
     rows = store(mini_model())
     update_section(SECTION, section(rows))

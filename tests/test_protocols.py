@@ -160,13 +160,25 @@ def test_two_processes_write_the_images_and_table_of_one(mini, erased, prompts, 
     assert "| erased |" in single.stdout and "wrote" in single.stdout and "| erased |" in double.stdout
 
 
-def test_protocol_options_are_checked_before_the_model_loads(tmp_path, capsys):
+def test_protocol_options_are_checked_before_the_model_loads(erased, tmp_path, capsys, monkeypatch):
+    import erase.cli
     from erase.cli import main
 
     assert main(["evaluate", str(tmp_path), "--prompts", "x.csv"]) == 2
     assert "--prompts needs --protocol" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--protocol", "i2p"]) == 2
     assert "has no erase.json" in capsys.readouterr().err
+    run = erased.save(tmp_path / "run")
+    (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
+    monkeypatch.setattr(erase.cli, "load_model", None)  # a model load would fail the test: none may happen
+    for options, message in [(["--protocol", "i2p", "--prompts", str(tmp_path / "bad.csv")], "no prompt column"),
+                             (["--protocol", "i2p", "--eval-set", "steps=0"], "steps=0 is out of range"),
+                             (["--protocol", "i2p", "--clip", "mini"], "unknown setting 'clip'"),
+                             (["--protocol", "coco", "--prompts", str(tmp_path / "bad.csv"), "--eval-set",
+                               f"inception={tmp_path / 'none.pth'}"], "FID needs Inception weights"),
+                             (["--protocol", "imagenette", "--eval-set", "images_per_class=0"], "out of range")]:
+        assert main(["evaluate", str(run), *options]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_imagenette_on_the_mini_world_reads_the_classes_with_its_judge(mini, erased, tmp_path):

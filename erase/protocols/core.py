@@ -91,6 +91,8 @@ class Protocol:
     name with its settings class (erase/protocols/__init__.py)."""
 
     def __init__(self, settings: ProtocolSettings, pipe) -> None:
+        """pipe: the pipeline, or before it loads what names it ('mini', a path): check() and samples() need no
+        model."""
         self.settings, self.pipe = settings, pipe
 
     def check(self) -> None:

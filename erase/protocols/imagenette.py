@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..config import check_positive_int
 from ..errors import EraseError
 from ..evaluation.stats import Bootstrap
 from ..profile import profile_of
@@ -40,6 +41,9 @@ class ImagenetteSettings(ProtocolSettings, JudgedByClip):
 
     def validate(self) -> None:
         super().validate()
+        check_positive_int("images_per_class", self.images_per_class)
+        if not self.classes:
+            raise EraseError(f"classes is empty: name at least one of {', '.join(IMAGENET_INDEX)}")
         if unknown := [c for c in self.classes if c not in IMAGENET_INDEX]:
             raise EraseError(f"classes: unknown {unknown}; the Imagenette classes: {', '.join(IMAGENET_INDEX)}")
         if "{}" not in self.template:
