@@ -99,6 +99,19 @@ def attack_args(shared: Path, case: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def protocol_args(shared: Path, case: Path, protocol: str, *extra: str) -> list[str]:
+    out = [] if "--out" in extra else ["--out", str(case / "out")]
+    return ["evaluate", str(shared / "run"), "--model", str(shared / "model"), "--protocol", protocol, *out, *extra,
+            "--quiet"]
+
+
+def code_pickle(case: Path) -> str:
+    """A .pth file whose unpickling would call os.system: what weights_only refuses."""
+    path = case / "inception.pth"
+    path.write_bytes(b"\x80\x04cos\nsystem\nq\x00.")
+    return str(path)
+
+
 def user_folder(case: Path) -> str:
     folder = case / "mine"
     write(folder / "notes.txt", "a file of the user's")
@@ -284,6 +297,19 @@ CASES = [
          "not a list of positive whole numbers"),
     Case("apply, patch header without a method", lambda s, c: apply_args(s, c, patch_with_header(s, c, method="")),
          "corrupt header"),
+    # The field's protocols: every input checked before the model loads, another folder never written into.
+    Case("evaluate RUN --protocol i2p, prompt file without a prompt column",
+         lambda s, c: protocol_args(s, c, "i2p", "--prompts", write(c / "p.csv", "text_column,seed\nx,1\n")),
+         "has no prompt column"),
+    Case("evaluate RUN --protocol i2p --out a folder of the user's",
+         lambda s, c: protocol_args(s, c, "i2p", "--prompts", write(c / "p.txt", "a cat\n"), "--out", user_folder(c)),
+         "no protocol run wrote"),
+    Case("evaluate RUN --protocol coco, Inception file a pickle that runs code",
+         lambda s, c: protocol_args(s, c, "coco", "--prompts", write(c / "p.txt", "a cat\n"), "--eval-set",
+                                    f"inception={code_pickle(c)}"), "could not be read as weights"),
+    Case("evaluate RUN --protocol imagenette --prompts FILE",
+         lambda s, c: protocol_args(s, c, "imagenette", "--prompts", write(c / "p.txt", "a cat\n")),
+         "makes its own prompts"),
     # Tracebacks that became refusals.
     Case("--catalog YAML alias bomb",
          lambda s, c: erase_args(s, c, "--catalog", write(c / "bomb.yaml", "neutral:\n" + indented(billion_laughs()))),
