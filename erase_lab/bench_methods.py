@@ -97,7 +97,10 @@ def one(method: str, concepts: list[str], settings: dict, evaluation: dict | Non
     started = time.perf_counter()
     result = erase.erase(pipe, concepts, method=method, progress=False, **run)
     seconds = time.perf_counter() - started + (result.record.get("earlier_attempts_s") or 0)
-    row = {"method": method, "concepts": concepts, "settings": settings, "config": result.record["config"],
+    from erase.training import RUN_CONTROL
+
+    config = {k: v for k, v in result.record["config"].items() if k not in RUN_CONTROL}  # not where it ran
+    row = {"method": method, "concepts": concepts, "settings": settings, "config": config,
            "seconds": seconds, "resumed_from_step": result.record.get("resumed_from_step"),
            "peak_memory_mb": result.record["peak_memory_mb"], "edited": result.record["totals"]["edited"]}
     for kind in attacks:

@@ -89,9 +89,9 @@ MINI_ATTACK = {"prompts_per_concept": 2, "seeds": [0, 1], "steps": 20}  # at the
 
 
 def test_a_weak_erasure_gives_the_concept_back_under_attack_and_the_same_seed_finds_the_same_prompts(mini):
-    # FIA at a fifth of its r2 leaves tench in 3 of 4 prompts and the attack in all 4 (session 16's mini model, which
-    # draws church, this test's concept until then, in only 1 of these 4 original images); 30 steps of esd-mini,
-    # weak on the session-4 model, erase beyond any attack on later ones
+    # FIA at a fifth of its r2 leaves tench in 3 of 4 prompts and the attack in all 4 (the shipped mini model draws
+    # church, this test's concept before, in only 1 of these 4 original images); 30 steps of esd-mini, weak on the
+    # first miniature model, erase beyond any attack on later ones
     weak = erase.erase(mini, "tench", r2=0.002, progress=False)
     first = erase.attack(mini, weak, progress=False, **MINI_ATTACK)
     tench = first.metrics["concepts"]["tench"]

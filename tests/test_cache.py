@@ -1,4 +1,4 @@
-"""The cache as a source of numbers and as a fault point (issue 44): a cached batch is used only when it holds
+"""The cache as a source of numbers and as a fault point: a cached batch is used only when it holds
 exactly what is asked for, else generated again with a note; evaluation refuses an edited UNet before generating
 (so nothing wrong is cached); a cache folder that cannot be used is refused before any work, and a write that fails
 mid-run is noted and skipped."""

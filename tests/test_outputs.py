@@ -140,7 +140,7 @@ def dead_pid() -> int:
 
 
 def test_a_link_a_killed_run_moved_aside_is_removed_or_put_back_never_followed(run_copy, shared, tmp_path, capsys):
-    """Erase before issue 44 moved a linked --out aside as .<out>.<pid>.old, then crashed on it: the next run on
+    """Erase once moved a linked --out aside as .<out>.<pid>.old, then crashed on it: the next run on
     that --out must neither crash nor touch what the link points to."""
     out, work = tmp_path / "out", run_copy.parent
     args = ["--concepts", "church", "--model", str(shared / "model"), "--out", str(out), "--overwrite", *FAST]

@@ -136,11 +136,10 @@ def mini(tmp_path_factory):
 
 def test_on_the_miniature_world_revival_completes_the_pruned_zeros_and_finds_only_the_models_own_in_noise(mini):
     """BENCHMARKS.md's revival table (fia, church), same settings and seeds. Whether the completed weights bring
-    church back depends on the model (the session-4 model: 2 of 8 images; the session-6 and session-7 models: none;
-    the session-10 model: 1 of 8; the session-11 model: none; the session-14 model: none beyond the 1 of 8 its
-    erasure keeps, at the snow, as zeroing church's own neurons does), so that is measured there, not asserted here;
-    what holds on any model is what revival finds to fill: the pruned zeros, and the exact zeros the model had already
-    (an attacker cannot tell them apart; the session-10 model's float16 weights hold one, the later ones' none), which
+    church back depends on the model (earlier miniature models: from none to 2 of 8 images; the shipped one: none
+    beyond the 1 of 8 its erasure keeps, at the snow, as zeroing church's own neurons does), so that is measured there,
+    not asserted here; what holds on any model is what revival finds to fill: the pruned zeros, and the exact zeros
+    the model had already (an attacker cannot tell them apart; one earlier model's float16 weights held one), which
     are all it finds in a noise fill: with none, the noised model's own images."""
     from erase.attacks.revival import pruned_zeros
 
@@ -161,9 +160,9 @@ def test_on_the_miniature_world_revival_completes_the_pruned_zeros_and_finds_onl
 
 def test_on_the_miniature_world_revival_brings_back_what_conceptprune_zeroed_from_ten_classes(mini):
     """BENCHMARKS.md's revival table (conceptprune, the 10 Imagenette classes, zeros), same settings and seeds: the
-    attacker with the checkpoint alone brings the classes back in 20% of the images on the session-6 model, 35% on
-    the session-7 one, 20% on the session-10 one and 5% on the session-11 one (0%, 0%, 3% and 0% erased; this test,
-    with the process's default threads, measured 7.5% on it: an image moves). How much comes back depends on the
+    attacker with the checkpoint alone brought the classes back in 5% to 35% of the images on the miniature models
+    so far (0% to 3% erased; this test, with the process's default threads, measured 7.5% on one: an image moves).
+    How much comes back depends on the
     model; that anything does, beyond what the erasure left, is what exact zeros give away."""
     pruned = erase.erase(mini, list(world.TAUGHT_OBJECTS), method="conceptprune", fill="zeros", progress=False)
     revived = erase.attack(mini, pruned, kind="revival", progress=False, prompts_per_concept=2, seeds=[0, 1])

@@ -113,6 +113,8 @@ class Protocol:
 def read_weights(path: str | Path, what: str) -> dict:
     """A state dict from a .safetensors file or a torch.save file read with weights_only (no code is unpickled),
     refused in one line when it is neither."""
+    import warnings
+
     import torch
 
     try:
@@ -120,7 +122,9 @@ def read_weights(path: str | Path, what: str) -> dict:
             from safetensors.torch import load_file
 
             return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about what it refuses: the one line below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an unpickling refusal, a damaged or foreign file
         raise EraseError(f"{what} {path} could not be read as weights ({type(exc).__name__}): pass a state dict saved "
                          "with torch.save or safetensors") from None
