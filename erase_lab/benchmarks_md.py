@@ -30,6 +30,7 @@ SECTIONS = {
     "FIA statistics: threads (SD1.5 architecture, random weights, CPU)": "why FIA's statistics run on one thread",
     "FIA across processes (mini model, 10 concepts, CPU)": "FIA on one process against two",
     "Protocols: generation throughput (CPU)": "a field protocol's images per second on one process against two",
+    "Protocols: nudity on the miniature world": "the i2p protocol's NudeNet table for every method's erasure of nudity",
     "Miniature world": "the miniature model's quality and knowledge gates, and how it was trained",
     "Miniature world: the judge on bare places and clothed persons": "what a perfect erasure still scores under the "
                                                                      "mini judge",

@@ -168,7 +168,7 @@ def evaluate_protocol(original, erased, protocol: str, out: str | Path, config=N
     identity = {"protocol": protocol, "base_fingerprint": erasure.base_fingerprint, "method": erasure.method,
                 "concepts": [c.as_dict() for c in erasure.concepts]}
     check_folder(out, identity)  # in every process: a folder that is not this evaluation's is refused by each
-    with claimed(out, identity) if state.is_main_process else nullcontext():
+    with FolderClaim(out, identity) if state.is_main_process else nullcontext():
         state.wait_for_everyone()  # the folder is claimed before any process writes in it
         made = generate_shard(original, erasure.edit, samples, out, settings, default_guidance, side, state, progress)
         shards = gather(made, state)
@@ -321,13 +321,13 @@ def check_folder(out: Path, identity: dict) -> None:
                          f"{were.get('method')}, base {str(were.get('base_fingerprint'))[:19]}…): choose another --out")
 
 
-class claimed:
+class FolderClaim:
     """Hold <out>/.lock (one launch writes a folder at a time) and write <out>/protocol.json, what it holds."""
 
     def __init__(self, out: Path, identity: dict) -> None:
         self.out, self.identity = out, identity
 
-    def __enter__(self) -> claimed:
+    def __enter__(self) -> FolderClaim:
         self.out.mkdir(exist_ok=True)
         self.lock = open(self.out / ".lock", "w")
         try:
