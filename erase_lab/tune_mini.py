@@ -48,7 +48,7 @@ GRIDS = {  # at most 12 settings a method, over the knobs its paper tunes
 # first entry), to find which part of the method does it (the retain term's weight, the layers trained).
 PROBES = {"salun": [{"config": "salun-mini", "lr": 5e-4, "saliency_fraction": 0.5, **change}
                     for change in ({}, {"retain_weight": 0.0}, {"retain_weight": 5.0}, {"train": "unet"},
-                                   {"sample_guidance": 2.0})]}
+                                   {"sample_guidance": 2.0}, {"remap_target": "original"})]}
 assert all(len(grid) <= 12 for grid in GRIDS.values()) and set(GRIDS) == set(METHODS)
 assert not set(VALIDATION) & {c for concepts in FORGET_SETS.values() for c in concepts}
 
@@ -151,7 +151,8 @@ def section(rows) -> str:
                 "of SalUn's denoising loss on the retained concepts' images, 0.5 in its preset; train: the layers "
                 "trained, attn2 the cross-attention, unet all of them; sample_guidance: the guidance its training "
                 "images are sampled at, by default the model family's, 7.5 for a Stable Diffusion UNet, where the "
-                "miniature model draws at 2).")
+                "miniature model draws at 2; remap_target: whose prediction of the anchor the forget images are "
+                "remapped to, the model being trained as in SalUn's code, or the unedited model's).")
     probes = [header, "|---" * 9 + "|"] + [cells(r, method) for method, settings in PROBES.items() for setting in settings
                                           if (r := screened(rows, method, setting))]
     return section_body(["\n".join(table) for table in (final, screen, probes) if len(table) > 2], protocol,

@@ -40,6 +40,19 @@ def test_salun_moves_only_salient_weights_and_restores_the_pipeline(mini):
     assert len(result.record["training_curve"]) == 6
 
 
+def test_salun_remaps_to_the_unedited_model_when_asked_and_resumes_to_the_same_edit(mini, tmp_path):
+    settings = {"method": "salun", "progress": False, "remap_target": "original", "steps": 4, **QUICK, "lr": 1e-3}
+    fixed = erase.erase(mini, "church", **settings)
+    moving = erase.erase(mini, "church", **{**settings, "remap_target": "current"})
+    assert not same_edit(fixed, moving)  # the same first step, then the targets part
+    with pytest.raises(TrainingStopped):
+        erase.erase(mini, "church", **settings, checkpoint_dir=str(tmp_path), stop_after=2, checkpoint_every=2)
+    resumed = erase.erase(mini, "church", **settings, checkpoint_dir=str(tmp_path))
+    assert resumed.record["resumed_from_step"] == 2 and same_edit(fixed, resumed)  # the target is the base's again
+    with pytest.raises(EraseError, match="remap_target"):
+        erase.erase(mini, "church", **{**settings, "remap_target": "frozen"})
+
+
 def test_dynamic_masks_keep_each_layers_density(mini):
     result = erase.erase(mini, "church", method="dynamic", progress=False, density=0.1, **{**DYNAMIC,
                                                                                             "update_every": 100})

@@ -3,12 +3,14 @@
 Saliency: g = |Σ ∇θ ℓ_f| over one pass of the forget images, ℓ_f = −MSE(ε, (1+w) ε_θ(x_t, c_f) − w ε_θ(x_t, ∅));
 the mask is the top `saliency_fraction` of g in one global ranking over the trained parameters.
 Unlearning: L = MSE(ε_θ(x_t, c_f), sg[ε_θ(x_t, c')]) + α · MSE(ε_θ(x^r_t, c'), ε^r), c' the concept's anchor (its
-remap target) and the retain images those of the concept's rivals and anchor; only the masked weights move,
-strictly. For a flow-matching model (SD3, Flux.1) ε is its velocity target ε − x0 and ε_θ its output.
+remap target; remap_target="original" takes ε_θ₀(x_t, c') of the unedited weights instead) and the retain images
+those of the concept's rivals and anchor; only the masked weights move, strictly. For a flow-matching model (SD3,
+Flux.1) ε is its velocity target ε − x0 and ε_θ its output.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from ..training import DataSettings, Examples, MaskedOptimizer, Trainer, encode,
 from . import register
 
 TRAIN_SETS = {"unet": ("rest", "attention"), "attn2": ("attention",)}
+REMAP_TARGETS = ("current", "original")
 """SalUn's train sets (named after the UNet's; for a DiT the same parts), as the model family names them."""
 
 
@@ -36,10 +39,15 @@ class SalUnConfig(DataSettings):
     """w of the CFG-combined prediction whose loss gradient ranks the weights."""
     retain_weight: float = 0.5
     """α: weight of the denoising loss on the retain images (the concept's rivals and anchor)."""
+    remap_target: str = "current"
+    """Whose prediction of the anchor the forget images are remapped to: current, the model being trained (under
+    stop-gradient), as SalUn's code does; original, the unedited model's, a target that does not move with training
+    (as ESD's frozen model)."""
 
     def validate(self) -> None:
         super().validate()
         check_choice("train", self.train, tuple(TRAIN_SETS))
+        check_choice("remap_target", self.remap_target, REMAP_TARGETS)
         check_ratio("saliency_fraction", self.saliency_fraction)
 
 
@@ -72,6 +80,8 @@ def run(pipe, concepts, catalog, config: SalUnConfig, progress: bool = True,
                       denoiser_fingerprint)
     data = trainer.forget_set(concepts, catalog)
     forget, retain = data.forget, trainer.retain_examples(concepts, catalog)
+    # the unedited weights, taken before the loop restores a checkpoint's: the fixed remap target, if asked for
+    original = {n: p.detach().clone() for n, p in trainer.params.items()} if config.remap_target == "original" else None
     with trainer.training():
         masks = saliency_masks(trainer, forget, config)
         optimizer = MaskedOptimizer(torch.optim.Adam(trainer.params.values(), lr=config.lr),
@@ -81,7 +91,7 @@ def run(pipe, concepts, catalog, config: SalUnConfig, progress: bool = True,
             gen = trainer.generator(i)
             latents, index = forget.batch(config.batch_size, gen)
             x_t, t, _ = trainer.noised(latents, gen)
-            with torch.no_grad():
+            with torch.no_grad(), trainer.weights(original) if original else nullcontext():
                 remapped = trainer.predict(x_t, t, data.anchor_cond(index))
             loss_forget = F.mse_loss(trainer.predict(x_t, t, forget.cond(index)), remapped)
             latents, index = retain.batch(config.batch_size, gen)
