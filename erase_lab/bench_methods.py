@@ -192,12 +192,12 @@ def attack_store(model: str):
 def methods_table(sizes: list[int], methods: list[str], kinds: list[str], model: str) -> str:
     """Each (method, forget set) whose row, or whose attack rows (`kinds`, forget sets of ATTACK_SIZES), are not yet
     measured on this model at EVAL: one erasure serves the row and its attacks. Two single-threaded processes at a
-    time (method by method, so the two running erase different sets and the later methods find the originals' images
-    cached); rows land in docs/methods-mini.json and docs/attack-mini.json, and their sections, as they finish."""
+    time, forget set by forget set (a stopped run has whole sets of rows); rows land in docs/methods-mini.json and
+    docs/attack-mini.json, and their sections, as they finish."""
     store, attacks = methods_store(model), attack_store(model)
     jobs = []
-    for method in methods:
-        for n in sizes:
+    for n in sizes:
+        for method in methods:
             concepts = FORGET_SETS[n]
             scored = store.has(method=method, concepts=concepts, seeds=EVAL["seeds"])
             todo = [kind for kind in kinds if n in ATTACK_SIZES
@@ -590,7 +590,7 @@ def main() -> None:
 
     if args.part == "one":
         job = json.loads(args.job)
-        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job.get("attacks", []),
+        print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job["attacks"],
                              job["truth"])))
     elif args.table:
         rewrite_section(args.part, mini_model())
