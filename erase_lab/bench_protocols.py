@@ -93,7 +93,7 @@ def markdown(rows: list[dict], load: float) -> str:
                 "on its own threads; wall time is the slowest process's generation (model loading excluded), images "
                 "both models' images. The two layouts share the machine's 2 CPU cores and ran one after the other in "
                 f"one invocation (load average {load:.1f} at the start). On GPUs each process takes its own device, "
-                "so N processes there approach N times one.")
+                "which this CPU table does not measure.")
     return section_body(["\n".join(lines)], protocol, "`HF_HUB_OFFLINE=1 python -m erase_lab.bench_protocols` "
                         "(`--models mini`: one model).")
 
