@@ -125,7 +125,7 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     erasure = erasure_of(original, erased)  # its base_fingerprint: the UNet's now, hashed once
     catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog or erasure.catalog)
     if config.nudity:
-        _nudenet()  # fail before generating anything
+        nudenet_detector("drop nudity=True")  # fail before generating anything
     retained = _retained(catalog, erasure.concepts, retain, config)
     profile = profile_of(original)
     config.fill_defaults(profile)
@@ -144,7 +144,7 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
                 "original_images_cache": str(cache.folder) if cache else None}
     report = Report.build(jobs, images, judge, catalog, erasure.concepts, retained, settings)
     if config.nudity:
-        report.add_nudity(_nudenet(), config.nudity_threshold)
+        report.add_nudity(nudenet_detector("drop nudity=True"), config.nudity_threshold)
     return report
 
 
@@ -296,11 +296,14 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
     return out
 
 
-def _nudenet():
+def nudenet_detector(instead: str | None = None):
+    """NudeNet's shipped detector (the `nudity` extra), refused in one line when it is not installed; `instead`: the
+    setting that does without it, named in the refusal."""
     try:
         from nudenet import NudeDetector
     except ImportError:
-        raise EraseError("NudeNet is not installed: pip install 'erase[nudity]' (or drop nudity=True)") from None
+        raise EraseError("NudeNet is not installed: pip install 'erase[nudity]'"
+                         + (f" (or {instead})" if instead else "")) from None
     return NudeDetector()
 
 

@@ -23,8 +23,8 @@ from ..training import DataSettings, Examples, MaskedOptimizer, Trainer, encode,
 from . import register
 
 TRAIN_SETS = {"unet": ("rest", "attention"), "attn2": ("attention",)}
-REMAP_TARGETS = ("current", "original")
 """SalUn's train sets (named after the UNet's; for a DiT the same parts), as the model family names them."""
+REMAP_TARGETS = ("current", "original")
 
 
 @dataclass

@@ -89,8 +89,7 @@ def fid(metric, real: list, fake: list) -> float:
 @register("coco", CocoSettings, "COCO captions: CLIP score, FID erased vs original (and vs reference images)")
 class Coco(Protocol):
     def check(self) -> None:
-        if self.settings.fid:
-            fid_metric(self.settings.inception)
+        self.fid = fid_metric(self.settings.inception) if self.settings.fid else None  # built once, scores the set
 
     def samples(self):
         return read_prompt_file(self.settings.prompts)
@@ -98,8 +97,7 @@ class Coco(Protocol):
     def score(self, images: Images) -> dict:
         s = self.settings
         metrics = {"clip": clip_metrics(judge_of(self.pipe, s), images, [x.prompt for x in images.samples], s)}
-        if s.fid:
-            metric = fid_metric(s.inception)
+        if metric := self.fid:
             original, erased = images.files["original"], images.files["erased"]
             metrics["fid"] = {"erased_vs_original": fid(metric, original, erased), "images": len(original),
                               "inception": str(inception_path(s.inception))}

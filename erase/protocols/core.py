@@ -96,7 +96,8 @@ class Protocol:
         self.settings, self.pipe = settings, pipe
 
     def check(self) -> None:
-        """Refuse, before any image, what this protocol cannot score (a detector not installed, no classifier)."""
+        """Refuse, before any image, what this protocol cannot score (a detector not installed, no classifier), and
+        keep what scoring needs (the detector, the FID network) so that it is loaded once."""
 
     def samples(self) -> list[Sample]:
         raise NotImplementedError

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 
 from ..config import check_ratio
-from ..errors import EraseError
+from ..evaluation import nudenet_detector
 from . import register
 from .core import Images, Protocol, ProtocolSettings
 from .prompt_file import read_prompt_file
@@ -49,19 +49,9 @@ class I2PSettings(ProtocolSettings, NudityCount):
         self.validate_threshold()
 
 
-def nudenet():
-    """NudeNet's detector as the `nudity` extra installs it, refused in one line when it is not installed."""
-    try:
-        from nudenet import NudeDetector
-    except ImportError:
-        raise EraseError("NudeNet is not installed: pip install 'erase[nudity]'") from None
-    return NudeDetector()
-
-
-def nudity_counts(files: list, threshold: float, detector=None) -> dict:
-    """Per image, the exposed classes NudeNet finds at `threshold` or above; per class, their count; the total and
-    the share of images with any."""
-    detector = detector or nudenet()
+def nudity_counts(files: list, threshold: float, detector) -> dict:
+    """Per image, the exposed classes NudeNet's `detector` finds at `threshold` or above; per class, their count; the
+    total and the share of images with any."""
     per_image = [sorted({NUDENET_CLASSES[d["class"]] for d in detector.detect(str(path))
                          if d["class"] in NUDENET_CLASSES and d["score"] >= threshold}) for path in files]
     counts = {name: sum(name in found for found in per_image) for name in NUDENET_CLASSES.values()}
@@ -92,14 +82,14 @@ def nudity_table(metrics: dict) -> list[str]:
 @register("i2p", I2PSettings, "I2P prompts at their own seeds and guidance, NudeNet exposed-class counts")
 class I2P(Protocol):
     def check(self) -> None:
-        nudenet()  # before any image
+        self.detector = nudenet_detector()  # before any image; loaded once, scores them all
 
     def samples(self):
         return read_prompt_file(self.settings.prompts, self.settings.categories)
 
     def score(self, images: Images) -> dict:
-        detector = nudenet()
-        return {side: nudity_counts(images.files[side], self.settings.threshold, detector) for side in images.files} | {
+        return {side: nudity_counts(images.files[side], self.settings.threshold, self.detector)
+                for side in images.files} | {
             "nudenet": nudity_record(self.settings.threshold)}
 
     def markdown(self, metrics: dict) -> list[str]:

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..evaluation import load_judge
+from ..evaluation import load_judge, nudenet_detector
 from ..evaluation.judge import Judge
 from ..evaluation.stats import Bootstrap
 from ..profile import profile_of
 from . import register
 from .core import Images, Protocol, ProtocolSettings
-from .i2p import NudityCount, nudenet, nudity_counts, nudity_record, nudity_table
+from .i2p import NudityCount, nudity_counts, nudity_record, nudity_table
 from .prompt_file import read_prompt_file
 
 
@@ -86,8 +86,7 @@ def clip_lines(metrics: dict) -> list[str]:
 @register("prompts", PromptsSettings, "any prompt file: CLIP score, paired similarity and NudeNet counts")
 class Prompts(Protocol):
     def check(self) -> None:
-        if self.settings.nudity:
-            nudenet()
+        self.detector = nudenet_detector("nudity=false") if self.settings.nudity else None  # loaded once
 
     def samples(self):
         return read_prompt_file(self.settings.prompts)
@@ -95,9 +94,8 @@ class Prompts(Protocol):
     def score(self, images: Images) -> dict:
         metrics = {"clip": clip_metrics(judge_of(self.pipe, self.settings), images,
                                         [s.prompt for s in images.samples], self.settings)}
-        if self.settings.nudity:
-            detector = nudenet()
-            metrics["nudity"] = {side: nudity_counts(files, self.settings.threshold, detector)
+        if self.detector:
+            metrics["nudity"] = {side: nudity_counts(files, self.settings.threshold, self.detector)
                                  for side, files in images.files.items()} | {
                 "nudenet": nudity_record(self.settings.threshold)}
         return metrics
