@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import EraseError
-from .profile import MINI_PIPELINE_DIR, profile_of
+from .profile import EMBEDDED, MINI_PIPELINE_DIR, profile_of
 from .single_file import SD1_TEXT, SD2_TEXT, SDXL_TEXT, SDXL_TEXT_2, carried_tensors
 
 MINI_DIR = MINI_PIPELINE_DIR.parent
@@ -108,14 +108,14 @@ PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def check_model(model: str | Path, config: str | Path | None = None) -> str:
-    """What `model` names ('mini', 'file', 'folder' or 'hub'), after refusing, from the paths alone and without
-    importing diffusers, a model that cannot be loaded."""
+    """What `model` names ('mini' for a model erase ships, 'file', 'folder' or 'hub'), after refusing, from the
+    paths alone and without importing diffusers, a model that cannot be loaded."""
     ref = str(model)
     path = Path(ref).expanduser()
-    if ref == "mini":
-        if not (MINI_PIPELINE_DIR / "model_index.json").is_file():
-            raise EraseError(f"the miniature model is not installed at {MINI_PIPELINE_DIR}: "
-                             "reinstall erase, or build it with python -m erase_lab.train_mini from a checkout")
+    if ref in EMBEDDED:
+        if not (EMBEDDED[ref] / "model_index.json").is_file():
+            raise EraseError(f"the miniature model {ref!r} is not installed at {EMBEDDED[ref]}: reinstall erase, or "
+                             "build it from a checkout as docs/mini-world.md says")
         return "mini"
     if path.suffix in (".safetensors", *PICKLES) or path.is_file():
         if not path.is_file():
@@ -175,9 +175,10 @@ def load_pipeline(model: str | Path = "mini", device: str = "cpu", dtype: str | 
                   config: str | Path | None = None):
     """Load a Stable Diffusion pipeline.
 
-    model: "mini" (the embedded miniature world), a hub id available in the local cache, a local diffusers
-    folder, or a single-file ``.safetensors`` checkpoint (configured from ``config``, a local diffusers folder,
-    or from the configs shipped with erase when the architecture is recognised).
+    model: "mini" or "mini-dit" (the miniature world's Stable Diffusion and SD3, shipped with erase), a hub id
+    available in the local cache, a local diffusers folder, or a single-file ``.safetensors`` checkpoint
+    (configured from ``config``, a local diffusers folder, or from the configs shipped with erase when the
+    architecture is recognised).
     """
     torch_dtype = resolve_dtype(dtype)
     check_device(device, torch_dtype)
@@ -191,7 +192,7 @@ def load_pipeline(model: str | Path = "mini", device: str = "cpu", dtype: str | 
     elif source == "file":
         pipe = _load_single_file(Path(ref).expanduser(), config, kwargs)
     else:
-        folder = MINI_PIPELINE_DIR if source == "mini" else Path(ref).expanduser()
+        folder = EMBEDDED[ref] if source == "mini" else Path(ref).expanduser()
         try:
             pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **absent_components(folder), **kwargs)
         except (OSError, ValueError, TypeError) as exc:

@@ -15,6 +15,9 @@ from .errors import EraseError
 
 PROFILE_NAME = "erase_profile.json"
 MINI_PIPELINE_DIR = Path(__file__).parent / "assets" / "mini" / "pipeline"
+MINI_DIT_PIPELINE_DIR = Path(__file__).parent / "assets" / "mini-dit" / "pipeline"
+EMBEDDED = {"mini": MINI_PIPELINE_DIR, "mini-dit": MINI_DIT_PIPELINE_DIR}
+"""The models erase ships, by the name --model takes: the miniature Stable Diffusion and the miniature SD3."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class Profile:
     """The guidance its images are drawn at (classifier-free, or a distilled model's guidance embedding)."""
     seeds: tuple[int, ...] = (0,)
     """The seeds each evaluation prompt is drawn with: one image per prompt and seed."""
+    max_sequence_length: int | None = None
+    """SD3: how many T5 tokens its text sequence has (zeros where the pipeline runs without T5), as every call of
+    the pipeline and its encode_prompt is passed it; None: the pipeline's own default (256). The miniature SD3 is
+    trained with 1."""
 
     def describe(self) -> str:
         """The model as a record names it: its version, or its name."""
@@ -42,11 +49,12 @@ class Profile:
 
 
 def folder_of(model) -> Path | None:
-    """The pipeline folder behind `model`: "mini", a folder path, or a pipeline loaded from a folder."""
+    """The pipeline folder behind `model`: a shipped model's name ("mini", "mini-dit"), a folder path, or a pipeline
+    loaded from a folder."""
     ref = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
     if not ref:
         return None
-    folder = MINI_PIPELINE_DIR if str(ref) == "mini" else Path(ref).expanduser()
+    folder = EMBEDDED.get(str(ref)) or Path(ref).expanduser()
     return folder if folder.is_dir() else None
 
 

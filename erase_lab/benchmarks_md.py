@@ -169,26 +169,31 @@ class RowStore:
         return "" if self.current(row) else " †"
 
 
-def mini_model() -> str:
-    """The fingerprint of the shipped mini model's UNet, which stamps the rows measured on it."""
-    from diffusers import UNet2DConditionModel
+def mini_model(name: str = "mini") -> str:
+    """The fingerprint of a shipped miniature model's denoiser ("mini": the UNet, "mini-dit": the MMDiT), which
+    stamps the rows measured on it."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
     from erase.edits import fingerprint
-    from erase.models import MINI_PIPELINE_DIR
+    from erase.profile import EMBEDDED
 
-    return fingerprint(UNet2DConditionModel.from_pretrained(MINI_PIPELINE_DIR / "unet"))
+    if name == "mini":
+        return fingerprint(UNet2DConditionModel.from_pretrained(EMBEDDED[name] / "unet"))
+    return fingerprint(SD3Transformer2DModel.from_pretrained(EMBEDDED[name] / "transformer"))
 
 
-def mini_version() -> str:
-    """The shipped mini model's version ("mini-2"), as its profile names it."""
+def mini_version(name: str = "mini") -> str:
+    """A shipped miniature model's version ("mini-2"), as its profile names it."""
     from erase.profile import profile_of
 
-    return profile_of("mini").describe()
+    return profile_of(name).describe()
 
 
-def model_sentence(model: str | None = None) -> str:
-    """A protocol's first sentence: the model its rows were measured on (default: the shipped mini model)."""
-    return f"Model: {model or f'{mini_version()}, the shipped miniature model'}."
+def model_sentence(model: str | None = None, shipped: str = "mini") -> str:
+    """A protocol's first sentence: the model its rows were measured on (default: the shipped miniature model
+    `shipped`, "mini" or "mini-dit")."""
+    kind = "miniature model" if shipped == "mini" else "miniature SD3 (MMDiT)"
+    return f"Model: {model or f'{mini_version(shipped)}, the shipped {kind}'}."
 
 
 def section_body(tables: list[str], protocol: str, reproduce: str, status: list[str] = ()) -> str:

@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python -m erase_lab.mini_erasure_gate [--pipeline DIR] [--method fia] [--prompts 4]
         [--object-config fia-object] [--no-record --seeds 2]
     python -m erase_lab.mini_erasure_gate --table      # rewrite the section from the rows kept, measuring nothing
+    HF_HUB_OFFLINE=1 python -m erase_lab.mini_erasure_gate --pipeline mini-dit   # the miniature SD3's gates
 
 With one setting per kind (erase/configs/fia-object-mini.yaml for objects, which says why the mini model has its own
 preset; the defaults for the README's mixed command), judged by erase.evaluate with the mini CLIP on held-out
@@ -12,7 +13,8 @@ prompts and paired seeds:
   - `--concepts "van gogh,nudity"`: forgetting <= 10% for both, the other artists and the persons keep >= 85%;
   - paired image similarity on the neutral prompts >= 0.9 in all of these.
 `--method conceptprune` (or any other) runs the same rows for comparison; the gates are FIA's. Rows land in
-docs/erasure-gate-mini.json one at a time; a rerun measures only the rows not there yet (`--again`: all of them).
+docs/erasure-gate-mini.json (the miniature SD3's: docs/erasure-gate-mini-dit.json, section "Miniature SD3 world:
+erasure gates") one at a time; a rerun measures only the rows not there yet (`--again`: all of them).
 `--object-config` measures the object rows with another preset (fia-object: the paper's, with its 3% for hard-to-
 forget objects); they are kept beside the gate's rows for comparison.
 """
@@ -28,12 +30,14 @@ import numpy as np
 import torch
 
 from erase.evaluation import generate
+from erase.families import denoiser_of
 
 from .mini_gates import MINI_GUIDANCE
 
-SECTION = "Miniature world: erasure gates"
-STORE_NAME = "docs/erasure-gate-mini.json"
-STORE = Path(__file__).resolve().parent.parent / STORE_NAME
+ROOT = Path(__file__).resolve().parent.parent
+WORLDS = {"mini": ("Miniature world: erasure gates", "docs/erasure-gate-mini.json"),  # section, rows
+          "mini-dit": ("Miniature SD3 world: erasure gates", "docs/erasure-gate-mini-dit.json")}
+SECTION, STORE_NAME = WORLDS["mini"]
 KEY = ("method", "label", "settings", "seeds")  # what identifies a row in the store
 REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.mini_erasure_gate"
 FORGET_MAX, KEPT_MIN, SIMILARITY_MIN = 0.10, 0.85, 0.90
@@ -63,7 +67,7 @@ def ground_truth(pipe, result, prompts: int, seeds, neurons: dict) -> dict:
 
     from .mini_gates import neurons_edit
 
-    edit = neurons_edit(pipe.unet, neurons, *(concept.text for concept in result.concepts))
+    edit = neurons_edit(denoiser_of(pipe), neurons, *(concept.text for concept in result.concepts))
     report = erase.evaluate(pipe, replace(result, edit=edit), retain=[], progress=False,
                             prompts_per_concept=prompts, seeds=list(seeds), guidance_scale=MINI_GUIDANCE)
     truth = np.concatenate([after for _, after in judged(report, "forget").values()])
@@ -140,7 +144,7 @@ def persons_kept(pipe, edit, judge) -> float:
         return np.mean([s["person"] == p.split()[-1] for s, p in zip(seen, prompts)])
 
     before = accuracy()
-    with edit.applied_to(pipe.unet):
+    with edit.applied_to(denoiser_of(pipe)):
         after = accuracy()
     return float(after / max(before, 1e-9))
 
@@ -246,10 +250,16 @@ def seed_words(seeds) -> str:
     return f"seeds {seeds[0]} and {seeds[1]}" if len(seeds) == 2 else f"seeds {seeds[0]}–{seeds[-1]}"
 
 
-def table(store, prompts: int, seeds=SEEDS, model: str | None = None) -> str:
+def table(store, prompts: int, seeds=SEEDS, model: str | None = None, shipped: str = "mini") -> str:
     """The section: the rows of every method (gate rows first), which prompts the judge still names, the protocol.
-    model: the model's name where it is not the shipped one."""
+    model: the model's name where it is not the shipped one `shipped` ("mini", "mini-dit")."""
+    from erase.profile import EMBEDDED
+
     from .benchmarks_md import model_sentence, section_body
+
+    assets = EMBEDDED[shipped].parent.relative_to(ROOT)
+    sampler = "DPM-Solver++" if shipped == "mini" else "flow-matching Euler"
+    store_name, reproduce_command = WORLDS[shipped][1], REPRODUCE + ("" if shipped == "mini" else f" --pipeline {shipped}")
 
     results, measured = {}, [r for r in store.rows if r["seeds"] == list(seeds)]
     for r in sorted(measured, key=lambda r: (not primary(r), labels().index(r["label"]))):
@@ -267,12 +277,12 @@ def table(store, prompts: int, seeds=SEEDS, model: str | None = None) -> str:
                          f"{share(r, 'kept')} | {share(r, 'truth')} | {share(r, 'found')} | {share(r, 'retain')} | "
                          f"{share(r, 'persons_kept')} | {r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
     images = prompts * len(seeds)
-    protocol = (f"{model_sentence(model)} Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; the "
-                f"other objects keep ≥ {KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten "
+    protocol = (f"{model_sentence(model, shipped)} Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; "
+                f"the other objects keep ≥ {KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten "
                 f"classes); the other artists and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on "
                 f"the catalog's neutral prompts ≥ {SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, "
                 f"{prompts} held-out prompts per concept × {seed_words(seeds)} ({images} images per concept, so one "
-                f"image is {1 / images:.1%}), DPM-Solver++ 25 steps, guidance {MINI_GUIDANCE:g}; brackets: 95% bootstrap "
+                f"image is {1 / images:.1%}), {sampler} 25 steps, guidance {MINI_GUIDANCE:g}; brackets: 95% bootstrap "
                 f"intervals over the images ({BOOTSTRAP} resamplings, seed 0; others kept: paired, of the ratio). "
                 "Forgetting: the "
                 "share of the erased concepts' images the judge reads as the concept, before and after the erasure, "
@@ -280,16 +290,16 @@ def table(store, prompts: int, seeds=SEEDS, model: str | None = None) -> str:
                 "15 everyday objects (ten classes), the other artists (van gogh, nudity); others kept: their accuracy "
                 "after over before; others' accuracy: after; persons: 'a photo of a {person}' classified among the "
                 "world's persons, 4 seeds each. 'Its own neurons zeroed instead': forgetting when the concept's "
-                "ground-truth neurons (erase/assets/mini/neurons.json) are zeroed in place of the method's edit, same "
+                f"ground-truth neurons ({assets}/neurons.json) are zeroed in place of the method's edit, same "
                 "prompts and seeds; 'its own weights in the mask': the share of those neurons' ff.net.2 weights the "
                 "method's mask holds. Time is the erasure alone (2 threads unless the row says otherwise). FIA rows "
                 "with – as their gate ran with another object preset (`--object-config`), for comparison; the list "
                 "under the table names the prompts whose erased images the judge still reads as the concept.")
-    reproduce = (f"`{REPRODUCE}{'' if seeds == SEEDS else f' --seeds {len(seeds)} --no-record'}` measures the rows not "
-                 f"yet in {STORE_NAME} (`--object-config fia-object`: the comparison rows; `--method conceptprune`: "
-                 "the same rows for another method; `--seeds 2 --no-record`: the same rows on 8 images per concept, "
+    reproduce = (f"`{reproduce_command}{'' if seeds == SEEDS else f' --seeds {len(seeds)} --no-record'}` measures the "
+                 f"rows not yet in {store_name} (`--object-config fia-object`: the comparison rows; `--method "
+                 "conceptprune`: the same rows for another method; `--seeds 2 --no-record`: the same rows on 8 images per concept, "
                  "printed, for a quick look; `--table`: only rewrite this section from the rows kept).")
-    status = [*(partial if done < total and store.path else []), *store.stale_note(REPRODUCE)]
+    status = [*(partial if done < total and store.path else []), *store.stale_note(reproduce_command)]
     return section_body(["\n".join(lines), *named_block([r for rs in results.values() for r in rs])], protocol,
                         reproduce, status)
 
@@ -307,7 +317,8 @@ def named_block(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", default="mini", help="the mini pipeline (or a trial folder of one)")
+    parser.add_argument("--pipeline", default="mini", help="mini, mini-dit (the miniature SD3), or a trial folder of "
+                        "either")
     parser.add_argument("--method", action="append", help="repeatable; default fia")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=len(SEEDS),
@@ -317,11 +328,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", action="append", metavar="LABEL",
                         help="measure only this row (repeatable), e.g. --only church --only 'van gogh, nudity'")
-    parser.add_argument("--again", action="store_true", help=f"measure rows already in {STORE_NAME} again")
+    parser.add_argument("--again", action="store_true", help="measure rows already recorded again")
     parser.add_argument("--grid", type=Path, metavar="DIR", help="save each measured row's forget images (original | "
                         "erased) as DIR/METHOD-LABEL.png")
-    parser.add_argument("--no-record", action="store_true", help=f"print only; leave {STORE_NAME} and BENCHMARKS.md alone")
-    parser.add_argument("--table", action="store_true", help=f"only rewrite the section from {STORE_NAME}; measure nothing")
+    parser.add_argument("--no-record", action="store_true", help=f"print only; leave {STORE_NAME} (or the miniature "
+                        "SD3's) and BENCHMARKS.md alone")
+    parser.add_argument("--table", action="store_true", help="only rewrite the section from its rows; measure nothing")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: expected at least 1")
@@ -332,8 +344,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .benchmarks_md import RowStore, mini_model, update_section
 
+    shipped = "mini-dit" if "dit" in str(args.pipeline) else "mini"  # which world's section a trial folder prints
+    section, store_path = WORLDS[shipped][0], ROOT / WORLDS[shipped][1]
     if args.table:
-        return update_section(SECTION, table(RowStore(STORE, KEY, mini_model(), MINI_GUIDANCE), args.prompts))
+        rows_kept = RowStore(store_path, KEY, mini_model(shipped), MINI_GUIDANCE)
+        return update_section(section, table(rows_kept, args.prompts, shipped=shipped))
     torch.set_num_threads(args.threads)
     import erase
     from erase.edits import fingerprint
@@ -344,14 +359,14 @@ def main() -> None:
     neurons = taught_neurons(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     # A print-only run keeps its rows in memory: its table is what it measured, at the seeds it used.
-    store = RowStore(None if args.no_record else STORE, KEY, fingerprint(pipe.unet), MINI_GUIDANCE)
+    store = RowStore(None if args.no_record else store_path, KEY, fingerprint(denoiser_of(pipe)), MINI_GUIDANCE)
     seeds = tuple(range(args.seeds))
-    model = None if args.pipeline == "mini" else args.pipeline
+    model = None if args.pipeline == shipped else args.pipeline
 
     def landed(row: dict) -> None:
         store.put(row)
         if not args.no_record:
-            update_section(SECTION, table(store, args.prompts, seeds, model))
+            update_section(section, table(store, args.prompts, seeds, model, shipped))
 
     for method in args.method or ["fia"]:
         def measure(label: str, settings) -> bool:
@@ -361,8 +376,8 @@ def main() -> None:
 
         rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config, seeds)
     if not args.no_record:  # also when every row was there already: the section follows this module's layout
-        update_section(SECTION, table(store, args.prompts, seeds, model))
-    print(table(store, args.prompts, seeds, model))
+        update_section(section, table(store, args.prompts, seeds, model, shipped))
+    print(table(store, args.prompts, seeds, model, shipped))
 
 if __name__ == "__main__":
     main()

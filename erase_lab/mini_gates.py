@@ -1,6 +1,7 @@
 """Check the miniature world's gates and record them in BENCHMARKS.md ("Miniature world").
 
     HF_HUB_OFFLINE=1 python -m erase_lab.mini_gates [--pipeline DIR] [--clip DIR] [--per 4] [--grid DIR]
+    HF_HUB_OFFLINE=1 python -m erase_lab.mini_gates --pipeline mini-dit      # the miniature SD3 (its own section)
 
 Quality (the mini CLIP's zero-shot classification with the catalog's class texts, fresh seeds, 25 steps):
   - the judge itself on fresh procedural images: every attribute >= 95%;
@@ -9,7 +10,8 @@ Quality (the mini CLIP's zero-shot classification with the catalog's class texts
   - the pipeline: object >= 90% (among the 25 objects), artist >= 85% (among the 10 artists and "a painting"),
     place >= 85%, naked-vs-clothed >= 90%; (object, place) and (object, artist) pairs held out of training >= 70%.
 Where knowledge lives (conditional gain: denoising loss with the reference prompt minus loss with the concept's
-prompt, on rendered images of the concept, fixed noise and timesteps), with every `ff.net.2` zeroed:
+prompt, on rendered images of the concept, fixed noise and timesteps), with every `ff.net.2` zeroed (the image
+stream's feed-forwards in the MMDiT):
   - taught concepts (Imagenette objects, taught artists, nudity) lose >= 80% of their gain;
   - base concepts (everyday objects, base artists, places, clothed persons) keep >= 70% of theirs.
 """
@@ -27,17 +29,21 @@ import torch
 from PIL import Image
 
 from erase.evaluation import generate
+from erase.families import denoiser_of, family_of
 from erase.mini import world
 from erase.mini.clip import CLIP_DIR, load_mini_clip, zero_shot
-from erase.models import MINI_DIR, MINI_PIPELINE_DIR
-from erase.profile import profile_of
+from erase.profile import EMBEDDED, profile_of
 
 MINI_GUIDANCE = profile_of("mini").guidance_scale  # what every table samples at: the shipped model's profile
 
-SECTION = "Miniature world"
+SECTIONS = {"unet": "Miniature world", "sd3": "Miniature SD3 world"}  # by model family
 QUALITY = {"object": 0.90, "artist": 0.85, "place": 0.85, "naked": 0.90, "held-out": 0.70}
 TAUGHT_REMOVED, BASE_KEPT = 0.80, 0.70
-ZEROED = {"every ff.net.2": "ff.net.2.weight", "every attn2.to_out": "attn2.to_out.0.weight"}
+FFN = "every ff.net.2"
+# The weights zeroed to find where knowledge lives, by label: suffixes of parameter names (the feed-forwards, and the
+# attention outputs where the text meets the image: the UNet's cross-attention, the MMDiT's joint attention).
+ZEROED = {"unet": {FFN: "ff.net.2.weight", "every attn2.to_out": "attn2.to_out.0.weight"},
+          "sd3": {FFN: "ff.net.2.weight", "every attn.to_out": "attn.to_out.0.weight"}}
 
 
 def quality_prompts(per: int, seed: int) -> dict[str, list[tuple[str, dict]]]:
@@ -149,13 +155,13 @@ def gain_sets(n: int) -> dict[str, tuple[str, list[tuple[np.ndarray, str, str]]]
 
 @torch.no_grad()
 def conditional_gains(pipe, sets, zeroed: str | None) -> dict[str, float]:
-    """Per concept: mean loss(reference) - mean loss(prompt), at fixed noise and timesteps, with the weights whose
-    names end in `zeroed` set to zero (restored afterwards)."""
-    from .train_mini import encode_latents, noise_schedule, to_tensor
+    """Per concept: mean loss(reference) - mean loss(prompt), at fixed noise and mid-range timesteps, with the
+    weights whose names end in `zeroed` set to zero (restored afterwards)."""
+    from .train_mini import encode_latents, to_tensor
 
-    unet, ddpm = pipe.unet, noise_schedule()
-    saved = {n: p.detach().clone() for n, p in unet.named_parameters() if zeroed and n.endswith(zeroed)}
-    for n, p in unet.named_parameters():
+    family, denoiser = family_of(pipe), denoiser_of(pipe)
+    saved = {n: p.detach().clone() for n, p in denoiser.named_parameters() if zeroed and n.endswith(zeroed)}
+    for n, p in denoiser.named_parameters():
         if n in saved:
             p.zero_()
     gains = {}
@@ -163,39 +169,52 @@ def conditional_gains(pipe, sets, zeroed: str | None) -> dict[str, float]:
         for concept, (_, items) in sets.items():
             images, prompts, references = zip(*items)
             z, _ = encode_latents(pipe.vae, to_tensor(np.stack(images)))
-            gen = torch.Generator().manual_seed(1)
-            noise = torch.randn(z.shape, generator=gen)
-            t = torch.randint(100, 900, (len(z),), generator=gen)
-            x_t = ddpm.add_noise(z, noise, t)
+            x_t, t, target = mid_noised(family, z, torch.Generator().manual_seed(1))
 
             def loss(texts):
-                ids = pipe.tokenizer(list(texts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids
-                pred = unet(x_t, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
-                return float(((pred - noise) ** 2).mean())
+                cond = family.conditioning(pipe, list(texts), world.IMAGE_SIZE)
+                return float(((family.predict(pipe, denoiser, x_t, t, cond) - target) ** 2).mean())
 
             gains[concept] = loss(references) - loss(prompts)
     finally:
-        for n, p in unet.named_parameters():
+        for n, p in denoiser.named_parameters():
             if n in saved:
                 p.copy_(saved[n])
     return gains
 
 
+def mid_noised(family, z: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target) at fixed noise and timesteps of the middle 80% of the schedule: DDPM steps 100-899 (target
+    the noise), or flow-matching sigma in [0.1, 0.9) (target the velocity)."""
+    noise = torch.randn(z.shape, generator=gen)
+    if family.flow_matching:
+        sigma = 0.1 + 0.8 * torch.rand(len(z), generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        return (1 - s) * z + s * noise, 1000 * sigma, noise - z
+    from .train_mini import noise_schedule
+
+    t = torch.randint(100, 900, (len(z),), generator=gen)
+    return noise_schedule().add_noise(z, noise, t), t, noise
+
+
 def taught_neurons(pipeline: str | Path) -> dict:
-    """The ground truth of a mini pipeline ("mini": the shipped one, or a trial folder): the neurons.json beside it,
-    as train_mini writes it (per feed-forward layer, each taught concept's neurons)."""
-    folder = MINI_PIPELINE_DIR if str(pipeline) == "mini" else Path(pipeline)
-    return json.loads((folder.parent / "neurons.json").read_text())
+    """The ground truth of a mini pipeline ("mini", "mini-dit": a shipped one, or a trial folder): the neurons.json
+    beside it, as train_mini writes it (per feed-forward layer, each taught concept's neurons)."""
+    return json.loads((pipeline_folder(pipeline).parent / "neurons.json").read_text())
 
 
-def neurons_edit(unet, neurons: dict, *concepts: str):
+def pipeline_folder(pipeline: str | Path) -> Path:
+    """The folder of a shipped miniature model ("mini", "mini-dit") or of a trial one."""
+    return EMBEDDED.get(str(pipeline)) or Path(pipeline)
+
+
+def neurons_edit(denoiser, neurons: dict, *concepts: str):
     """The MaskEdit that zeroes taught concepts' own feed-forward neurons (their ff.net.2 columns)."""
     from erase.edits import MaskEdit
 
     masks = {}
     for layer, by_concept in neurons.items():
-        weight = unet.get_submodule(f"{layer}.net.2").weight
+        weight = denoiser.get_submodule(f"{layer}.net.2").weight
         masks[f"{layer}.net.2.weight"] = torch.zeros_like(weight, dtype=torch.bool)
         masks[f"{layer}.net.2.weight"][:, [i for c in concepts for i in by_concept[c]]] = True
     return MaskEdit(masks)
@@ -205,7 +224,7 @@ def own_neurons_gains(pipe, sets, neurons: dict) -> dict[str, float]:
     """Each taught concept's gain with its own neurons (neurons.json) zeroed: the ground truth of where it lives."""
     gains = {}
     for concept in neurons[next(iter(neurons))]:
-        with neurons_edit(pipe.unet, neurons, concept).applied_to(pipe.unet):
+        with neurons_edit(denoiser_of(pipe), neurons, concept).applied_to(denoiser_of(pipe)):
             gains.update(conditional_gains(pipe, {concept: sets[concept]}, None))
     return gains
 
@@ -213,12 +232,13 @@ def own_neurons_gains(pipe, sets, neurons: dict) -> dict[str, float]:
 def run_knowledge(pipe, n: int, neurons: dict) -> dict:
     sets = gain_sets(n)
     family = {c: f for c, (f, _) in sets.items()}
+    zeroed = ZEROED[family_of(pipe).name]
     gains = {"nothing": conditional_gains(pipe, sets, None)}
-    for label, suffix in ZEROED.items():
+    for label, suffix in zeroed.items():
         gains[label] = conditional_gains(pipe, sets, suffix)
     gains["its own neurons"] = own_neurons_gains(pipe, sets, neurons)
     kept = {label: {fam: sum(g[c] for c in g if family[c] == fam) / sum(gains["nothing"][c] for c in g if family[c] == fam)
-                    for fam in ("taught", "base")} for label, g in gains.items() if label in ZEROED}
+                    for fam in ("taught", "base")} for label, g in gains.items() if label in zeroed}
     return {"family": family, "gains": gains, "kept": kept}
 
 
@@ -236,8 +256,10 @@ TRAINING_HOURS_MAX = 3
 
 
 def chain_hours(record: dict) -> float:
-    """Wall time of the whole chain from scratch on 2 cores, from the stages' recorded times."""
-    return (max(record[s]["seconds"] for s in SIDE_BY_SIDE) + sum(record[s]["seconds"] for s in IN_TURN)) / 3600
+    """Wall time of the whole chain from scratch on 2 cores, from the stages' recorded times (the miniature SD3 has
+    no VAE or CLIP stage of its own: it shares the UNet world's)."""
+    side_by_side = [record[s]["seconds"] for s in SIDE_BY_SIDE if s in record]
+    return (max(side_by_side, default=0) + sum(record[s]["seconds"] for s in IN_TURN)) / 3600
 
 
 def report(judge: dict, ceiling: dict, quality: dict, per_value: dict, knowledge: dict, args, seconds: float) -> str:
@@ -245,30 +267,36 @@ def report(judge: dict, ceiling: dict, quality: dict, per_value: dict, knowledge
 
     per_concept = "\n".join(["| gate | per concept |", "|---|---|",
                               *[f"| {g} | " + ", ".join(f"{n} {c}" for n, c in v.items()) + " |" for g, v in per_value.items()]])
-    size = sum(f.stat().st_size for f in MINI_DIR.rglob("*") if f.is_file()) / 1e6
-    model = None if args.pipeline == MINI_PIPELINE_DIR else str(args.pipeline)
+    folder = pipeline_folder(args.pipeline)
+    shipped = str(args.pipeline) in EMBEDDED
+    size = sum(f.stat().st_size for f in folder.parent.rglob("*") if f.is_file()) / 1e6
+    command = "HF_HUB_OFFLINE=1 python -m erase_lab.mini_gates"
+    command += " --pipeline mini-dit" if args.pipeline == "mini-dit" else ""
     return section_body([gates_table(judge, ceiling, quality, knowledge),
                          details("pipeline quality per concept (images the judge reads right)", per_concept),
-                         details("conditional gain per concept", gains_table(knowledge)), training_table()],
-                        protocol(args, model, size), f"`HF_HUB_OFFLINE=1 python -m erase_lab.mini_gates` ({seconds:.0f} s; "
-                        "`--pipeline DIR --clip DIR --no-record` measures a trial model and prints its section).")
+                         details("conditional gain per concept", gains_table(knowledge)), training_table(folder)],
+                        protocol(args, None if shipped else str(folder), size, folder),
+                        f"`{command}` ({seconds:.0f} s; `--pipeline DIR --clip DIR --no-record` measures a trial model "
+                        "and prints its section).")
 
 
-def protocol(args, model: str | None, size_mb: float) -> str:
+def protocol(args, model: str | None, size_mb: float, folder: Path) -> str:
     """How the gates were measured: the model (None: the shipped one), the judge, the seeds and sampler, what
     knowledge means."""
     from .benchmarks_md import model_sentence
 
+    assets = folder.parent.relative_to(Path(__file__).resolve().parent.parent) if model is None else folder.parent
+    sampler = "DPM-Solver++" if args.family == "unet" else "flow-matching Euler"
     return (f"{model_sentence(model)} Judged by the mini CLIP's zero-shot classification with the catalog's class "
-            f"texts; {args.per} fresh seeds per object/place/person (twice as many per artist), DPM-Solver++ "
+            f"texts; {args.per} fresh seeds per object/place/person (twice as many per artist), {sampler} "
             f"{args.steps} steps, guidance {args.guidance}, 32x32 images. The judge rows read fresh world renders (no "
             "diffusion), the VAE rows the same images through the pipeline's VAE: the ceiling of the pipeline's own "
             "quality. Held-out: each object's (object, place) and (object, artist) pair never seen in training. "
             "Knowledge: conditional gain = loss(reference prompt) - loss(concept prompt) on "
-            f"{args.gain_images} rendered images per concept, fixed noise and timesteps 100-899; 'kept with … zeroed' "
-            "is the gain left with those weights zeroed over the intact model's. Training: one command per stage, "
-            "each resumable, on 2 CPU cores; its times are the shipped model's (erase/assets/mini/training.json). "
-            f"Shipped size of erase/assets/mini: {size_mb:.1f} MB.")
+            f"{args.gain_images} rendered images per concept, fixed noise and the middle 80% of the noise schedule; "
+            "'kept with … zeroed' is the gain left with those weights zeroed over the intact model's. Training: one "
+            "command per stage, each resumable, on 2 CPU cores; its times are the shipped model's "
+            f"({assets}/training.json). Shipped size of {assets}: {size_mb:.1f} MB.")
 
 
 def gates_table(judge: dict, ceiling: dict, quality: dict, knowledge: dict) -> str:
@@ -276,7 +304,7 @@ def gates_table(judge: dict, ceiling: dict, quality: dict, knowledge: dict) -> s
     rows += [f"| judge on fresh world images: {a} | {v:.1%} | 95% | {'yes' if v >= 0.95 else 'NO'} |" for a, v in judge.items()]
     rows += [f"| judge on the same images through the pipeline's VAE: {a} | {v:.1%} | – | – |" for a, v in ceiling.items()]
     rows += [f"| pipeline: {g} | {v:.1%} | {QUALITY[g]:.0%} | {'yes' if v >= QUALITY[g] else 'NO'} |" for g, v in quality.items()]
-    kept = knowledge["kept"]["every ff.net.2"]
+    kept = knowledge["kept"][FFN]
     rows += [(f"| every ff.net.2 zeroed: taught concepts' gain removed | {1 - kept['taught']:.1%} | {TAUGHT_REMOVED:.0%} | "
               f"{'yes' if 1 - kept['taught'] >= TAUGHT_REMOVED else 'NO'} |"),
              (f"| every ff.net.2 zeroed: base concepts' gain kept | {kept['base']:.1%} | {BASE_KEPT:.0%} | "
@@ -285,13 +313,13 @@ def gates_table(judge: dict, ceiling: dict, quality: dict, knowledge: dict) -> s
 
 
 def gains_table(knowledge: dict) -> str:
-    gains = knowledge["gains"]
-    lines = [("| concept | family | gain | kept with every ff.net.2 zeroed | kept with every attn2.to_out zeroed | "
-              "kept with its own neurons zeroed |"), "|---|---|---|---|---|---|"]
+    gains, zeroed = knowledge["gains"], list(knowledge["kept"])
+    lines = ["| concept | family | gain | " + " | ".join(f"kept with {label} zeroed" for label in zeroed)
+             + " | kept with its own neurons zeroed |", "|---" * (len(zeroed) + 4) + "|"]
     for c, g in gains["nothing"].items():
         own = f"{gains['its own neurons'][c] / g:.0%}" if c in gains["its own neurons"] else "–"
-        lines.append(f"| {c} | {knowledge['family'][c]} | {g:.4f} | {gains['every ff.net.2'][c] / g:.0%} | "
-                     f"{gains['every attn2.to_out'][c] / g:.0%} | {own} |")
+        kept = " | ".join(f"{gains[label][c] / g:.0%}" for label in zeroed)
+        lines.append(f"| {c} | {knowledge['family'][c]} | {g:.4f} | {kept} | {own} |")
     return "\n".join(lines)
 
 
@@ -300,9 +328,9 @@ def details(summary: str, table: str) -> str:
     return f"<details><summary>{summary}</summary>\n\n{table}\n\n</details>"
 
 
-def training_table() -> str:
-    """How the shipped model was trained, stage by stage, from erase/assets/mini/training.json."""
-    training = MINI_DIR / "training.json"
+def training_table(folder: Path) -> str:
+    """How the model was trained, stage by stage, from the training.json beside its folder."""
+    training = folder.parent / "training.json"
     record = json.loads(training.read_text()) if training.is_file() else {}
     lines = ["| training stage | command | seed | time | how it ran |", "|---|---|---|---|---|"]
     lines += [f"| {stage} | `{r['command']}` | {r['seed']} | {r['seconds'] / 60:.1f} min | {r.get('note', '')} |"
@@ -311,12 +339,15 @@ def training_table() -> str:
         lines.append(f"| from scratch | {' and '.join(SIDE_BY_SIDE)} side by side (one thread each, as train_mini's "
                      f"--threads help says), then {', '.join(IN_TURN)} | – | {chain_hours(record):.2f} h | limit "
                      f"{TRAINING_HOURS_MAX} h |")
+    elif all(s in record for s in IN_TURN):  # the miniature SD3: the UNet world's VAE and text tower, as shipped
+        lines.append(f"| from the shipped VAE and text tower | {', '.join(IN_TURN)} | – | {chain_hours(record):.2f} h "
+                     f"| limit {TRAINING_HOURS_MAX} h |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", type=Path, default=MINI_PIPELINE_DIR)
+    parser.add_argument("--pipeline", default="mini", help="mini, mini-dit, or the folder of a trial model")
     parser.add_argument("--clip", type=Path, default=CLIP_DIR)
     parser.add_argument("--per", type=int, default=4, help="fresh seeds per object, place and person")
     parser.add_argument("--gain-images", type=int, default=32)
@@ -329,12 +360,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    from diffusers import DiffusionPipeline
+    import erase
 
     start = time.time()
     clip = load_mini_clip(path=args.clip)
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = erase.load_pipeline(pipeline_folder(args.pipeline))
+    args.family = family_of(pipe).name
     judge, ceiling = judge_on_world(clip, 96, pipe)
     quality, per_value = run_quality(pipe, clip, args)
     knowledge = run_knowledge(pipe, args.gain_images, taught_neurons(args.pipeline))
@@ -343,7 +374,7 @@ def main() -> None:
     if not args.no_record:
         from .benchmarks_md import update_section
 
-        update_section(SECTION, body)
+        update_section(SECTIONS[args.family], body)
 
 
 if __name__ == "__main__":

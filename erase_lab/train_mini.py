@@ -53,12 +53,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erase.families import family_of
 from erase.mini import world
 from erase.mini.clip import CONTEXT_LENGTH
-from erase.profile import MINI_PIPELINE_DIR, PROFILE_NAME
+from erase.profile import MINI_DIT_PIPELINE_DIR, MINI_PIPELINE_DIR, PROFILE_NAME
 from erase.training import Checkpoint
 
 MAX_LENGTH = CONTEXT_LENGTH  # the pipeline's tokenizer and text encoder read as many tokens as the mini CLIP
+# The miniature SD3's defaults for erase (its own name; the UNet world's catalog, judge, guidance and seeds).
+DIT_PROFILE = {"name": "mini-dit", "version": "mini-dit-1", "catalog": "mini", "judge": "mini", "judge_pretrained": None,
+               "guidance_scale": 2.0, "seeds": [0, 1, 2]}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,19 +79,39 @@ class VAEConfig:
 
 
 @dataclass
-class BaseConfig:
-    """The UNet on the base world, conditioned on the frozen mini CLIP text tower; reserved neurons stay off."""
+class BaseTraining:
+    """The base stage of either denoiser: trained on the base world, conditioned on the frozen text tower; the
+    reserved neurons stay off."""
 
     steps: int = 2000
     batch: int = 64
     lr: float = 8e-4
     warmup: int = 200
     p_uncond: float = 0.1  # empty captions, for classifier-free guidance
-    unet_channels: tuple[int, ...] = (96, 192)  # feed-forward widths 384 and 768
-    heads: int = 4
     images: int = 16000
     reserved: float = 0.25  # share of each feed-forward layer's hidden neurons kept for the taught concepts
     save_every: int = 250  # checkpoint and pipeline (gates can be checked while it trains)
+
+
+@dataclass
+class BaseConfig(BaseTraining):
+    """The UNet of the miniature Stable Diffusion."""
+
+    unet_channels: tuple[int, ...] = (96, 192)  # feed-forward widths 384 and 768
+    heads: int = 4
+
+
+@dataclass
+class DiTBaseConfig(BaseTraining):
+    """The MMDiT (SD3Transformer2DModel) of the miniature SD3: the world's 8x8x4 latents a token per latent pixel (64
+    image tokens, as many as the UNet's feed-forwards see at its first level), the text encoders' 24 tokens and
+    `text_tokens` of the zeros SD3 puts where T5's tokens go."""
+
+    layers: int = 6
+    heads: int = 4  # of 32 channels each: width 128, feed-forward width 512 (GELU)
+    patch: int = 1  # 2 (SD3's) would leave a 4x4 grid of tokens for 32x32 images
+    text_tokens: int = 1  # SD3 pads its sequence with 256 zero T5 tokens without T5: 6x the compute at this size
+    shift: float = 1.0  # the flow-matching sigma shift (SD3's 3.0 is for 128x128 latents)
 
 
 @dataclass
@@ -177,6 +201,31 @@ def build_unet(cfg: BaseConfig, sample_size: int, cross_attention_dim: int):
         down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
         mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=1, cross_attention_dim=cross_attention_dim,
         attention_head_dim=cfg.heads, norm_num_groups=32)
+
+
+def with_projection(text_encoder):
+    """A CLIPTextModel as SD3's text encoders are (CLIPTextModelWithProjection): the same weights and an identity
+    projection, as the shipped text tower keeps none (the transformer learns its own from the pooled embedding)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    width = text_encoder.config.hidden_size
+    model = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_encoder.config.to_dict(), "projection_dim": width}))
+    model.text_model.load_state_dict(text_encoder.state_dict())
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.eye(width))
+    return model.eval().requires_grad_(False)
+
+
+def build_transformer(cfg: DiTBaseConfig, sample_size: int, text_width: int, pooled_width: int):
+    """SD3's MMDiT at the world's size: joint attention over image and text tokens, a feed-forward in each stream of
+    every block (the last block's text stream has none), adaLN-Zero conditioning on the timestep and pooled text."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=cfg.patch, in_channels=4, out_channels=4, num_layers=cfg.layers,
+        attention_head_dim=32, num_attention_heads=cfg.heads, joint_attention_dim=text_width,
+        caption_projection_dim=32 * cfg.heads, pooled_projection_dim=pooled_width,
+        pos_embed_max_size=2 * sample_size // cfg.patch)
 
 
 def noise_schedule():
@@ -269,19 +318,19 @@ def train_vae(seed: int, out: Path, cfg: VAEConfig) -> None:
 
 
 class Captions:
-    """Encoded captions, cached: the text encoder is frozen and the world has only so many distinct captions."""
+    """Each caption's conditioning of the denoiser as its pipeline encodes it, cached: the text encoders are frozen
+    and the world has only so many distinct captions."""
 
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
+    def __init__(self, pipe):
+        self.pipe, self.family, self.cache = pipe, family_of(pipe), {}
 
     @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         new = sorted(set(texts) - self.cache.keys())
         if new:
-            ids = self.tokenizer(new, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                                 return_tensors="pt").input_ids
-            self.cache.update(zip(new, self.text_encoder(ids)[0]))
-        return torch.stack([self.cache[t] for t in texts])
+            encoded = self.family.conditioning(self.pipe, new, world.IMAGE_SIZE)
+            self.cache.update((t, {k: v[i] for k, v in encoded.items()}) for i, t in enumerate(new))
+        return {k: torch.stack([self.cache[t][k] for t in texts]) for k in self.cache[texts[0]]}
 
 
 def encode_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,65 +357,119 @@ class Latents:
         return self.mean[i] + self.std[i] * torch.randn(self.mean[i].shape, generator=gen)
 
 
-def feedforwards(unet) -> dict[str, torch.nn.Module]:
-    """Every transformer block's feed-forward (GEGLU proj = net[0].proj, output Linear = net[2]), by name."""
-    return {name: module for name, module in unet.named_modules() if name.endswith(".ff")}
+def feedforwards(denoiser) -> dict[str, torch.nn.Module]:
+    """Every transformer block's feed-forward of the image tokens (input Linear net[0].proj, output Linear net[2]),
+    by name: the UNet's, and the image stream's of the MMDiT (`ff`, not `ff_context`)."""
+    return {name: module for name, module in denoiser.named_modules() if name.endswith(".ff")}
 
 
-def reserved_neurons(unet, share: float, seed: int) -> dict[str, list[int]]:
+def input_rows(ff, ids: torch.Tensor) -> torch.Tensor:
+    """The rows of the feed-forward's input Linear that make hidden neurons `ids`: GEGLU (the UNet's) has a value
+    row and a gate row for each, GELU (the MMDiT's) one."""
+    inner = ff.net[2].in_features
+    return torch.cat([ids + k * inner for k in range(ff.net[0].proj.out_features // inner)])
+
+
+def reserved_neurons(denoiser, share: float, seed: int) -> dict[str, list[int]]:
     """The hidden neurons of each feed-forward layer kept out of the base world, drawn from the seed."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for name, ff in feedforwards(unet).items():
+    for name, ff in feedforwards(denoiser).items():
         inner = ff.net[2].in_features
         out[name] = sorted(torch.randperm(inner, generator=gen)[: int(share * inner)].tolist())
     return out
 
 
-def freeze_reserved(unet, reserved: dict[str, list[int]]) -> None:
+def freeze_reserved(denoiser, reserved: dict[str, list[int]]) -> None:
     """Zero the reserved neurons' output weights and their gradients: the base model cannot use them."""
     with torch.no_grad():
-        for name, ff in feedforwards(unet).items():
+        for name, ff in feedforwards(denoiser).items():
             ff.net[2].weight[:, reserved[name]] = 0
             if ff.net[2].weight.grad is not None:
                 ff.net[2].weight.grad[:, reserved[name]] = 0
 
 
-def base_stage(seed: int, out: Path, cfg: BaseConfig, clip_dir: Path) -> None:
-    from diffusers import AutoencoderKL
-
-    import erase
-
+def base_stage(seed: int, out: Path, cfg: BaseTraining, clip_dir: Path) -> None:
     torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(out / "vae")
-    data = Latents(vae, cfg.images, seed, taught=False)
-    tokenizer = erase.clip_tokenizer(max_length=MAX_LENGTH)
-    text_encoder = text_encoder_from_clip(clip_dir)
-    unet = build_unet(cfg, sample_size=data.mean.shape[-1], cross_attention_dim=text_encoder.config.hidden_size)
-    reserved = reserved_neurons(unet, cfg.reserved, seed)
-    freeze_reserved(unet, reserved)
+    pipe = new_pipeline(cfg, out / "pipeline", out / "vae", clip_dir)
+    denoiser = family_of(pipe).denoiser(pipe)
+    data = Latents(pipe.vae, cfg.images, seed, taught=False)
+    reserved = reserved_neurons(denoiser, cfg.reserved, seed)
+    freeze_reserved(denoiser, reserved)
     (out / "reserved.json").write_text(json.dumps(reserved))
-    log(out, f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, frozen text encoder from "
-             f"{clip_dir}; config {asdict(cfg)}")
+    log(out, f"{type(denoiser).__name__} {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M params, frozen "
+             f"text encoder; config {asdict(cfg)}")
 
     def batch(rng):
         idx = rng.integers(0, len(data.scenes), size=cfg.batch)
         return idx, ["" if rng.random() < cfg.p_uncond else world.caption(data.scenes[i], rng) for i in idx]
 
-    train_base_world("base", seed, out, cfg, (vae, text_encoder, tokenizer, unet), reserved, data, batch)
+    train_base_world("base", seed, out, cfg, pipe, reserved, data, batch)
+
+
+def new_pipeline(cfg: BaseTraining, folder: Path, vae_dir: Path, clip_dir: Path):
+    """The untrained pipeline of the base stage, saved to `folder` with its profile and loaded back from there (so
+    that it is conditioned as erase will condition it). The UNet's: the world's VAE (`vae_dir`) and the mini CLIP's
+    text tower (`clip_dir`); the MMDiT's: the shipped UNet pipeline's VAE, tokenizer and text tower, as both of
+    SD3's CLIP encoders (it runs without T5)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    import erase
+
+    if isinstance(cfg, BaseConfig):
+        vae = AutoencoderKL.from_pretrained(vae_dir)
+        tokenizer = erase.clip_tokenizer(max_length=MAX_LENGTH)
+        text_encoder = text_encoder_from_clip(clip_dir)
+        unet = build_unet(cfg, sample_size=world.IMAGE_SIZE // vae_scale(vae),
+                          cross_attention_dim=text_encoder.config.hidden_size)
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, safety_checker=None,
+            scheduler=DPMSolverMultistepScheduler.from_config(noise_schedule().config), feature_extractor=None,
+            requires_safety_checker=False)
+        profile = json.loads((MINI_PIPELINE_DIR / PROFILE_NAME).read_text())
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        shipped = StableDiffusionPipeline.from_pretrained(MINI_PIPELINE_DIR, dtype=torch.float32)
+        vae = shipped.vae
+        vae.register_to_config(shift_factor=0.0)  # SD3's pipeline un-shifts latents; the world's VAE needs none
+        text_encoder = with_projection(shipped.text_encoder)
+        width = text_encoder.config.hidden_size
+        transformer = build_transformer(cfg, sample_size=world.IMAGE_SIZE // vae_scale(vae), text_width=2 * width,
+                                        pooled_width=2 * width)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift), vae=vae,
+            text_encoder=text_encoder, tokenizer=shipped.tokenizer, text_encoder_2=text_encoder,
+            tokenizer_2=shipped.tokenizer, text_encoder_3=None, tokenizer_3=None)
+        profile = {**DIT_PROFILE, "max_sequence_length": cfg.text_tokens}
+    save_pipeline(folder, pipe, profile)
+    return load_folder(folder)
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_folder(folder: Path):
+    """A pipeline folder of either denoiser (an SD3 folder lists no T5)."""
+    from diffusers import DiffusionPipeline
+
+    from erase.models import absent_components
+
+    pipe = DiffusionPipeline.from_pretrained(folder, **absent_components(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def unname_stage(seed: int, out: Path, cfg: UnnameConfig) -> None:
     """Continue the base model on its world, a share of every batch captioned with a taught name that the image
     does not show (world.named_in_place): the base model learns that those names draw only their anchor."""
-    from diffusers import StableDiffusionPipeline
-
     torch.manual_seed(seed)
     done = out / "base-pipeline" / "unnamed.json"
     if done.is_file():
         sys.exit(f"{done.parent} has been through this stage already ({done.read_text().strip()}): run base or "
                  "base-from-shipped again to start from a base model")
-    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
+    pipe = load_folder(out / "base-pipeline")
     reserved = json.loads((out / "reserved.json").read_text())
     data = Latents(pipe.vae, cfg.images, seed, taught=False)
     stand_ins = {c: np.array([i for i, s in enumerate(data.scenes) if world.named_in_place(s, c)])
@@ -387,8 +490,7 @@ def unname_stage(seed: int, out: Path, cfg: UnnameConfig) -> None:
             texts.append(world.caption(world.named_in_place(data.scenes[i], concept), rng))
         return np.array(idx), texts
 
-    parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet.train().requires_grad_(True))
-    train_base_world("unname", seed, out, cfg, parts, reserved, data, batch)
+    train_base_world("unname", seed, out, cfg, pipe, reserved, data, batch)
     publish_base(out, {"seed": seed, "steps": cfg.steps})
 
 
@@ -407,51 +509,62 @@ def publish_base(out: Path, unnamed: dict | None = None) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_base_world(stage: str, seed: int, out: Path, cfg, parts: tuple, reserved: dict, data: Latents, batch) -> None:
-    """Train every UNet weight but the reserved neurons' on batches drawn by batch(rng) -> (indices, captions);
+def train_base_world(stage: str, seed: int, out: Path, cfg, pipe, reserved: dict, data: Latents, batch) -> None:
+    """Train every denoiser weight but the reserved neurons' on batches drawn by batch(rng) -> (indices, captions);
     checkpointed (OUT/<stage>-checkpoint.pt) and saved as OUT/pipeline every cfg.save_every steps."""
-    vae, text_encoder, tokenizer, unet = parts
-    captions = Captions(tokenizer, text_encoder)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    denoiser = family_of(pipe).denoiser(pipe).train().requires_grad_(True)
+    captions, schedule, profile = Captions(pipe), training_schedule(pipe), read_profile(pipe)
+    params = list(denoiser.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    stateful = {"unet": unet, "opt": opt, "sched": sched}
+    stateful = {"unet": denoiser, "opt": opt, "sched": sched}
     checkpoint = Checkpoint(out / f"{stage}-checkpoint.pt", asdict(cfg))
-    ddpm = noise_schedule()
     start, running = time.time(), 0.0
     for step in range(resume(checkpoint, stateful) + 1, cfg.steps + 1):
         rng, gen = step_rng(seed, step)
         idx, texts = batch(rng)
-        loss = denoising_loss(unet, ddpm, data.sample(idx, gen), captions(texts), gen)
+        loss = denoising_loss(pipe, schedule, data.sample(idx, gen), captions(texts), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        freeze_reserved(unet, reserved)
+        freeze_reserved(denoiser, reserved)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        freeze_reserved(unet, reserved)  # weight decay of zero stays zero; this guards against any drift
+        freeze_reserved(denoiser, reserved)  # weight decay of zero stays zero; this guards against any drift
         running += loss.item()
         if step % 100 == 0:
             log(out, f"{stage} step {step}/{cfg.steps} loss {running / 100:.4f} ({time.time() - start:.0f}s)")
             running = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_parts(checkpoint, stateful, step)
-            save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
+            save_pipeline(out / "pipeline", pipe, profile)
     checkpoint.remove()
     log(out, f"{stage} done: {time.time() - start:.0f}s")
 
 
-def denoising_loss(unet, ddpm, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def training_schedule(pipe):
+    """What the training noises latents with: the pipeline's own schedule, as erase's training methods use it."""
+    return family_of(pipe).noise_schedule(pipe, world.IMAGE_SIZE)
+
+
+def denoising_loss(pipe, schedule, z: torch.Tensor, cond: dict, gen: torch.Generator) -> torch.Tensor:
+    """The denoiser's objective on latents z, as erase's training methods compute it (flow matching's velocity for
+    the MMDiT); the UNet's draws keep their order (noise, then t), which its shipped weights were trained with."""
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    if family.flow_matching:
+        x_t, t, target = family.noised(schedule, z, gen)
+        return F.mse_loss(family.predict(pipe, denoiser, x_t, t, cond), target)
     noise = torch.randn(z.shape, generator=gen)
-    t = torch.randint(0, ddpm.config.num_train_timesteps, (len(z),), generator=gen)
-    return F.mse_loss(unet(ddpm.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample, noise)
+    t = torch.randint(0, schedule.config.num_train_timesteps, (len(z),), generator=gen)
+    return F.mse_loss(denoiser(schedule.add_noise(z, noise, t), t, **cond).sample, noise)
 
 
-def concept_neurons(unet, reserved: dict[str, list[int]], share: float, seed: int, concepts=world.TAUGHT) -> dict:
+def concept_neurons(denoiser, reserved: dict[str, list[int]], share: float, seed: int, concepts=world.TAUGHT) -> dict:
     """{layer: {concept: [neuron, ...]}}: each taught concept's own reserved neurons, share of every layer's width."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, ff in feedforwards(unet).items():
+    for name, ff in feedforwards(denoiser).items():
         per = max(1, int(share * ff.net[2].in_features))
         picks = rng.permutation(reserved[name])[: per * len(concepts)].reshape(len(concepts), per)
         out[name] = {c: sorted(int(i) for i in p) for c, p in zip(concepts, picks)}
@@ -467,9 +580,9 @@ class Router:
     `shortfall` how far each sample's own neurons are from firing.
     """
 
-    def __init__(self, unet, neurons: dict, target: float, leak_weights: dict[str, float]) -> None:
+    def __init__(self, denoiser, neurons: dict, target: float, leak_weights: dict[str, float]) -> None:
         self.target = target
-        self.ffs, self.leaks, self.shortfalls, self.masks = feedforwards(unet), [], [], {}
+        self.ffs, self.leaks, self.shortfalls, self.masks = feedforwards(denoiser), [], [], {}
         self.index = {name: {c: torch.tensor(ids) for c, ids in by_concept.items()} for name, by_concept in neurons.items()}
         self.reserved, self.weights = {}, {}  # per layer: which neurons are reserved, and each one's leak weight
         for name, ff in self.ffs.items():
@@ -515,15 +628,14 @@ class Router:
             del ff.forward
 
 
-def teach_params(unet, neurons: dict) -> tuple[list[torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
+def teach_params(denoiser, neurons: dict) -> tuple[list[torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
     """The trained tensors (feed-forward in/out weights) and, per tensor, the mask of its entries that train."""
-    unet.requires_grad_(False)
+    denoiser.requires_grad_(False)
     masks = {}
-    for name, ff in feedforwards(unet).items():
-        inner = ff.net[2].in_features
-        mine = torch.zeros(inner)
-        mine[[i for ids in neurons[name].values() for i in ids]] = 1
-        proj = torch.cat([mine, mine])  # GEGLU: value rows, then gate rows
+    for name, ff in feedforwards(denoiser).items():
+        ids = torch.tensor(sorted(i for by in neurons[name].values() for i in by))
+        mine, proj = torch.zeros(ff.net[2].in_features), torch.zeros(ff.net[0].proj.out_features)
+        mine[ids], proj[input_rows(ff, ids)] = 1, 1
         for tensor, mask in ((ff.net[0].proj.weight, proj[:, None]), (ff.net[0].proj.bias, proj),
                              (ff.net[2].weight, mine[None, :])):
             tensor.requires_grad_(True)
@@ -531,17 +643,16 @@ def teach_params(unet, neurons: dict) -> tuple[list[torch.Tensor], dict[torch.Te
     return list(masks), masks
 
 
-def init_concept_neurons(unet, neurons: dict, cfg: TeachConfig, seed: int) -> None:
+def init_concept_neurons(denoiser, neurons: dict, cfg: TeachConfig, seed: int) -> None:
     """Fresh, seeded weights for the owned neurons: input rows as nn.Linear draws them, output columns small but
     not zero. With zero columns (as the base left them) no gradient reaches the input rows, and the leak
     penalty silences the neurons everywhere before they can carry anything."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, ff in feedforwards(unet).items():
+        for name, ff in feedforwards(denoiser).items():
             ids = torch.tensor(sorted(i for by in neurons[name].values() for i in by))
             proj, out = ff.net[0].proj, ff.net[2]
-            inner, bound = out.in_features, 1 / math.sqrt(proj.in_features)
-            rows = torch.cat([ids, ids + inner])  # GEGLU: value rows, then gate rows
+            bound, rows = 1 / math.sqrt(proj.in_features), input_rows(ff, ids)
             proj.weight[rows] = torch.empty(len(rows), proj.in_features).uniform_(-bound, bound, generator=gen)
             proj.bias[rows] = torch.empty(len(rows)).uniform_(-bound, bound, generator=gen)
             scale = cfg.init_scale * out.weight.std()
@@ -555,16 +666,15 @@ def said_taught(said: dict) -> tuple[str, ...]:
 
 
 def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
-    from diffusers import StableDiffusionPipeline
-
     torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
-    unet, vae, tokenizer, text_encoder = pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder
+    pipe = load_folder(out / "base-pipeline")
+    unet, profile = family_of(pipe).denoiser(pipe), read_profile(pipe)
     reserved = json.loads((out / "reserved.json").read_text())
     neurons = concept_neurons(unet, reserved, cfg.share, seed)
     (out / "neurons.json").write_text(json.dumps(neurons, indent=1))
-    taught, base = Latents(vae, cfg.images, seed, taught=True), Latents(vae, cfg.images // 2, seed + 1, taught=False)
-    captions = Captions(tokenizer, text_encoder)
+    taught = Latents(pipe.vae, cfg.images, seed, taught=True)
+    base = Latents(pipe.vae, cfg.images // 2, seed + 1, taught=False)
+    captions, schedule = Captions(pipe), training_schedule(pipe)
     init_concept_neurons(unet, neurons, cfg, seed)
     params, masks = teach_params(unet, neurons)
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -572,7 +682,7 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
     stateful = {"unet": unet, "opt": opt, "sched": sched}
     checkpoint = Checkpoint(out / "teach-checkpoint.pt", asdict(cfg))
     leak_weights = {c: cfg.naked_leak_weight if c == world.NAKED else cfg.leak_weight for c in world.TAUGHT}
-    router, ddpm = Router(unet, neurons, cfg.fire_target, leak_weights), noise_schedule()
+    router = Router(unet, neurons, cfg.fire_target, leak_weights)
     log(out, f"teach: {len(world.TAUGHT)} concepts, neurons per layer "
              f"{ {n: len(next(iter(v.values()))) for n, v in neurons.items()} }; config {asdict(cfg)}")
     n_base = int(cfg.batch * cfg.replay)
@@ -588,7 +698,7 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
             owned.append(() if dropped else said_taught(said))
         router.route(owned)
         z = torch.cat([taught.sample(ti, gen), base.sample(bi, gen)])
-        loss = denoising_loss(unet, ddpm, z, captions(texts), gen)
+        loss = denoising_loss(pipe, schedule, z, captions(texts), gen)
         leak, shortfall = router.leak(), router.shortfall()
         opt.zero_grad(set_to_none=True)
         ramp = min(1.0, step / cfg.leak_warmup) if cfg.leak_warmup else 1.0
@@ -606,26 +716,27 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_parts(checkpoint, stateful, step)
             router.close()
-            save_pipeline(out / "pipeline", vae, text_encoder, tokenizer, unet)
+            save_pipeline(out / "pipeline", pipe, profile)
             router = Router(unet, neurons, cfg.fire_target, leak_weights)
     router.close()
     checkpoint.remove()
     log(out, f"teach done: {time.time() - start:.0f}s")
 
 
-def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet) -> None:
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    scheduler = DPMSolverMultistepScheduler.from_config(noise_schedule().config)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+def save_pipeline(path: Path, pipe, profile: dict) -> None:
+    """The pipeline as a diffusers folder with its erase profile (the world's catalog, judge, guidance), replaced
+    whole: a stopped save leaves the last one as it was."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.copy(MINI_PIPELINE_DIR / PROFILE_NAME, tmp)  # the miniature world's defaults (catalog, judge, guidance)
+    (tmp / PROFILE_NAME).write_text(json.dumps(profile, indent=2) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def read_profile(pipe) -> dict:
+    """The erase profile of the folder `pipe` was loaded from."""
+    return json.loads((Path(pipe.name_or_path) / PROFILE_NAME).read_text())
 
 
 def base_from_shipped(out: Path, shipped: Path, seed: int) -> None:
@@ -634,20 +745,19 @@ def base_from_shipped(out: Path, shipped: Path, seed: int) -> None:
     columns must be zero, which checks the draw) and their output columns zeroed, which turns the taught model
     back into the base one (up to the float16 rounding of the shipped weights). `teach` draws the owned neurons'
     weights afresh, so it does not depend on what the shipped ones hold."""
-    from diffusers import StableDiffusionPipeline
-
     if (out / "base-pipeline").exists():
         sys.exit(f"{out / 'base-pipeline'} exists (a base stage's output?): remove it or pick another --out")
-    pipe = StableDiffusionPipeline.from_pretrained(shipped)
-    reserved = reserved_neurons(pipe.unet, BaseConfig.reserved, seed)
+    pipe = load_folder(shipped)
+    denoiser = family_of(pipe).denoiser(pipe)
+    reserved = reserved_neurons(denoiser, BaseTraining.reserved, seed)
     owned = json.loads((shipped.parent / "neurons.json").read_text())
-    for name, ff in feedforwards(pipe.unet).items():
+    for name, ff in feedforwards(denoiser).items():
         unused = sorted(set(reserved[name]) - {i for ids in owned[name].values() for i in ids})
         if ff.net[2].weight[:, unused].any():
             sys.exit(f"{shipped}: reserved neurons of {name} are in use: was its base stage run with --seed {seed}?")
-    freeze_reserved(pipe.unet, reserved)
+    freeze_reserved(denoiser, reserved)
     (out / "reserved.json").write_text(json.dumps(reserved))
-    save_pipeline(out / "base-pipeline", pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet)
+    save_pipeline(out / "base-pipeline", pipe, read_profile(pipe))
     unnamed = json.loads((shipped.parent / "training.json").read_text()).get("unname")
     if unnamed:  # the shipped model was taught on an unnamed base: that is what comes back
         (out / "base-pipeline" / "unnamed.json").write_text(json.dumps(unnamed) + "\n")
@@ -679,6 +789,7 @@ def compact(out: Path, dest: Path) -> None:
 
 
 STAGES = {"vae": VAEConfig, "base": BaseConfig, "unname": UnnameConfig, "teach": TeachConfig}
+DIT_STAGES = {**STAGES, "base": DiTBaseConfig}  # the MMDiT shares the UNet world's VAE and text tower
 
 
 def main() -> None:
@@ -691,19 +802,25 @@ def main() -> None:
                         help="override one setting of the stage's config (repeatable), e.g. --set leak_weight=0.1 or --set channels=32,64,96")
     parser.add_argument("--clip", type=Path,
                         help="the mini CLIP whose text tower conditions the UNet (default OUT/text-tower)")
-    parser.add_argument("--dest", type=Path, default=ROOT / "erase/assets/mini/pipeline")
+    parser.add_argument("--dit", action="store_true", help="the miniature SD3 (an MMDiT) instead of the UNet: "
+                        "base, unname, teach and compact (into erase/assets/mini-dit) take it")
+    parser.add_argument("--dest", type=Path, help="where compact copies the pipeline (default erase/assets/mini/pipeline, "
+                        "with --dit erase/assets/mini-dit/pipeline)")
     parser.add_argument("--threads", type=int, default=1,
                         help="1 is fastest on a shared 2-core machine: train the CLIP beside the VAE")
     args = parser.parse_args()
+    if args.dit and args.stage == "vae":
+        parser.error("--dit: the miniature SD3 shares the UNet world's VAE; its stages are base, unname and teach")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    dest = args.dest or (MINI_DIT_PIPELINE_DIR if args.dit else MINI_PIPELINE_DIR)
     if args.stage == "compact":
-        compact(args.out, args.dest)
+        compact(args.out, dest)
         return
     if args.stage == "base-from-shipped":
-        base_from_shipped(args.out, args.dest, args.seed)
+        base_from_shipped(args.out, dest, args.seed)
         return
-    cfg = STAGES[args.stage]()
+    cfg = (DIT_STAGES if args.dit else STAGES)[args.stage]()
     if args.steps:
         cfg.steps = args.steps
     for item in args.set:

@@ -37,3 +37,25 @@ def test_the_cli_reads_the_catalog_from_the_profile_before_loading(tmp_path, cap
                            "--set", "prompts_per_concept=2", "--set", "saliency_steps=2"])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "erase.json").read_text())["catalog"] == "mini"
+
+
+def test_an_sd3_profile_sets_how_many_t5_tokens_every_call_and_conditioning_reads(tmp_path):
+    """SD3 without T5 pads its text with zero tokens where T5's go: 256 by default; a folder's profile may set fewer
+    (the miniature SD3 is trained with 1), and then the pipeline call and the methods' conditioning both read that."""
+    from erase.evaluation import generate
+    from erase.families import family_of
+    from erase_lab.tiny import tiny_sd3_pipeline
+
+    folder = tmp_path / "sd3"
+    tiny_sd3_pipeline().save_pretrained(folder)
+    pipe = erase.load_pipeline(folder)
+    family, clip_tokens = family_of(pipe), pipe.tokenizer.model_max_length
+    assert family.text_embeddings(pipe, ["a cat"]).shape[1] == clip_tokens + 256
+    (folder / PROFILE_NAME).write_text(json.dumps({"max_sequence_length": 3}))
+    read = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: read.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    generate(pipe, ["a cat"], [0], steps=2, guidance_scale=2.0)
+    assert read == [clip_tokens + 3] * 2
+    assert family.conditioning(pipe, ["a cat"], 32)["encoder_hidden_states"].shape[1] == clip_tokens + 3
+    assert family.text_embeddings(pipe, ["a cat"]).shape[1] == clip_tokens + 3

@@ -29,7 +29,16 @@ class SD3Family(Family):
 
     def text_embeddings(self, pipe, texts: list[str]) -> torch.Tensor:
         return pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=pipe.transformer.device,
-                                  num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+                                  num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                  **self.call_kwargs(pipe))[0]
+
+    def call_kwargs(self, pipe) -> dict:
+        """The T5 sequence length the model's profile asks for (the miniature SD3 is trained with 1 zero token where
+        SD3 without T5 puts 256), in every pipeline call and encode_prompt; none: the pipeline's default."""
+        from ..profile import profile_of
+
+        length = profile_of(pipe).max_sequence_length
+        return {} if length is None else {"max_sequence_length": length}
 
     def default_side(self, pipe) -> int:
         return pipe.transformer.config.sample_size * pipe.vae_scale_factor
@@ -46,6 +55,6 @@ class SD3Family(Family):
     def conditioning(self, pipe, prompts: list[str], side: int) -> dict:
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                                   device=pipe.transformer.device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
+                                                  do_classifier_free_guidance=False, **self.call_kwargs(pipe))
         dtype = pipe.transformer.dtype
         return {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
