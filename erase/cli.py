@@ -394,8 +394,7 @@ def protocol_run(args: argparse.Namespace) -> None:
     its shard on its own device and the main process writes and prints the report."""
     from .config import parse_settings
     from .evaluation import saved_erasure
-    from .protocols import evaluate_protocol, get_protocol
-    from .protocols.core import protocol_config
+    from .protocols.core import checked_protocol, protocol_config, run_protocol
 
     if not args.protocol:
         raise EraseError("--prompts needs --protocol: e.g. --protocol i2p or --protocol prompts")
@@ -407,15 +406,13 @@ def protocol_run(args: argparse.Namespace) -> None:
     settings.update({k: v for k, v in (("prompts", args.prompts), ("clip", args.clip),
                                        ("clip_pretrained", args.clip_pretrained)) if v is not None})
     config = protocol_config(args.protocol, **settings)  # bad settings, a missing file: refused now
-    runner = get_protocol(args.protocol).run(config, args.model)  # and what it cannot score, or read, before the model
-    runner.check()
-    runner.samples()
+    runner = checked_protocol(args.protocol, config, args.model)  # and what it cannot score, or read, before the model
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and args.device == "cuda":  # one process per GPU
         args.device = f"cuda:{local_rank}"
     check_model_options(args)
     out = Path(args.out) if args.out else run_dir / f"report-{args.protocol}"
-    report = evaluate_protocol(load_model(args), run_dir, args.protocol, out, config=config, progress=not args.quiet)
+    report = run_protocol(args.protocol, runner, load_model(args), run_dir, out, progress=not args.quiet)
     if report is not None:  # the main process
         print(report.markdown())
         print(wrote(out))

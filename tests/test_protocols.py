@@ -181,6 +181,20 @@ def test_protocol_options_are_checked_before_the_model_loads(erased, tmp_path, c
         assert message in capsys.readouterr().err
 
 
+def test_the_command_line_checks_the_protocol_before_the_model_and_loads_its_detector_once(erased, prompts, tmp_path,
+                                                                                          capsys, monkeypatch):
+    import erase.protocols.i2p
+    from erase.cli import main
+
+    built = []
+    real = erase.protocols.i2p.nudenet_detector
+    monkeypatch.setattr(erase.protocols.i2p, "nudenet_detector", lambda: built.append(1) or real())
+    run = erased.save(tmp_path / "run")
+    assert main(["evaluate", str(run), "--protocol", "i2p", "--prompts", str(prompts), "--eval-set", "max_prompts=1",
+                 "--eval-set", "steps=2", "--quiet", "--out", str(tmp_path / "report")]) == 0, capsys.readouterr().err
+    assert built == [1] and (tmp_path / "report" / "report.json").is_file()
+
+
 def test_imagenette_on_the_mini_world_reads_the_classes_with_its_judge(mini, erased, tmp_path):
     report = erase.evaluate_protocol(mini, erased, "imagenette", tmp_path / "inet", images_per_class=4,
                                      classes=["tench", "church"], steps=25, progress=False)

@@ -151,17 +151,30 @@ def evaluate_protocol(original, erased, protocol: str, out: str | Path, config=N
     keyword overrides win, e.g. prompts="i2p.csv", steps=25. In a launch of several processes each generates its
     shard; the main process scores the whole set and returns the report, the others None.
     """
+    check_pipeline(original, f"the original given ({type(original).__name__})")
+    runner = checked_protocol(protocol, protocol_config(protocol, config, **overrides), original)
+    return run_protocol(protocol, runner, original, erased, out, progress)
+
+
+def checked_protocol(protocol: str, settings: ProtocolSettings, pipe) -> Protocol:
+    """The protocol's runner once it has refused what it cannot score or read (before any model loads, where `pipe`
+    is what names the model) and holds what scoring needs; its samples read once to check them."""
+    runner = get_protocol(protocol).run(settings, pipe)
+    runner.check()
+    if not runner.samples()[: settings.max_prompts]:
+        raise EraseError(f"protocol {protocol} has no sample to generate: check the prompt file and its filters")
+    return runner
+
+
+def run_protocol(protocol: str, runner: Protocol, original, erased, out: str | Path,
+                 progress: bool = True) -> ProtocolReport | None:
+    """evaluate_protocol's work with the protocol's checked runner (checked_protocol): generate this process's
+    shard, then on the main process score the whole set and write the report."""
     from accelerate import PartialState
 
-    check_pipeline(original, f"the original given ({type(original).__name__})")
-    spec = get_protocol(protocol)
-    settings = protocol_config(protocol, config, **overrides)
+    runner.pipe, settings = original, runner.settings
     erasure = erasure_of(original, erased)
-    runner = spec.run(settings, original)
-    runner.check()
     samples = runner.samples()[: settings.max_prompts]
-    if not samples:
-        raise EraseError(f"protocol {protocol} has no sample to generate: check the prompt file and its filters")
     default_guidance = settings.guidance_scale or profile_of(original).guidance_scale
     side = image_side(original, settings.resolution)
     out = Path(out).expanduser()
