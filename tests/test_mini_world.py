@@ -296,3 +296,29 @@ def test_a_stopped_and_resumed_vae_stage_ends_with_the_uninterrupted_runs_weight
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not (resumed / "vae-checkpoint.pt").exists()
+
+
+def test_the_miniature_sd3_trains_its_base_and_teaches_only_its_owned_image_stream_neurons(tmp_path):
+    """train_mini --dit on a one-block MMDiT: the base stage leaves the reserved neurons unused, and teach changes
+    the owned neurons' input rows (GELU: one each) and output columns of the image stream's feed-forwards and no
+    other weight of the transformer (not the text stream's ff_context)."""
+    from erase.families import family_of
+    from erase_lab.train_mini import DiTBaseConfig, TeachConfig, base_stage, teach_stage
+
+    base_stage(1, tmp_path, DiTBaseConfig(steps=2, batch=8, images=32, layers=1, save_every=2), clip_dir=None)
+    publish_base(tmp_path)
+    pipe = erase.load_pipeline(tmp_path / "base-pipeline")
+    assert family_of(pipe).name == "sd3" and erase.profile.profile_of(pipe).max_sequence_length == 1
+    reserved = json.loads((tmp_path / "reserved.json").read_text())
+    unused = pipe.transformer.get_submodule("transformer_blocks.0.ff.net.2").weight[:, reserved["transformer_blocks.0.ff"]]
+    assert not unused.any()
+    teach_stage(3, tmp_path, TeachConfig(steps=2, batch=8, images=32, save_every=2))
+    before = load_file(tmp_path / "base-pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    owned = sorted(i for ids in json.loads((tmp_path / "neurons.json").read_text())["transformer_blocks.0.ff"].values()
+                   for i in ids)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"transformer_blocks.0.ff.net.{k}" for k in ("0.proj.weight", "0.proj.bias", "2.weight")}
+    rows = (before["transformer_blocks.0.ff.net.0.proj.weight"] != after["transformer_blocks.0.ff.net.0.proj.weight"]).any(1)
+    columns = (before["transformer_blocks.0.ff.net.2.weight"] != after["transformer_blocks.0.ff.net.2.weight"]).any(0)
+    assert rows.nonzero().flatten().tolist() == owned == columns.nonzero().flatten().tolist()
