@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods            # the method table, the attacks and the plot (2 CPU
                                                                 # cores; hours; --sizes 1 --methods fia: a part)
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods --pipeline mini-dit   # the same on the miniature SD3
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods scaling    # FIA wall time and peak memory, 1 to 100 concepts
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods sweep      # FIA r2 x alpha on the 3-concept set
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods lives      # each method on taught and on base concepts
@@ -15,9 +16,11 @@ Each run (method, forget set) is its own process, so its peak memory is its own;
 table's row and its attacks (forget sets 1 and 3). Sections of BENCHMARKS.md: "Miniature world: methods" (rows kept
 in docs/methods-mini.json as they finish), "Miniature world: attacks" (rows in docs/attack-mini.json), "Miniature
 world: where a concept lives" (docs/lives-mini.json), "Miniature world: FIA scaling", "Miniature world: FIA r2/alpha
-sweep"; the plot is docs/methods-mini.png. A rerun measures only the rows not yet measured on the shipped mini
-model; a training row that was stopped resumes from its checkpoint (in $TMPDIR/erase-bench-checkpoints). Needs the
-`bench` extra (matplotlib) for the plot.
+sweep"; the plot is docs/methods-mini.png. `--pipeline mini-dit` measures the miniature SD3 (MMDiT) the same way:
+rows in docs/*-mini-dit.json, sections "Miniature SD3 world: ...", and the plot of both worlds side by side
+(docs/methods-worlds.png). A rerun measures only the rows not yet measured on the shipped mini model; a training
+row that was stopped resumes from its checkpoint (in $TMPDIR/erase-bench-checkpoints). Needs the `bench` extra
+(matplotlib) for the plot.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .mini_erasure_gate import seed_words
 from .mini_gates import MINI_GUIDANCE
 
 ROOT = Path(__file__).resolve().parent.parent
-PLOT = ROOT / "docs" / "methods-mini.png"
 FORGET_SETS = {1: ["church"], 3: ["church", "van gogh", "nudity"],
                10: ["church", "golf ball", "parachute", "tench", "garbage truck", "van gogh", "claude monet",
                     "pablo picasso", "andy warhol", "nudity"]}
@@ -61,16 +64,48 @@ ATTACK_KINDS = ("prompt", "inversion", "revival")
 ATTACK_SETTINGS = ("steps", "tokens", "lr", "timesteps", "init", "locations", "rank", "iterations", "top_ratio", "seed",
                    "seeds", "sample_steps", "attack_s")
 ATTACK_SIZES = (1, 3)  # forget sets the prompt attack runs on
-ATTACK_ROWS = ROOT / "docs" / "attack-mini.json"
-SWEEP_ROWS = ROOT / "docs" / "sweep-mini.json"
-LIVES_ROWS = ROOT / "docs" / "lives-mini.json"
 # Concepts taught into known feed-forward neurons, and concepts the base model learnt end to end (no neurons of
 # their own): the same method on each shows whether it needs the concept to live where it looks.
 LIVES = {"taught": ["van gogh", "pablo picasso", "tench", "golf ball"], "base": ["rembrandt", "edvard munch", "dog", "car"]}
-SECTIONS = {"table": "Miniature world: methods", "scaling": "Miniature world: FIA scaling",
-            "sweep": "Miniature world: FIA r2/alpha sweep", "attack": "Miniature world: attacks",
-            "lives": "Miniature world: where a concept lives"}
-REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods"
+PARTS = {"table": "methods", "scaling": "FIA scaling", "sweep": "FIA r2/alpha sweep", "attack": "attacks",
+         "lives": "where a concept lives"}
+
+
+@dataclass(frozen=True)
+class World:
+    """The shipped miniature model a run measures ("mini", the UNet; "mini-dit", the MMDiT), and where its rows,
+    sections and plot go."""
+
+    name: str
+    title: str
+    sampler: str
+
+    def rows(self, kind: str) -> Path:
+        """docs/<kind>-<name>.json: methods, attack, sweep, lives."""
+        return ROOT / self.named(kind, "json")
+
+    def named(self, kind: str, suffix: str) -> str:
+        """The repository path of its `kind` file, as sections name it: docs/methods-mini.json."""
+        return f"docs/{kind}-{self.name}.{suffix}"
+
+    def section(self, part: str) -> str:
+        return f"{self.title}: {PARTS[part]}"
+
+    @property
+    def plot(self) -> Path:
+        return ROOT / self.named("methods", "png")
+
+    @property
+    def reproduce(self) -> str:
+        command = "HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods"
+        return command if self.name == "mini" else f"{command} --pipeline {self.name}"
+
+
+WORLDS = {"mini": World("mini", "Miniature world", "DPM-Solver++"),
+          "mini-dit": World("mini-dit", "Miniature SD3 world", "flow-matching Euler")}
+WORLD = WORLDS["mini"]  # what this process measures: --pipeline sets it (a run's jobs carry it to their processes)
+BOTH_WORLDS = ROOT / "docs" / "methods-worlds.png"
+TUNED_WHERE = {"mini": "", "mini-dit": " of the UNet world, not on this one, so that both worlds run the same settings"}
 # The original model's images, shared by every run (evaluate() keys them by model, prompts and seeds): each method's
 # evaluation then generates only its erased side. Its training data stays cold (a fresh cache per run), as timed.
 ORIGINALS = Path(tempfile.gettempdir()) / "erase-bench-originals"
@@ -90,7 +125,7 @@ def one(method: str, concepts: list[str], settings: dict, evaluation: dict | Non
     from erase.methods import get_method
 
     torch.set_num_threads(1)  # two runs share the 2 cores
-    pipe = erase.load_pipeline("mini")
+    pipe = erase.load_pipeline(WORLD.name)
     run = dict(settings)
     if "checkpoint_dir" in {f.name for f in fields(get_method(method).config_class)}:
         run["checkpoint_dir"] = str(CHECKPOINTS / checkpoint_name(method, concepts, settings))
@@ -127,7 +162,7 @@ def ground_truth_forgetting(pipe, result, evaluation: dict) -> dict | None:
     from .mini_erasure_gate import ground_truth
     from .mini_gates import taught_neurons
 
-    neurons = taught_neurons("mini")
+    neurons = taught_neurons(WORLD.name)
     if not all(c.text in next(iter(neurons.values())) for c in result.concepts):
         return None
     truth = ground_truth(pipe, result, evaluation["prompts_per_concept"], evaluation["seeds"], neurons)
@@ -156,10 +191,17 @@ def _in_kind(summary: dict) -> float:
     return summary.get("retain_accuracy_in_kind", summary.get("retain_accuracy"))
 
 
+def world_words() -> str:
+    """A section's first sentence: the shipped model this process measures."""
+    from .benchmarks_md import model_sentence
+
+    return model_sentence(shipped=WORLD.name)
+
+
 def in_subprocess(method: str, concepts: list[str], settings: dict, evaluation: dict | None = EVAL,
                   attacks: list[str] = (), truth: bool = False) -> dict:
     args = json.dumps({"method": method, "concepts": concepts, "settings": settings, "evaluation": evaluation,
-                       "attacks": list(attacks), "truth": truth})
+                       "attacks": list(attacks), "truth": truth, "pipeline": WORLD.name})
     with tempfile.TemporaryDirectory(prefix="erase-bench-") as cache:  # cold: sampling the data is part of the cost
         out = subprocess.run([sys.executable, "-m", __spec__.name, "one", args], capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "ERASE_CACHE": cache})
@@ -172,21 +214,21 @@ def methods_store(model: str):
     """The methods table's rows (docs/methods-mini.json), one per method, forget set and evaluation seeds."""
     from .benchmarks_md import RowStore
 
-    return RowStore(PLOT.with_suffix(".json"), ("method", "concepts", "seeds"), model, MINI_GUIDANCE)
+    return RowStore(WORLD.rows("methods"), ("method", "concepts", "seeds"), model, MINI_GUIDANCE)
 
 
 def sweep_store(model: str):
     """The r2/alpha sweep's rows (docs/sweep-mini.json), one per setting."""
     from .benchmarks_md import RowStore
 
-    return RowStore(SWEEP_ROWS, ("r2", "alpha"), model, MINI_GUIDANCE)
+    return RowStore(WORLD.rows("sweep"), ("r2", "alpha"), model, MINI_GUIDANCE)
 
 
 def attack_store(model: str):
     """The attacks' rows (docs/attack-mini.json), one per method, forget set, attack kind and evaluation seeds."""
     from .benchmarks_md import RowStore
 
-    return RowStore(ATTACK_ROWS, ("method", "concepts", "kind", "seeds"), model, MINI_GUIDANCE)
+    return RowStore(WORLD.rows("attack"), ("method", "concepts", "kind", "seeds"), model, MINI_GUIDANCE)
 
 
 def methods_table(sizes: list[int], methods: list[str], kinds: list[str], model: str) -> str:
@@ -221,9 +263,9 @@ def land(row: dict, store, attacks) -> None:
     for kind, attack in row.get("attacks", {}).items():
         attacks.put({**{k: scored[k] for k in ("method", "concepts", "settings", "seeds", "summary")}, "kind": kind,
                      "attack": attack})
-    update_section(SECTIONS["table"], table(store))
+    update_section(WORLD.section("table"), table(store))
     if row.get("attacks"):
-        update_section(SECTIONS["attack"], attack_markdown(attacks))
+        update_section(WORLD.section("attack"), attack_markdown(attacks))
 
 
 def landing(store, section: str, render):
@@ -262,7 +304,7 @@ def marks(store, row: dict) -> str:
 
 
 def table(store) -> str:
-    from .benchmarks_md import model_sentence, not_measured, section_body
+    from .benchmarks_md import not_measured, section_body
 
     attacks = attack_store(store.model)
     lines = [("| method | forget set | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | "
@@ -279,7 +321,7 @@ def table(store) -> str:
         lines += [method_line(r, marks(store, r), of_record(attacks, method=r["method"], concepts=concepts, kind="prompt"))
                   for r in rows]
     settings = "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}" for m, s in METHODS.items())
-    protocol = (f"{model_sentence()} Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items())
+    protocol = (f"{world_words()} Forget sets: " + "; ".join(f"{n}: {', '.join(c)}" for n, c in FORGET_SETS.items())
                 + f". Retain: the catalog's other concepts of the erased kinds (in-kind, at most {EVAL['max_retain']} "
                 "per kind) and of each other kind but explicit (cross-kind, at most "
                 f"{EVAL['max_cross_retain']} per kind; – when the forget set spans every kind). "
@@ -292,15 +334,16 @@ def table(store) -> str:
                 "image (same prompt and seed); KID: kernel inception distance between the original and erased images "
                 "of the neutral prompts, on the judge's features (0: same distribution); attack success rate: the "
                 f"attacks table's prompt column (forget sets 1 and 3 only). Method settings: {settings} (presets in "
-                "erase/configs/, each tuned the same way on a validation forget set: 'Miniature world: tuning'). "
+                f"erase/configs/, each tuned the same way on a validation forget set{TUNED_WHERE[WORLD.name]}: "
+                "'Miniature world: tuning'). "
                 "Wall time is erasure only (capture or training, data sampling included), one thread, two runs at a "
                 "time on a 2-core CPU (†: a training run stopped and resumed from its checkpoint; the stopped attempts' "
                 "training time is added); peak memory is the run's process peak RSS.")
-    reproduce = (f"`{REPRODUCE}` measures the rows not yet measured on the shipped model (`--sizes 1 --methods "
-                 "fia,esd`: a part; `--table`: only rewrite this section from docs/methods-mini.json); the plot "
-                 "docs/methods-mini.png is redrawn as rows land.")
+    reproduce = (f"`{WORLD.reproduce}` measures the rows not yet measured on the shipped model (`--sizes 1 --methods "
+                 f"fia,esd`: a part; `--table`: only rewrite this section from {WORLD.named('methods', 'json')}); the "
+                 f"plot {WORLD.named('methods', 'png')} is redrawn as rows land.")
     return section_body(["\n".join(lines)], protocol, reproduce,
-                        [*store.stale_note(REPRODUCE), *untuned_note(store, UNTUNED_EVAL),
+                        [*store.stale_note(WORLD.reproduce), *untuned_note(store, UNTUNED_EVAL),
                          *not_measured(missing_rows(store))])
 
 
@@ -333,7 +376,7 @@ def evaluation_words(e: dict) -> str:
                 if "max_retain" in e else "")
     seeds = seed_words(e["seeds"])
     return (f"erase.evaluate with the mini CLIP judge, {e['prompts_per_concept']} held-out prompts per concept × {seeds}"
-            f"{retained}, {e['steps']} steps DPM-Solver++, guidance "
+            f"{retained}, {e['steps']} steps {WORLD.sampler}, guidance "
             f"{e['guidance_scale']:g}; brackets: 95% bootstrap intervals over the images (1000 resamplings, seed 0)")
 
 
@@ -344,14 +387,44 @@ def missing_rows(store) -> list[str]:
 
 def plot(store) -> None:
     """Forgetting vs retention per method and forget-set size, from the rows measured on the shipped model (the
-    rows are kept next to it to redraw it); what is not measured yet is named under the title."""
+    rows are kept next to it to redraw it); what is not measured yet is named under the title. Once both worlds have
+    rows, also both side by side (docs/methods-worlds.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    PLOT.parent.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    draw(ax, store, WORLD.title)
+    fig.tight_layout()
+    fig.savefig(WORLD.plot)
+    plt.close(fig)
+    stores = [store if world is WORLD else shipped_methods_store(world) for world in WORLDS.values()]
+    if all(stores) and all(s.rows for s in stores):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
+        for ax, world_store, world in zip(axes, stores, WORLDS.values()):
+            draw(ax, world_store, world.title)
+        fig.tight_layout()
+        fig.savefig(BOTH_WORLDS)
+        plt.close(fig)
+
+
+def shipped_methods_store(world: World):
+    """`world`'s methods rows as measured on its shipped model; None where that model is not installed."""
+    from erase.profile import EMBEDDED
+
+    from .benchmarks_md import RowStore, mini_model
+
+    if not (EMBEDDED[world.name] / "model_index.json").is_file():
+        return None
+    return RowStore(world.rows("methods"), ("method", "concepts", "seeds"), mini_model(world.name), MINI_GUIDANCE)
+
+
+def draw(ax, store, title: str) -> None:
+    """One world's forgetting vs in-kind retention: the unedited model hollow, each method in its colour, the forget
+    set's size by marker."""
+    import matplotlib.pyplot as plt
+
     markers = {1: "o", 3: "s", 10: "^"}
     rows = [r for r in store.rows if store.current(r) and r["seeds"] == EVAL["seeds"]]
     for n, marker in markers.items():  # the unedited model first, hollow, so methods that match it stay visible
@@ -371,12 +444,10 @@ def plot(store) -> None:
     ax.set_ylim(-0.05, 1.05)
     missing = missing_rows(store)
     total = len(FORGET_SETS) * len(METHODS)
-    ax.set_title("Miniature world: forget sets of 1 (o), 3 (s), 10 (^) concepts"
+    ax.set_title(f"{title}: forget sets of 1 (o), 3 (s), 10 (^) concepts"
                  + (f"\n{len(missing)} of {total} rows not measured yet (BENCHMARKS.md names them)" if missing else ""),
                  fontsize=10)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
-    fig.tight_layout()
-    fig.savefig(PLOT)
 
 
 def scaling() -> str:
@@ -393,15 +464,15 @@ def scaling() -> str:
 
 
 def scaling_section(table: str) -> str:
-    from .benchmarks_md import model_sentence, section_body
+    from .benchmarks_md import section_body
 
-    protocol = (f"{model_sentence()} FIA defaults with 6 prompt pairs per concept, one thread; concepts are the world's "
+    protocol = (f"{world_words()} FIA defaults with 6 prompt pairs per concept, one thread; concepts are the world's "
                 "objects, artists and their pairings, all as kind `object`; wall time is erase() alone in a process of "
                 "its own, peak memory that process's peak RSS. Time grows linearly with the number of concepts "
                 "(captures are per concept; base prompts shared by a kind are captured once); memory stays flat (masks "
                 "fuse by streaming votes). The 2-core machine's speed varies between runs, so compare these figures "
                 "within one run only.")
-    return section_body([table], protocol, f"`{REPRODUCE} scaling` (alone on the machine).")
+    return section_body([table], protocol, f"`{WORLD.reproduce} scaling` (alone on the machine).")
 
 
 SWEEP = [(r2, alpha) for r2 in (0.003, 0.01, 0.03, 0.1) for alpha in (0.4, 0.6, 0.8)]
@@ -417,12 +488,12 @@ def sweep(model: str) -> None:
         if not store.has(r2=r2, alpha=alpha):
             settings = {**METHODS["fia"], "r2": r2, "alpha": alpha}
             store.put({"r2": r2, "alpha": alpha, **in_subprocess("fia", FORGET_SETS[3], settings, LIGHT_EVAL)})
-            update_section(SECTIONS["sweep"], sweep_table(store))
+            update_section(WORLD.section("sweep"), sweep_table(store))
             print(r2, alpha, store.get(r2=r2, alpha=alpha)["summary"]["forgetting_accuracy"], flush=True)
 
 
 def sweep_table(store) -> str:
-    from .benchmarks_md import model_sentence, not_measured, section_body
+    from .benchmarks_md import not_measured, section_body
 
     lines = [("| r2 | alpha | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | overall ↑ | paired similarity | "
               "weights edited |"), "|---" * 8 + "|"]
@@ -436,22 +507,22 @@ def sweep_table(store) -> str:
                      f"| {s['paired_similarity']:.3f} | {r['edited']} |")
     missing = [f"r2 {r2} alpha {alpha}" for r2, alpha in SWEEP if not store.has(r2=r2, alpha=alpha)]
     fia = ", ".join(f"{k}={v}" for k, v in METHODS["fia"].items())
-    protocol = (f"{model_sentence()} FIA ({fia}) on the forget set {', '.join(FORGET_SETS[3])} at each r2 (a concept "
+    protocol = (f"{world_words()} FIA ({fia}) on the forget set {', '.join(FORGET_SETS[3])} at each r2 (a concept "
                 "mask's sparsity: a weight must be in its row's and its layer's top r2) and alpha (a weight in at least "
                 "ceil(alpha · C) of the C concept masks is concept-agnostic and kept); FIA's defaults are r2 0.01, "
                 f"alpha 0.6. Evaluation, lighter than the methods table's (twelve erasures): {evaluation_words(LIGHT_EVAL)}. "
                 "Columns as in the methods table.")
     return section_body(["\n".join(lines)], protocol,
-                        f"`{REPRODUCE} sweep` measures the rows not yet measured on the shipped model (`--table`: only "
-                        "rewrite this section from docs/sweep-mini.json).",
-                        [*store.stale_note(f"{REPRODUCE} sweep"), *not_measured(missing)])
+                        f"`{WORLD.reproduce} sweep` measures the rows not yet measured on the shipped model (`--table`: "
+                        f"only rewrite this section from {WORLD.named('sweep', 'json')}).",
+                        [*store.stale_note(f"{WORLD.reproduce} sweep"), *not_measured(missing)])
 
 
 def lives_store(model: str):
     """The where-it-lives rows (docs/lives-mini.json), one per method and erased concept."""
     from .benchmarks_md import RowStore
 
-    return RowStore(LIVES_ROWS, ("method", "concepts"), model, MINI_GUIDANCE)
+    return RowStore(WORLD.rows("lives"), ("method", "concepts"), model, MINI_GUIDANCE)
 
 
 def lives_table(methods: list[str], model: str) -> str:
@@ -460,12 +531,12 @@ def lives_table(methods: list[str], model: str) -> str:
     store = lives_store(model)
     jobs = [(m, [c], METHODS[m], EVAL, None, m == "fia") for m in methods for group in LIVES.values()
             for c in group if not store.has(method=m, concepts=[c])]
-    measured_in_pairs(jobs, landing(store, SECTIONS["lives"], lives_markdown))
+    measured_in_pairs(jobs, landing(store, WORLD.section("lives"), lives_markdown))
     return lives_markdown(store)
 
 
 def lives_markdown(store) -> str:
-    from .benchmarks_md import model_sentence, not_measured, section_body
+    from .benchmarks_md import not_measured, section_body
 
     lines = ["| method | concept | lives | forgetting acc (before → after) ↓ | its own neurons zeroed instead | "
              "in-kind retain ↑ | cross-kind retain ↑ | overall ↑ |", "|---" * 8 + "|"]
@@ -484,7 +555,7 @@ def lives_markdown(store) -> str:
                              f"{_ci(s, 'overall')} |")
     missing = [f"{m} on {c}" for m in METHODS for group in LIVES.values() for c in group
                if not store.has(method=m, concepts=[c])]
-    protocol = (f"{model_sentence()} Each method erases one concept at a time: concepts the world teaches into known "
+    protocol = (f"{world_words()} Each method erases one concept at a time: concepts the world teaches into known "
                 f"feed-forward neurons (taught: {', '.join(LIVES['taught'])}) and concepts the base model learnt end "
                 f"to end, with no neurons of their own (base: {', '.join(LIVES['base'])}). 'Its own neurons zeroed "
                 "instead': forgetting when the taught concept's ground-truth neurons are zeroed in place of any "
@@ -493,9 +564,9 @@ def lives_markdown(store) -> str:
                 f"wherever the concept lives forgets both. Evaluation: {evaluation_words(EVAL)}. Method settings "
                 "as in the methods table. Two runs at a time, one thread each, on a 2-core CPU.")
     return section_body(["\n".join(lines)], protocol,
-                        f"`{REPRODUCE} lives` measures the rows not yet measured on the shipped model (`--methods fia`: "
-                        "a part; `--table`: only rewrite this section from docs/lives-mini.json).",
-                        [*store.stale_note(f"{REPRODUCE} lives"), *not_measured(missing)])
+                        f"`{WORLD.reproduce} lives` measures the rows not yet measured on the shipped model (`--methods "
+                        f"fia`: a part; `--table`: only rewrite this section from {WORLD.named('lives', 'json')}).",
+                        [*store.stale_note(f"{WORLD.reproduce} lives"), *not_measured(missing)])
 
 
 def attack_matrix(store) -> str:
@@ -525,7 +596,7 @@ def budget_words(kind: str, settings: dict) -> str:
 
 
 def attack_markdown(store) -> str:
-    from .benchmarks_md import model_sentence, not_measured, section_body
+    from .benchmarks_md import not_measured, section_body
 
     lines = [("| method | forget set | kind | attack success rate ↓ | attacked prompts alone | erased, same prompts ↓ | "
               "original, same prompts | anchor (original) | forgetting acc ↓ | in-kind retain ↑ | cross-kind retain ↑ | "
@@ -545,7 +616,7 @@ def attack_markdown(store) -> str:
                         if (r := next((r for r in rows if r["kind"] == kind), None)))
     first = next((r for r in rows if r["seeds"] == EVAL["seeds"]), rows[0] if rows else {"attack": {"settings": {}}})
     first = first["attack"]["settings"]
-    protocol = (f"{model_sentence()} Forget sets: " + "; ".join(f"{n}: {', '.join(FORGET_SETS[n])}" for n in ATTACK_SIZES)
+    protocol = (f"{world_words()} Forget sets: " + "; ".join(f"{n}: {', '.join(FORGET_SETS[n])}" for n in ATTACK_SIZES)
                 + f". Attacks ({budgets}; attack seed {first.get('seed')}) on the first "
                 f"{ATTACK['prompts_per_concept']} held-out prompts of each erased concept × {seed_words(ATTACK['seeds'])}, "
                 f"images {first.get('sample_steps')} steps DPM-Solver++, "
@@ -560,11 +631,12 @@ def attack_markdown(store) -> str:
                 "Forgetting and retention: the methods table's row (the same erasure: each attack runs on the erasure "
                 "the methods table scores). Method settings as in the methods table. Two runs at a time, one thread "
                 "each, on a 2-core machine shared with other jobs.")
-    reproduce = (f"`{REPRODUCE} attack` measures every row not yet measured, with the methods table's rows of the "
+    reproduce = (f"`{WORLD.reproduce} attack` measures every row not yet measured, with the methods table's rows of the "
                  "same erasures (`--sizes 3 --methods esd,salun --kinds inversion`: a part, keeping the rows already in "
-                 "docs/attack-mini.json; `--table`: only rewrite this section from them).")
+                 f"{WORLD.named('attack', 'json')}; `--table`: only rewrite this section from them).")
     return section_body([attack_matrix(store), "\n".join(lines)], protocol, reproduce,
-                        [*store.stale_note(f"{REPRODUCE} attack"), *untuned_note(store, "4 images a concept (2 prompts × seeds 0 and 1)"),
+                        [*store.stale_note(f"{WORLD.reproduce} attack"),
+                         *untuned_note(store, "4 images a concept (2 prompts × seeds 0 and 1)"),
                          *not_measured(missing)])
 
 
@@ -579,9 +651,14 @@ def main() -> None:
                         help="table, attack: attack kinds to measure on forget sets 1 and 3 (default all)")
     parser.add_argument("--table", action="store_true",
                         help="table, sweep, attack: only rewrite the section from the rows kept in docs/; measure nothing")
+    parser.add_argument("--pipeline", default="mini", choices=list(WORLDS),
+                        help="the shipped miniature model to measure: mini (the UNet) or mini-dit (the SD3 MMDiT)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .benchmarks_md import mini_model, update_section
+
+    global WORLD
+    WORLD = WORLDS[json.loads(args.job).get("pipeline", "mini") if args.part == "one" else args.pipeline]
 
     sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else None
     methods = args.methods.split(",")
@@ -595,18 +672,18 @@ def main() -> None:
         print(json.dumps(one(job["method"], job["concepts"], job["settings"], job["evaluation"], job["attacks"],
                              job["truth"])))
     elif args.table:
-        rewrite_section(args.part, mini_model())
+        rewrite_section(args.part, mini_model(WORLD.name))
     elif args.part == "plot":  # redraw from the rows kept
-        plot(methods_store(mini_model()))
+        plot(methods_store(mini_model(WORLD.name)))
     elif args.part == "scaling":
-        update_section(SECTIONS["scaling"], scaling())
+        update_section(WORLD.section("scaling"), scaling())
     elif args.part == "lives":
-        print(lives_table(methods, mini_model()))
+        print(lives_table(methods, mini_model(WORLD.name)))
     elif args.part == "sweep":
-        sweep(mini_model())
+        sweep(mini_model(WORLD.name))
     else:  # one erasure serves the methods table's row and its attacks
         print(methods_table(sizes or list(ATTACK_SIZES if args.part == "attack" else FORGET_SETS), methods, kinds,
-                            mini_model()))
+                            mini_model(WORLD.name)))
 
 
 def rewrite_section(part: str, model: str) -> None:
@@ -618,7 +695,7 @@ def rewrite_section(part: str, model: str) -> None:
     if part not in renders:
         raise SystemExit(f"--table: {part} keeps no rows; it rewrites the section of {', '.join(renders)}")
     store, render = renders[part]
-    update_section(SECTIONS[part], render(store(model)))
+    update_section(WORLD.section(part), render(store(model)))
 
 
 if __name__ == "__main__":
