@@ -68,7 +68,7 @@ ATTACK_SIZES = (1, 3)  # forget sets the prompt attack runs on
 # their own): the same method on each shows whether it needs the concept to live where it looks.
 LIVES = {"taught": ["van gogh", "pablo picasso", "tench", "golf ball"], "base": ["rembrandt", "edvard munch", "dog", "car"]}
 PARTS = {"table": "methods", "scaling": "FIA scaling", "sweep": "FIA r2/alpha sweep", "attack": "attacks",
-         "lives": "where a concept lives"}
+         "lives": "where a concept lives", "revival": "revival"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,11 @@ class World:
 
     @property
     def reproduce(self) -> str:
-        command = "HF_HUB_OFFLINE=1 python -m erase_lab.bench_methods"
+        return self.command("bench_methods")
+
+    def command(self, module: str) -> str:
+        """The command that measures this world's rows with erase_lab.<module>."""
+        command = f"HF_HUB_OFFLINE=1 python -m erase_lab.{module}"
         return command if self.name == "mini" else f"{command} --pipeline {self.name}"
 
 

@@ -2,12 +2,14 @@
 
     HF_HUB_OFFLINE=1 python -m erase_lab.bench_revival [--methods fia,conceptprune] [--sizes 1,10] [--again]
     python -m erase_lab.bench_revival --table      # rewrite the section from the rows kept, measuring nothing
+    HF_HUB_OFFLINE=1 python -m erase_lab.bench_revival --pipeline mini-dit   # the miniature SD3's
 
 For each masking method, forget set and fill of the masked weights (exact zeros, as published, or noise drawn from
 each row's weights): forgetting, in- and cross-kind retention, paired similarity and KID on neutral prompts (the
 evaluator), then the revival attack (erase.attack kind 'revival') twice: by an attacker with the erased checkpoint
 alone (its exact zeros), and by one who also has patch.safetensors (the edited locations). Rows land in
-docs/revival-mini.json one at a time; a rerun measures only the rows not there yet.
+docs/revival-mini.json (the miniature SD3's: docs/revival-mini-dit.json) one at a time; a rerun measures only the
+rows not there yet.
 """
 
 from __future__ import annotations
@@ -15,13 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
+from .bench_methods import WORLDS, World
 from .mini_gates import MINI_GUIDANCE
 
-SECTION = "Miniature world: revival"
-ROWS = Path(__file__).resolve().parent.parent / "docs" / "revival-mini.json"
-REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.bench_revival"
 IMAGENETTE = ["tench", "english springer", "cassette player", "chain saw", "church", "french horn", "garbage truck",
               "gas pump", "golf ball", "parachute"]
 FORGET_SETS = {1: ["church"], 10: IMAGENETTE}
@@ -63,7 +62,7 @@ def _ci(values: dict, key: str) -> str:
     return f"{values[key]:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def table(store) -> str:
+def table(store, world: World) -> str:
     from .benchmarks_md import model_sentence, not_measured, section_body
 
     lines = [("| method | forget set | masked weights set to | weights edited | forgetting ↓ (original) | in-kind retain ↑ "
@@ -78,33 +77,35 @@ def table(store) -> str:
                      f"({alone['revived']}) | {_ci(patch, 'attack_success_rate')} | {r['seconds']:.0f} s |")
     missing = [f"{m} on {n} ({f})" for n in FORGET_SETS for m in METHODS for f in FILLS
                if not store.has(method=m, size=n, fill=f)]
-    protocol = (f"{model_sentence()} Forget sets: 1: church; 10: the Imagenette classes ({', '.join(IMAGENETTE)}). "
+    protocol = (f"{model_sentence(shipped=world.name)} Forget sets: 1: church; 10: the Imagenette classes ({', '.join(IMAGENETTE)}). "
                 "Settings: fia: erase/configs/fia-object.yaml; conceptprune: defaults; `fill` as the column says "
                 "(zeros: pruning as published; noise: each masked weight drawn from N(mean, std) of its row's unmasked "
                 "weights, seeded). Evaluation: erase.evaluate with the mini CLIP judge, "
                 f"{PROMPTS[1]} (1 concept) or {PROMPTS[10]} (10) held-out prompts per concept × seeds "
-                f"{', '.join(map(str, SEEDS))}, 25 steps DPM-Solver++, guidance {MINI_GUIDANCE:g}; brackets: 95% "
+                f"{', '.join(map(str, SEEDS))}, 25 steps {world.sampler}, guidance {MINI_GUIDANCE:g}; brackets: 95% "
                 "bootstrap intervals; forgetting, retain, paired similarity and KID as in the methods table, with the "
                 "original model's forgetting in brackets. Revival: erase.attack kind 'revival' (SoftImpute of the "
-                "pruned entries of every ff.net.2 weight, rank 50, ≤ 100 iterations; signs of the top 60% completed "
+                "pruned entries of every edited weight, rank 50, ≤ 100 iterations; signs of the top 60% completed "
                 "magnitudes; magnitudes ≥ the row's largest kept weight), on the same prompts and seeds; its success "
                 "rate counts an image judged the concept with the revived weights or the erased ones. 'Checkpoint "
                 "alone': the attacker finds the pruned entries as exact zeros outside all-zero columns and rows (the "
                 "mini model ships dead FFN units as zero columns); 'with the patch': the attacker reads the edited "
                 "locations from patch.safetensors. Erasure time: one thread, beside other jobs on a 2-core machine.")
+    command = world.command("bench_revival")
     return section_body(["\n".join(lines)], protocol,
-                        f"`{REPRODUCE}` measures the rows not yet measured (`--again`: all of them; `--table`: only "
-                        "rewrite this section from docs/revival-mini.json).",
-                        [*store.stale_note(REPRODUCE), *not_measured(missing)])
+                        f"`{command}` measures the rows not yet measured (`--again`: all of them; `--table`: only "
+                        f"rewrite this section from {world.named('revival', 'json')}).",
+                        [*store.stale_note(command), *not_measured(missing)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated masking methods")
     parser.add_argument("--sizes", default="1,10", help="comma-separated forget-set sizes (1, 10)")
-    parser.add_argument("--again", action="store_true", help="measure rows already in docs/revival-mini.json again")
-    parser.add_argument("--table", action="store_true", help="only rewrite the section from docs/revival-mini.json; "
-                        "measure nothing")
+    parser.add_argument("--again", action="store_true", help="measure rows already recorded again")
+    parser.add_argument("--table", action="store_true", help="only rewrite the section from its rows; measure nothing")
+    parser.add_argument("--pipeline", default="mini", choices=list(WORLDS),
+                        help="the shipped miniature model: mini (the UNet) or mini-dit (the SD3 MMDiT)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     methods, sizes = args.methods.split(","), [int(n) for n in args.sizes.split(",")]
@@ -117,17 +118,18 @@ def main() -> None:
 
     from .benchmarks_md import RowStore, mini_model, update_section
 
-    store = RowStore(ROWS, ("method", "size", "fill"), mini_model(), MINI_GUIDANCE)
+    world = WORLDS[args.pipeline]
+    store = RowStore(world.rows("revival"), ("method", "size", "fill"), mini_model(world.name), MINI_GUIDANCE)
     if args.table:
-        return update_section(SECTION, table(store))
+        return update_section(world.section("revival"), table(store, world))
     torch.set_num_threads(1)
-    pipe = erase.load_pipeline("mini")
+    pipe = erase.load_pipeline(world.name)
     for size in sizes:
         for method in methods:
             for fill in FILLS:
                 if args.again or not store.has(method=method, size=size, fill=fill):
                     store.put(measure(pipe, method, size, fill))
-                    update_section(SECTION, table(store))
+                    update_section(world.section("revival"), table(store, world))
                     print(method, size, fill, flush=True)
 
 
