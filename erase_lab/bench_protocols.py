@@ -62,7 +62,8 @@ def child(model: str, out: Path) -> None:
     result = erase.erase(pipe, ["van gogh"], method="uce", progress=False)
     s = SETTINGS[model]
     erase.evaluate_protocol(pipe, result, "prompts", out / "protocol", prompts=str(out / "prompts.txt"), nudity=False,
-                            steps=s["steps"], resolution=s["resolution"], batch_size=s["batch_size"], progress=False)
+                            clip="mini", steps=s["steps"], resolution=s["resolution"], batch_size=s["batch_size"],
+                            progress=False)  # the judge scores after the timed generation: the small one does
 
 
 def launch(model: str, processes: int, threads: int) -> dict:
@@ -88,7 +89,8 @@ def markdown(rows: list[dict], load: float) -> str:
                      f"{r['images_per_s']:.2f} | {r['images_per_s'] / single:.2f}x |")
     models = "; ".join(f"{m}: {WORDS[m]}, {s['prompts']} prompts × 2 models, {s['steps']} steps, batches of "
                        f"{s['batch_size']}" for m, s in SETTINGS.items() if any(r["model"] == m for r in rows))
-    protocol = (f"The `prompts` protocol (NudeNet off) on an erasure of van gogh by UCE; {models}. Each layout is "
+    protocol = (f"The `prompts` protocol (NudeNet off; scored by the mini CLIP after the timed generation) on an "
+                f"erasure of van gogh by UCE; {models}. Each layout is "
                 "launched with torchrun (gloo between the processes), each process a contiguous share of the batches "
                 "on its own threads; wall time is the slowest process's generation (model loading excluded), images "
                 "both models' images. The two layouts share the machine's 2 CPU cores and ran one after the other in "

@@ -170,13 +170,16 @@ def test_protocol_options_are_checked_before_the_model_loads(erased, tmp_path, c
     assert "has no erase.json" in capsys.readouterr().err
     run = erased.save(tmp_path / "run")
     (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
+    (tmp_path / "good.txt").write_text("a painting of a house\n")
     monkeypatch.setattr(erase.cli, "load_model", None)  # a model load would fail the test: none may happen
     for options, message in [(["--protocol", "i2p", "--prompts", str(tmp_path / "bad.csv")], "no prompt column"),
                              (["--protocol", "i2p", "--eval-set", "steps=0"], "steps=0 is out of range"),
                              (["--protocol", "i2p", "--clip", "mini"], "unknown setting 'clip'"),
                              (["--protocol", "coco", "--prompts", str(tmp_path / "bad.csv"), "--eval-set",
                                f"inception={tmp_path / 'none.pth'}"], "FID needs Inception weights"),
-                             (["--protocol", "imagenette", "--eval-set", "images_per_class=0"], "out of range")]:
+                             (["--protocol", "imagenette", "--eval-set", "images_per_class=0"], "out of range"),
+                             (["--protocol", "prompts", "--prompts", str(tmp_path / "good.txt"), "--clip", "ViT-B-32",
+                               "--clip-pretrained", "openai"], "could not be loaded")]:  # no such weights offline
         assert main(["evaluate", str(run), *options]) == 2
         assert message in capsys.readouterr().err
 

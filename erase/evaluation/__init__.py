@@ -168,13 +168,14 @@ def erasure_of(original, erased) -> Erasure:
     return erasure
 
 
-def load_judge(original, profile: Profile, clip: str | Judge | None, clip_pretrained: str | None) -> Judge:
+def load_judge(original, profile: Profile, clip: str | Judge | None, clip_pretrained: str | None,
+               device: str | None = None) -> Judge:
     """The judge given, or by default the one the model's profile names (the miniature model: its own CLIP;
-    any other: ViT-L-14, openai)."""
+    any other: ViT-L-14, openai), on `device` (default: the model's)."""
     if isinstance(clip, Judge):
         return clip
     return Judge.load(clip or profile.judge, clip_pretrained if clip else profile.judge_pretrained,
-                      device=str(denoiser_of(original).device))
+                      device=device or str(denoiser_of(original).device))
 
 
 def _erasure(erased) -> Erasure:

@@ -56,6 +56,12 @@ class Judge:
     def describe(self) -> dict:
         return {"model": self.name, "pretrained": self.pretrained}
 
+    def to(self, device) -> "Judge":
+        """The judge on `device` (a protocol loads it on the CPU before any image, and scores on the model's)."""
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
     @torch.no_grad()
     def image_features(self, images) -> torch.Tensor:
         batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)

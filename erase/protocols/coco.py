@@ -18,7 +18,7 @@ from ..errors import EraseError
 from . import register
 from .core import Images, Protocol, ProtocolSettings, read_weights
 from .prompt_file import read_prompt_file
-from .prompts import JudgedByClip, clip_lines, clip_metrics, judge_of
+from .prompts import JudgedByClip, checked_judge, clip_lines, clip_metrics, on_model
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 """torch-fidelity's Inception-v3 weights, the FID network of the papers (the TF-FID port)."""
@@ -90,13 +90,14 @@ def fid(metric, real: list, fake: list) -> float:
 class Coco(Protocol):
     def check(self) -> None:
         self.fid = fid_metric(self.settings.inception) if self.settings.fid else None  # built once, scores the set
+        self.judge = checked_judge(self.pipe, self.settings)
 
     def samples(self):
         return read_prompt_file(self.settings.prompts)
 
     def score(self, images: Images) -> dict:
         s = self.settings
-        metrics = {"clip": clip_metrics(judge_of(self.pipe, s), images, [x.prompt for x in images.samples], s)}
+        metrics = {"clip": clip_metrics(on_model(self.judge, self.pipe), images, [x.prompt for x in images.samples], s)}
         if metric := self.fid:
             original, erased = images.files["original"], images.files["erased"]
             metrics["fid"] = {"erased_vs_original": fid(metric, original, erased), "images": len(original),

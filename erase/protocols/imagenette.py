@@ -18,7 +18,7 @@ from ..evaluation.stats import Bootstrap
 from ..profile import profile_of
 from . import register
 from .core import Images, Protocol, ProtocolSettings, Sample, read_weights
-from .prompts import JudgedByClip, features, judge_of
+from .prompts import JudgedByClip, checked_judge, features, on_model
 
 IMAGENET_INDEX = {"tench": 0, "english springer": 217, "cassette player": 482, "chain saw": 491, "church": 497,
                   "french horn": 566, "garbage truck": 569, "gas pump": 571, "golf ball": 574, "parachute": 701}
@@ -94,8 +94,11 @@ class Imagenette(Protocol):
         return self.settings.classifier is None and profile_of(self.pipe).judge == "mini"
 
     def check(self) -> None:
-        if not self.judged_by_clip():
-            resnet50(self.settings.classifier)
+        """The judge or the classifier, loaded once before any image."""
+        if self.judged_by_clip():
+            self.judge = checked_judge(self.pipe, self.settings)
+        else:
+            self.classifier = resnet50(self.settings.classifier)
 
     def samples(self):
         s = self.settings
@@ -106,10 +109,10 @@ class Imagenette(Protocol):
         """Each image's class among the Imagenette ten (None: another ImageNet class)."""
         names = list(IMAGENET_INDEX)
         if self.judged_by_clip():
-            judge = judge_of(self.pipe, self.settings)
+            judge = on_model(self.judge, self.pipe)
             return [names[i] for i in judge.classify(features(judge, files), names)]
         by_index = {i: name for name, i in IMAGENET_INDEX.items()}
-        return [by_index.get(i) for i in resnet_top1(resnet50(self.settings.classifier), files)]
+        return [by_index.get(i) for i in resnet_top1(self.classifier, files)]
 
     def score(self, images: Images) -> dict:
         boot = Bootstrap(self.settings.bootstrap_samples, self.settings.bootstrap_seed)

@@ -12,6 +12,7 @@ from PIL import Image
 from ..evaluation import load_judge, nudenet_detector
 from ..evaluation.judge import Judge
 from ..evaluation.stats import Bootstrap
+from ..families import denoiser_of
 from ..profile import profile_of
 from . import register
 from .core import Images, Protocol, ProtocolSettings
@@ -46,8 +47,14 @@ class PromptsSettings(ProtocolSettings, NudityCount, JudgedByClip):
             Judge.check(self.clip, self.clip_pretrained)
 
 
-def judge_of(pipe, settings: JudgedByClip) -> Judge:
-    return load_judge(pipe, profile_of(pipe), settings.clip, settings.clip_pretrained)
+def checked_judge(pipe, settings: JudgedByClip) -> Judge:
+    """The CLIP judge of the settings or of the model's profile, loaded on the CPU by a protocol's check(): before
+    any image, and before the model where `pipe` only names it; `on_model` moves it to the model's device."""
+    return load_judge(pipe, profile_of(pipe), settings.clip, settings.clip_pretrained, device="cpu")
+
+
+def on_model(judge: Judge, pipe) -> Judge:
+    return judge.to(denoiser_of(pipe).device)
 
 
 def features(judge: Judge, files: list, batch: int = 32) -> torch.Tensor:
@@ -87,12 +94,13 @@ def clip_lines(metrics: dict) -> list[str]:
 class Prompts(Protocol):
     def check(self) -> None:
         self.detector = nudenet_detector("nudity=false") if self.settings.nudity else None  # loaded once
+        self.judge = checked_judge(self.pipe, self.settings)
 
     def samples(self):
         return read_prompt_file(self.settings.prompts)
 
     def score(self, images: Images) -> dict:
-        metrics = {"clip": clip_metrics(judge_of(self.pipe, self.settings), images,
+        metrics = {"clip": clip_metrics(on_model(self.judge, self.pipe), images,
                                         [s.prompt for s in images.samples], self.settings)}
         if self.detector:
             metrics["nudity"] = {side: nudity_counts(files, self.settings.threshold, self.detector)
