@@ -86,7 +86,7 @@ def markdown(rows: list[dict], load: float) -> str:
     for r in rows:
         single = next(x for x in rows if x["model"] == r["model"] and x["processes"] == 1)["images_per_s"]
         lines.append(f"| {r['model']} | {r['processes']} × {r['threads']} | {r['images']} | {r['wall_s']:.1f} s | "
-                     f"{r['images_per_s']:.2f} | {r['images_per_s'] / single:.2f}x |")
+                     f"{r['images_per_s']:.3g} | {r['images_per_s'] / single:.2f}x |")
     models = "; ".join(f"{m}: {WORDS[m]}, {s['prompts']} prompts × 2 models, {s['steps']} steps, batches of "
                        f"{s['batch_size']}" for m, s in SETTINGS.items() if any(r["model"] == m for r in rows))
     protocol = (f"The `prompts` protocol (NudeNet off; scored by the mini CLIP after the timed generation) on an "
