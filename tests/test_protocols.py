@@ -273,3 +273,24 @@ def test_coco_scores_clip_and_fid_through_torchmetrics(mini, erased, tmp_path):
     assert again.metrics["fid"]["original_vs_reference"] == pytest.approx(0, abs=1e-2)  # the same images
     assert again.metrics["fid"]["erased_vs_reference"] == pytest.approx(fid["erased_vs_original"], rel=1e-3)
     assert "FID erased vs original" in (tmp_path / "c" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("builder", ["tiny_pipeline", "tiny_sd3_pipeline"])
+def test_a_protocol_runs_on_tiny_unet_and_transformer_pipelines(builder, tmp_path):
+    """Beyond the miniature world: the prompts protocol on a tiny SD1-shaped and a tiny SD3-shaped pipeline, each
+    image at the asked resolution, the table filled."""
+    from PIL import Image
+
+    import erase_lab.tiny
+
+    pipe = getattr(erase_lab.tiny, builder)()
+    result = erase.erase(pipe, "church", prompts_per_concept=2, saliency_steps=2, steps=4, resolution=32, progress=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a church in a field\na house by a lake\n")
+    report = erase.evaluate_protocol(pipe, result, "prompts", tmp_path / "p", prompts=prompts, clip="mini",
+                                     nudity=False, resolution=32, steps=2, progress=False)
+    for side in ("original", "erased"):
+        files = sorted((tmp_path / "p" / "images" / side).glob("*.png"))
+        assert len(files) == 2 and all(Image.open(f).size == (32, 32) for f in files)
+    assert 0 <= report.metrics["clip"]["paired_similarity"]["value"] <= 1.0001
+    assert "| CLIP score, original |" in (tmp_path / "p" / "report.md").read_text()
