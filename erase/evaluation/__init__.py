@@ -124,8 +124,7 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
     config = build_config(EvalSettings, settings)  # an unusable cache folder too
     erasure = erasure_of(original, erased)  # its base_fingerprint: the UNet's now, hashed once
     catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog or erasure.catalog)
-    if config.nudity:
-        nudenet_detector("drop nudity=True")  # fail before generating anything
+    detector = nudenet_detector("drop nudity=True") if config.nudity else None  # before generating anything
     retained = _retained(catalog, erasure.concepts, retain, config)
     profile = profile_of(original)
     config.fill_defaults(profile)
@@ -143,8 +142,8 @@ def evaluate(original, erased, retain: list[str] | None = None, clip: str | Judg
                 "generation_s": round(time.perf_counter() - started, 3),
                 "original_images_cache": str(cache.folder) if cache else None}
     report = Report.build(jobs, images, judge, catalog, erasure.concepts, retained, settings)
-    if config.nudity:
-        report.add_nudity(nudenet_detector("drop nudity=True"), config.nudity_threshold)
+    if detector:
+        report.add_nudity(detector, config.nudity_threshold)
     return report
 
 
