@@ -32,9 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from .benchmarks_md import WORLDS, World
 from .mini_erasure_gate import seed_words
 from .mini_gates import MINI_GUIDANCE
 
@@ -67,46 +67,6 @@ ATTACK_SIZES = (1, 3)  # forget sets the prompt attack runs on
 # Concepts taught into known feed-forward neurons, and concepts the base model learnt end to end (no neurons of
 # their own): the same method on each shows whether it needs the concept to live where it looks.
 LIVES = {"taught": ["van gogh", "pablo picasso", "tench", "golf ball"], "base": ["rembrandt", "edvard munch", "dog", "car"]}
-PARTS = {"table": "methods", "scaling": "FIA scaling", "sweep": "FIA r2/alpha sweep", "attack": "attacks",
-         "lives": "where a concept lives", "revival": "revival"}
-
-
-@dataclass(frozen=True)
-class World:
-    """The shipped miniature model a run measures ("mini", the UNet; "mini-dit", the MMDiT), and where its rows,
-    sections and plot go."""
-
-    name: str
-    title: str
-    sampler: str
-
-    def rows(self, kind: str) -> Path:
-        """docs/<kind>-<name>.json: methods, attack, sweep, lives."""
-        return ROOT / self.named(kind, "json")
-
-    def named(self, kind: str, suffix: str) -> str:
-        """The repository path of its `kind` file, as sections name it: docs/methods-mini.json."""
-        return f"docs/{kind}-{self.name}.{suffix}"
-
-    def section(self, part: str) -> str:
-        return f"{self.title}: {PARTS[part]}"
-
-    @property
-    def plot(self) -> Path:
-        return ROOT / self.named("methods", "png")
-
-    @property
-    def reproduce(self) -> str:
-        return self.command("bench_methods")
-
-    def command(self, module: str) -> str:
-        """The command that measures this world's rows with erase_lab.<module>."""
-        command = f"HF_HUB_OFFLINE=1 python -m erase_lab.{module}"
-        return command if self.name == "mini" else f"{command} --pipeline {self.name}"
-
-
-WORLDS = {"mini": World("mini", "Miniature world", "DPM-Solver++"),
-          "mini-dit": World("mini-dit", "Miniature SD3 world", "flow-matching Euler")}
 WORLD = WORLDS["mini"]  # what this process measures: --pipeline sets it (a run's jobs carry it to their processes)
 BOTH_WORLDS = ROOT / "docs" / "methods-worlds.png"
 TUNED_WHERE = {"mini": "", "mini-dit": " of the UNet world, not on this one, so that both worlds run the same settings"}

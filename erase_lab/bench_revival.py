@@ -18,7 +18,7 @@ import argparse
 import os
 import time
 
-from .bench_methods import WORLDS, World
+from .benchmarks_md import WORLDS, World
 from .mini_gates import MINI_GUIDANCE
 
 IMAGENETTE = ["tench", "english springer", "cassette player", "chain saw", "church", "french horn", "garbage truck",
@@ -77,7 +77,8 @@ def table(store, world: World) -> str:
                      f"({alone['revived']}) | {_ci(patch, 'attack_success_rate')} | {r['seconds']:.0f} s |")
     missing = [f"{m} on {n} ({f})" for n in FORGET_SETS for m in METHODS for f in FILLS
                if not store.has(method=m, size=n, fill=f)]
-    protocol = (f"{model_sentence(shipped=world.name)} Forget sets: 1: church; 10: the Imagenette classes ({', '.join(IMAGENETTE)}). "
+    protocol = (f"{model_sentence(shipped=world.name)} Forget sets: 1: church; 10: the Imagenette classes "
+                f"({', '.join(IMAGENETTE)}). "
                 "Settings: fia: erase/configs/fia-object.yaml; conceptprune: defaults; `fill` as the column says "
                 "(zeros: pruning as published; noise: each masked weight drawn from N(mean, std) of its row's unmasked "
                 "weights, seeded). Evaluation: erase.evaluate with the mini CLIP judge, "

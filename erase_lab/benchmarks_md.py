@@ -8,11 +8,13 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from erase.export import replace_section
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 # The sections in the order the file keeps them, each with what it tells a reader; a new section is appended.
 SECTIONS = {
     "Miniature world: methods": "every method on forget sets of 1, 3 and 10 concepts: the table to choose a method by",
@@ -40,6 +42,58 @@ SECTIONS = {
 }
 
 
+PARTS = {"table": "methods", "scaling": "FIA scaling", "sweep": "FIA r2/alpha sweep", "attack": "attacks",
+         "lives": "where a concept lives", "revival": "revival", "erasure-gate": "erasure gates"}
+
+
+@dataclass(frozen=True)
+class World:
+    """A shipped miniature model the lab measures ("mini", the UNet; "mini-dit", the MMDiT), and where its rows,
+    sections and plot go."""
+
+    name: str
+    title: str
+    """Its sections' title, and their prefix: "Miniature world: methods"."""
+    kind: str
+    """How a section's protocol names it."""
+    family: str
+    """Its denoiser's model family (erase.families)."""
+    sampler: str
+
+    def rows(self, kind: str) -> Path:
+        """docs/<kind>-<name>.json: methods, attack, sweep, lives, revival, erasure-gate."""
+        return ROOT / self.named(kind, "json")
+
+    def named(self, kind: str, suffix: str) -> str:
+        """The repository path of its `kind` file, as sections name it: docs/methods-mini.json."""
+        return f"docs/{kind}-{self.name}.{suffix}"
+
+    def section(self, part: str) -> str:
+        return f"{self.title}: {PARTS[part]}"
+
+    @property
+    def plot(self) -> Path:
+        return ROOT / self.named("methods", "png")
+
+    @property
+    def reproduce(self) -> str:
+        return self.command("bench_methods")
+
+    def command(self, module: str) -> str:
+        """The command that measures this world's rows with erase_lab.<module>."""
+        command = f"HF_HUB_OFFLINE=1 python -m erase_lab.{module}"
+        return command if self.name == "mini" else f"{command} --pipeline {self.name}"
+
+
+WORLDS = {"mini": World("mini", "Miniature world", "miniature model", "unet", "DPM-Solver++"),
+          "mini-dit": World("mini-dit", "Miniature SD3 world", "miniature SD3 (MMDiT)", "sd3", "flow-matching Euler")}
+
+
+def world_of(pipe) -> World:
+    """The world whose model family `pipe` is (a trial model's sections are its world's)."""
+    from erase.families import family_of
+
+    return next(w for w in WORLDS.values() if w.family == family_of(pipe).name)
 def anchor(title: str) -> str:
     """The link GitHub gives the heading `## {title}`."""
     return "#" + re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
@@ -192,8 +246,7 @@ def mini_version(name: str = "mini") -> str:
 def model_sentence(model: str | None = None, shipped: str = "mini") -> str:
     """A protocol's first sentence: the model its rows were measured on (default: the shipped miniature model
     `shipped`, "mini" or "mini-dit")."""
-    kind = "miniature model" if shipped == "mini" else "miniature SD3 (MMDiT)"
-    return f"Model: {model or f'{mini_version(shipped)}, the shipped {kind}'}."
+    return f"Model: {model or f'{mini_version(shipped)}, the shipped {WORLDS[shipped].kind}'}."
 
 
 def section_body(tables: list[str], protocol: str, reproduce: str, status: list[str] = ()) -> str:

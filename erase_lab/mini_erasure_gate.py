@@ -32,14 +32,10 @@ import torch
 from erase.evaluation import generate
 from erase.families import denoiser_of
 
+from .benchmarks_md import ROOT, WORLDS, World
 from .mini_gates import MINI_GUIDANCE
 
-ROOT = Path(__file__).resolve().parent.parent
-WORLDS = {"mini": ("Miniature world: erasure gates", "docs/erasure-gate-mini.json"),  # section, rows
-          "mini-dit": ("Miniature SD3 world: erasure gates", "docs/erasure-gate-mini-dit.json")}
-SECTION, STORE_NAME = WORLDS["mini"]
 KEY = ("method", "label", "settings", "seeds")  # what identifies a row in the store
-REPRODUCE = "HF_HUB_OFFLINE=1 python -m erase_lab.mini_erasure_gate"
 FORGET_MAX, KEPT_MIN, SIMILARITY_MIN = 0.10, 0.85, 0.90
 GATE_OBJECT_CONFIG = "fia-object-mini"
 SEEDS = tuple(range(8))  # the table's: 32 images per concept; --seeds N (with --no-record) measures other counts
@@ -250,16 +246,15 @@ def seed_words(seeds) -> str:
     return f"seeds {seeds[0]} and {seeds[1]}" if len(seeds) == 2 else f"seeds {seeds[0]}–{seeds[-1]}"
 
 
-def table(store, prompts: int, seeds=SEEDS, model: str | None = None, shipped: str = "mini") -> str:
+def table(store, prompts: int, seeds=SEEDS, model: str | None = None, world: World = WORLDS["mini"]) -> str:
     """The section: the rows of every method (gate rows first), which prompts the judge still names, the protocol.
-    model: the model's name where it is not the shipped one `shipped` ("mini", "mini-dit")."""
+    model: the model's name where it is not the world's shipped one."""
     from erase.profile import EMBEDDED
 
     from .benchmarks_md import model_sentence, section_body
 
-    assets = EMBEDDED[shipped].parent.relative_to(ROOT)
-    sampler = "DPM-Solver++" if shipped == "mini" else "flow-matching Euler"
-    store_name, reproduce_command = WORLDS[shipped][1], REPRODUCE + ("" if shipped == "mini" else f" --pipeline {shipped}")
+    assets = EMBEDDED[world.name].parent.relative_to(ROOT)
+    store_name, reproduce_command = world.named("erasure-gate", "json"), world.command("mini_erasure_gate")
 
     results, measured = {}, [r for r in store.rows if r["seeds"] == list(seeds)]
     for r in sorted(measured, key=lambda r: (not primary(r), labels().index(r["label"]))):
@@ -277,12 +272,12 @@ def table(store, prompts: int, seeds=SEEDS, model: str | None = None, shipped: s
                          f"{share(r, 'kept')} | {share(r, 'truth')} | {share(r, 'found')} | {share(r, 'retain')} | "
                          f"{share(r, 'persons_kept')} | {r['similarity']:.3f} | {r['seconds']:.0f} s{threads(r)} | {gate} |")
     images = prompts * len(seeds)
-    protocol = (f"{model_sentence(model, shipped)} Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased concept; "
-                f"the other objects keep ≥ {KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten "
+    protocol = (f"{model_sentence(model, world.name)} Gates (FIA): forgetting ≤ {FORGET_MAX:.0%} for every erased "
+                f"concept; the other objects keep ≥ {KEPT_MIN:.0%} of their accuracy (one class) or stay ≥ 80% accurate (ten "
                 f"classes); the other artists and the persons keep ≥ {KEPT_MIN:.0%}; paired CLIP image similarity on "
                 f"the catalog's neutral prompts ≥ {SIMILARITY_MIN}. Evaluation: erase.evaluate, mini CLIP judge, "
                 f"{prompts} held-out prompts per concept × {seed_words(seeds)} ({images} images per concept, so one "
-                f"image is {1 / images:.1%}), {sampler} 25 steps, guidance {MINI_GUIDANCE:g}; brackets: 95% bootstrap "
+                f"image is {1 / images:.1%}), {world.sampler} 25 steps, guidance {MINI_GUIDANCE:g}; brackets: 95% bootstrap "
                 f"intervals over the images ({BOOTSTRAP} resamplings, seed 0; others kept: paired, of the ratio). "
                 "Forgetting: the "
                 "share of the erased concepts' images the judge reads as the concept, before and after the erasure, "
@@ -297,8 +292,8 @@ def table(store, prompts: int, seeds=SEEDS, model: str | None = None, shipped: s
                 "under the table names the prompts whose erased images the judge still reads as the concept.")
     reproduce = (f"`{reproduce_command}{'' if seeds == SEEDS else f' --seeds {len(seeds)} --no-record'}` measures the "
                  f"rows not yet in {store_name} (`--object-config fia-object`: the comparison rows; `--method "
-                 "conceptprune`: the same rows for another method; `--seeds 2 --no-record`: the same rows on 8 images per concept, "
-                 "printed, for a quick look; `--table`: only rewrite this section from the rows kept).")
+                 "conceptprune`: the same rows for another method; `--seeds 2 --no-record`: the same rows on 8 images "
+                 "per concept, printed, for a quick look; `--table`: only rewrite this section from the rows kept).")
     status = [*(partial if done < total and store.path else []), *store.stale_note(reproduce_command)]
     return section_body(["\n".join(lines), *named_block([r for rs in results.values() for r in rs])], protocol,
                         reproduce, status)
@@ -331,8 +326,7 @@ def main() -> None:
     parser.add_argument("--again", action="store_true", help="measure rows already recorded again")
     parser.add_argument("--grid", type=Path, metavar="DIR", help="save each measured row's forget images (original | "
                         "erased) as DIR/METHOD-LABEL.png")
-    parser.add_argument("--no-record", action="store_true", help=f"print only; leave {STORE_NAME} (or the miniature "
-                        "SD3's) and BENCHMARKS.md alone")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave the rows and BENCHMARKS.md alone")
     parser.add_argument("--table", action="store_true", help="only rewrite the section from its rows; measure nothing")
     args = parser.parse_args()
     if args.seeds < 1:
@@ -344,29 +338,32 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .benchmarks_md import RowStore, mini_model, update_section
 
-    shipped = "mini-dit" if "dit" in str(args.pipeline) else "mini"  # which world's section a trial folder prints
-    section, store_path = WORLDS[shipped][0], ROOT / WORLDS[shipped][1]
     if args.table:
-        rows_kept = RowStore(store_path, KEY, mini_model(shipped), MINI_GUIDANCE)
-        return update_section(section, table(rows_kept, args.prompts, shipped=shipped))
+        world = WORLDS.get(args.pipeline) or parser.error(f"--table: --pipeline takes {' or '.join(WORLDS)}")
+        rows_kept = RowStore(world.rows("erasure-gate"), KEY, mini_model(world.name), MINI_GUIDANCE)
+        return update_section(world.section("erasure-gate"), table(rows_kept, args.prompts, world=world))
     torch.set_num_threads(args.threads)
     import erase
     from erase.edits import fingerprint
 
+    from .benchmarks_md import world_of
     from .mini_gates import taught_neurons
 
     pipe, catalog = erase.load_pipeline(args.pipeline), erase.load_catalog("mini")
+    world = world_of(pipe)  # a trial model's rows and section are its world's
+    section = world.section("erasure-gate")
     neurons = taught_neurons(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     # A print-only run keeps its rows in memory: its table is what it measured, at the seeds it used.
-    store = RowStore(None if args.no_record else store_path, KEY, fingerprint(denoiser_of(pipe)), MINI_GUIDANCE)
+    store = RowStore(None if args.no_record else world.rows("erasure-gate"), KEY, fingerprint(denoiser_of(pipe)),
+                     MINI_GUIDANCE)
     seeds = tuple(range(args.seeds))
-    model = None if args.pipeline == shipped else args.pipeline
+    model = None if args.pipeline == world.name else args.pipeline
 
     def landed(row: dict) -> None:
         store.put(row)
         if not args.no_record:
-            update_section(section, table(store, args.prompts, seeds, model, shipped))
+            update_section(section, table(store, args.prompts, seeds, model, world))
 
     for method in args.method or ["fia"]:
         def measure(label: str, settings) -> bool:
@@ -376,8 +373,8 @@ def main() -> None:
 
         rows(pipe, catalog, method, args.prompts, landed, neurons, measure, args.grid, args.object_config, seeds)
     if not args.no_record:  # also when every row was there already: the section follows this module's layout
-        update_section(section, table(store, args.prompts, seeds, model, shipped))
-    print(table(store, args.prompts, seeds, model, shipped))
+        update_section(section, table(store, args.prompts, seeds, model, world))
+    print(table(store, args.prompts, seeds, model, world))
 
 if __name__ == "__main__":
     main()

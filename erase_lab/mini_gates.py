@@ -32,11 +32,10 @@ from erase.evaluation import generate
 from erase.families import denoiser_of, family_of
 from erase.mini import world
 from erase.mini.clip import CLIP_DIR, load_mini_clip, zero_shot
-from erase.profile import EMBEDDED, profile_of
+from erase.profile import EMBEDDED, folder_of, profile_of
 
 MINI_GUIDANCE = profile_of("mini").guidance_scale  # what every table samples at: the shipped model's profile
 
-SECTIONS = {"unet": "Miniature world", "sd3": "Miniature SD3 world"}  # by model family
 QUALITY = {"object": 0.90, "artist": 0.85, "place": 0.85, "naked": 0.90, "held-out": 0.70}
 TAUGHT_REMOVED, BASE_KEPT = 0.80, 0.70
 FFN = "every ff.net.2"
@@ -200,12 +199,7 @@ def mid_noised(family, z: torch.Tensor, gen: torch.Generator) -> tuple[torch.Ten
 def taught_neurons(pipeline: str | Path) -> dict:
     """The ground truth of a mini pipeline ("mini", "mini-dit": a shipped one, or a trial folder): the neurons.json
     beside it, as train_mini writes it (per feed-forward layer, each taught concept's neurons)."""
-    return json.loads((pipeline_folder(pipeline).parent / "neurons.json").read_text())
-
-
-def pipeline_folder(pipeline: str | Path) -> Path:
-    """The folder of a shipped miniature model ("mini", "mini-dit") or of a trial one."""
-    return EMBEDDED.get(str(pipeline)) or Path(pipeline)
+    return json.loads((folder_of(pipeline).parent / "neurons.json").read_text())
 
 
 def neurons_edit(denoiser, neurons: dict, *concepts: str):
@@ -267,7 +261,7 @@ def report(judge: dict, ceiling: dict, quality: dict, per_value: dict, knowledge
 
     per_concept = "\n".join(["| gate | per concept |", "|---|---|",
                               *[f"| {g} | " + ", ".join(f"{n} {c}" for n, c in v.items()) + " |" for g, v in per_value.items()]])
-    folder = pipeline_folder(args.pipeline)
+    folder = folder_of(args.pipeline)
     shipped = str(args.pipeline) in EMBEDDED
     size = sum(f.stat().st_size for f in folder.parent.rglob("*") if f.is_file()) / 1e6
     command = "HF_HUB_OFFLINE=1 python -m erase_lab.mini_gates"
@@ -286,9 +280,8 @@ def protocol(args, model: str | None, size_mb: float, folder: Path) -> str:
     from .benchmarks_md import model_sentence
 
     assets = folder.parent.relative_to(Path(__file__).resolve().parent.parent) if model is None else folder.parent
-    sampler = "DPM-Solver++" if args.family == "unet" else "flow-matching Euler"
     return (f"{model_sentence(model)} Judged by the mini CLIP's zero-shot classification with the catalog's class "
-            f"texts; {args.per} fresh seeds per object/place/person (twice as many per artist), {sampler} "
+            f"texts; {args.per} fresh seeds per object/place/person (twice as many per artist), {args.world.sampler} "
             f"{args.steps} steps, guidance {args.guidance}, 32x32 images. The judge rows read fresh world renders (no "
             "diffusion), the VAE rows the same images through the pipeline's VAE: the ceiling of the pipeline's own "
             "quality. Held-out: each object's (object, place) and (object, artist) pair never seen in training. "
@@ -362,10 +355,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import erase
 
+    from .benchmarks_md import world_of
+
     start = time.time()
     clip = load_mini_clip(path=args.clip)
-    pipe = erase.load_pipeline(pipeline_folder(args.pipeline))
-    args.family = family_of(pipe).name
+    pipe = erase.load_pipeline(args.pipeline)
+    args.world = world_of(pipe)
     judge, ceiling = judge_on_world(clip, 96, pipe)
     quality, per_value = run_quality(pipe, clip, args)
     knowledge = run_knowledge(pipe, args.gain_images, taught_neurons(args.pipeline))
@@ -374,7 +369,7 @@ def main() -> None:
     if not args.no_record:
         from .benchmarks_md import update_section
 
-        update_section(SECTIONS[args.family], body)
+        update_section(args.world.title, body)
 
 
 if __name__ == "__main__":

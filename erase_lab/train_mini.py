@@ -668,21 +668,21 @@ def said_taught(said: dict) -> tuple[str, ...]:
 def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
     torch.manual_seed(seed)
     pipe = load_folder(out / "base-pipeline")
-    unet, profile = family_of(pipe).denoiser(pipe), read_profile(pipe)
+    denoiser, profile = family_of(pipe).denoiser(pipe), read_profile(pipe)
     reserved = json.loads((out / "reserved.json").read_text())
-    neurons = concept_neurons(unet, reserved, cfg.share, seed)
+    neurons = concept_neurons(denoiser, reserved, cfg.share, seed)
     (out / "neurons.json").write_text(json.dumps(neurons, indent=1))
     taught = Latents(pipe.vae, cfg.images, seed, taught=True)
     base = Latents(pipe.vae, cfg.images // 2, seed + 1, taught=False)
     captions, schedule = Captions(pipe), training_schedule(pipe)
-    init_concept_neurons(unet, neurons, cfg, seed)
-    params, masks = teach_params(unet, neurons)
+    init_concept_neurons(denoiser, neurons, cfg, seed)
+    params, masks = teach_params(denoiser, neurons)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    stateful = {"unet": unet, "opt": opt, "sched": sched}
+    stateful = {"unet": denoiser, "opt": opt, "sched": sched}
     checkpoint = Checkpoint(out / "teach-checkpoint.pt", asdict(cfg))
     leak_weights = {c: cfg.naked_leak_weight if c == world.NAKED else cfg.leak_weight for c in world.TAUGHT}
-    router = Router(unet, neurons, cfg.fire_target, leak_weights)
+    router = Router(denoiser, neurons, cfg.fire_target, leak_weights)
     log(out, f"teach: {len(world.TAUGHT)} concepts, neurons per layer "
              f"{ {n: len(next(iter(v.values()))) for n, v in neurons.items()} }; config {asdict(cfg)}")
     n_base = int(cfg.batch * cfg.replay)
@@ -717,7 +717,7 @@ def teach_stage(seed: int, out: Path, cfg: TeachConfig) -> None:
             save_parts(checkpoint, stateful, step)
             router.close()
             save_pipeline(out / "pipeline", pipe, profile)
-            router = Router(unet, neurons, cfg.fire_target, leak_weights)
+            router = Router(denoiser, neurons, cfg.fire_target, leak_weights)
     router.close()
     checkpoint.remove()
     log(out, f"teach done: {time.time() - start:.0f}s")
